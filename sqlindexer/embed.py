@@ -1,0 +1,153 @@
+"""SigLIP 2 image embeddings through Hugging Face transformers.
+
+torch and transformers are imported only when a model is actually loaded, so runs with
+nothing to embed (and --help) never pay for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .errors import DeviceError, ModelLoadError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# The vision tower alone is a quarter of the full checkpoint's weights; the text tower is
+# only needed to embed text queries.
+_VISION_ONLY = {"siglip2": "Siglip2VisionModel", "siglip": "SiglipVisionModel"}
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence load reports (e.g. the table of unused text weights) and progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+def resolve_device(requested: str) -> str:
+    """auto -> cuda, then mps, then cpu; a device asked for by name must exist."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if requested == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if requested == "cuda" and not cuda:
+        raise DeviceError("--device cuda was asked for, but torch sees no CUDA GPU (use --device auto or cpu)")
+    if requested == "mps" and not mps:
+        raise DeviceError("--device mps was asked for, but this torch build has no MPS backend")
+    return requested
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+class Embedder:
+    """Loads the model once and embeds batches of upright RGB images."""
+
+    def __init__(self, model_name: str, *, device: str = "auto") -> None:
+        self.model_name = model_name
+        self.requested_device = device
+        self.device: str | None = None
+        self._model: Any = None
+        self._processor: Any = None
+        self._vision_only = False
+        self.dtype: Any = None
+
+    # -- loading -----------------------------------------------------------------------
+    def load(self) -> Embedder:
+        if self._model is not None:
+            return self
+        import torch
+        import transformers
+
+        self.device = resolve_device(self.requested_device)
+        name = self.model_name
+        with _quiet_transformers():
+            try:
+                config = transformers.AutoConfig.from_pretrained(name)
+                self._processor = transformers.AutoImageProcessor.from_pretrained(name)
+                cls_name = _VISION_ONLY.get(getattr(config, "model_type", ""))
+                if cls_name and hasattr(transformers, cls_name):
+                    model = getattr(transformers, cls_name).from_pretrained(name)
+                    self._vision_only = True
+                elif getattr(config, "model_type", "").endswith("_vision_model"):
+                    model = transformers.AutoModel.from_pretrained(name)
+                    self._vision_only = True
+                else:
+                    model = transformers.AutoModel.from_pretrained(name)
+                    if not hasattr(model, "get_image_features"):
+                        raise ModelLoadError(f"model {name!r} has no image tower (get_image_features)")
+            except ModelLoadError:
+                raise
+            except Exception as e:  # noqa: BLE001 - hub, file and format errors alike
+                raise ModelLoadError(f"cannot load model {name!r}: {_one_line(e)}") from None
+        if self.device == "cuda":
+            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            self.dtype = torch.float32
+        model.to(device=self.device, dtype=self.dtype)
+        model.eval()
+        self._model = model
+        log.info("loaded %s on %s (%s)", name, self.device, str(self.dtype).replace("torch.", ""))
+        return self
+
+    @property
+    def patch_size(self) -> int:
+        return int(getattr(self._processor, "patch_size", 16) or 16)
+
+    @property
+    def max_num_patches(self) -> int:
+        return int(getattr(self._processor, "max_num_patches", 256) or 256)
+
+    # -- inference ---------------------------------------------------------------------
+    def preprocess(self, images: Sequence[Image.Image]) -> dict[str, Any]:
+        """The model's own processor on upright RGB images."""
+        self.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return dict(self._processor(images=list(images), return_tensors="pt"))
+
+    def embed_pixels(self, inputs: dict[str, Any]) -> np.ndarray:
+        """Forward pass on processor output -> (n, dim) float32, L2-normalised."""
+        import torch
+
+        self.load()
+        moved = {}
+        for key, value in inputs.items():
+            if value.is_floating_point():
+                value = value.to(self.dtype)
+            moved[key] = value.to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            if self._vision_only:
+                out = self._model(**moved)
+            else:
+                out = self._model.get_image_features(**moved)
+            # transformers 5 returns an output object, 4.x returned the tensor itself.
+            features = out.pooler_output if hasattr(out, "pooler_output") else out
+            features = features.float()
+            features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return features.cpu().numpy().astype("<f4", copy=False)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.embed_pixels(self.preprocess(images))

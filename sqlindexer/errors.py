@@ -1,0 +1,49 @@
+"""Typed errors raised by the core; cli.py turns each into a one-line message."""
+
+
+class IndexerError(Exception):
+    """Base class for every error the tool reports to the user."""
+
+
+class ConfigError(IndexerError):
+    """The configuration (YAML file or options) is missing, malformed or inconsistent."""
+
+
+class SchemaTooNewError(IndexerError):
+    """The working database was written by a newer version of the tool."""
+
+
+class DatabaseError(IndexerError):
+    """The working database cannot be opened, read or written."""
+
+
+class SourceIndexError(IndexerError):
+    """A --source-index file cannot be read or holds a record we do not understand."""
+
+
+class ModelLoadError(IndexerError):
+    """The embedding model or its image processor cannot be loaded."""
+
+
+class DeviceError(IndexerError):
+    """The requested compute device is not available."""
+
+
+class ExportError(IndexerError):
+    """The index file could not be written."""
+
+
+class Interrupted(IndexerError):
+    """The run was stopped by a signal; committed work is kept."""
+
+    def __init__(self, signum: int, name: str) -> None:
+        super().__init__(f"interrupted by {name}; committed work is kept, run the same command to resume")
+        self.signum = signum
+
+
+class LockedError(IndexerError):
+    """Another run holds the working database."""
+
+
+class EmbedError(IndexerError):
+    """The model produced something the index cannot hold (e.g. vectors of another size)."""

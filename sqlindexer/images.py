@@ -1,0 +1,145 @@
+"""Open one image file: decode it upright as RGB, and read its size and EXIF.
+
+Runs wherever decoding happens (in-process or in a worker); imports no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from . import exif as exif_reader
+
+_heif_registered = False
+
+
+def register_plugins() -> None:
+    """Teach Pillow HEIC/HEIF (and AVIF, where Pillow has no reader of its own)."""
+    global _heif_registered
+    if not _heif_registered:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+        _heif_registered = True
+
+
+@dataclass
+class Decoded:
+    """An image ready for the model, or the reason it is not."""
+
+    path: str
+    image: Image.Image | None = None  # RGB, upright
+    width: int | None = None  # as displayed, after EXIF orientation
+    height: int | None = None
+    exif: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def naflex_size(height: int, width: int, *, patch_size: int, max_num_patches: int) -> tuple[int, int]:
+    """The (height, width) SigLIP 2's naflex processor resizes an image to.
+
+    Same binary search as transformers' get_image_size_for_max_num_patches, kept here so
+    that worker processes can plan the decode without importing transformers.
+    """
+    eps = 1e-5
+
+    def scaled(scale: float, size: int) -> int:
+        return max(patch_size, int(math.ceil(size * scale / patch_size) * patch_size))
+
+    lo, hi = eps / 10, 100.0
+    while hi - lo >= eps:
+        mid = (lo + hi) / 2
+        if (scaled(mid, height) / patch_size) * (scaled(mid, width) / patch_size) <= max_num_patches:
+            lo = mid
+        else:
+            hi = mid
+    return scaled(lo, height), scaled(lo, width)
+
+
+# Draft-decode JPEGs to at least this multiple of the size the model will see: the
+# processor's own resize then still averages several source pixels per output pixel,
+# so the embedding matches a full decode closely (see tests/test_embed.py).
+DRAFT_MARGIN = 2
+
+
+def decode(
+    path: str,
+    *,
+    patch_size: int = 16,
+    max_num_patches: int = 256,
+    draft: bool = True,
+    max_image_pixels: int | None = Image.MAX_IMAGE_PIXELS,
+) -> Decoded:
+    """Decode path; never raises for a bad file, returns Decoded(error=...) instead."""
+    register_plugins()
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
+    try:
+        with warnings.catch_warnings():
+            # A DecompressionBombWarning (between 1x and 2x the limit) is a failure for us:
+            # such files exhaust memory in batches.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            with Image.open(path) as im:
+                if draft and im.format in ("JPEG", "MPO"):
+                    _draft(im, patch_size=patch_size, max_num_patches=max_num_patches)
+                # Load before reading EXIF: for some formats (PNG) getexif() loads the image
+                # itself, and a decode error there must fail the file, not vanish.
+                im.load()
+                metadata = exif_reader.read(im)
+                upright = ImageOps.exif_transpose(im)
+                rgb = to_rgb(upright)
+        return Decoded(path, rgb, rgb.width, rgb.height, metadata)
+    except FileNotFoundError:
+        return Decoded(path, error="file disappeared before it was read")
+    except UnidentifiedImageError:
+        return Decoded(path, error="not an image Pillow can read (unknown format or corrupt header)")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return Decoded(path, error=f"refused as a decompression bomb: {e}")
+    except MemoryError:
+        return Decoded(path, error="out of memory while decoding")
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the file's, not the run's
+        return Decoded(path, error=f"{type(e).__name__}: {e}")
+
+
+def _draft(im: ImageFile.ImageFile, *, patch_size: int, max_num_patches: int) -> None:
+    # Orientation does not matter here: draft scales both sides by the same factor.
+    th, tw = naflex_size(im.height, im.width, patch_size=patch_size, max_num_patches=max_num_patches)
+    im.draft("RGB", (tw * DRAFT_MARGIN, th * DRAFT_MARGIN))
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB, the way the model expects it.
+
+    16-bit and float greyscale are scaled down, not clipped (Pillow's convert() clips
+    I;16 to 255, which turns most 16-bit photos white).
+    """
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = _as_array(im).astype("float64")
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        im = Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype("uint8"), "L")
+    elif im.mode == "F":
+        arr = _as_array(im)
+        im = Image.fromarray((arr.clip(0.0, 1.0) * 255.0).astype("uint8"), "L")
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return im
+
+
+def _as_array(im: Image.Image) -> Any:
+    import numpy as np
+
+    return np.asarray(im)
+
+
+def stat_matches(path: str, size: int, mtime_ns: int) -> bool:
+    """Whether the file still has the size and mtime it was scanned with."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_size == size and st.st_mtime_ns == mtime_ns

@@ -1,0 +1,201 @@
+"""One index run, end to end: scan -> state -> embed -> export.
+
+Core code: no Click, no printing. Progress is reported through the `progress` callable
+the caller passes; warnings go to logging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import ContextManager
+
+from . import db, export, images, state
+from .config import Config
+from .errors import EmbedError, Interrupted
+from .lock import RunLock
+from .scan import Scanner
+from .source_index import matching_records
+
+log = logging.getLogger(__name__)
+
+Tick = Callable[[int], None]
+Progress = Callable[[str, "int | None"], ContextManager[Tick]]
+
+
+@contextlib.contextmanager
+def no_progress(desc: str, total: int | None) -> Iterator[Tick]:
+    yield lambda n: None
+
+
+@dataclass
+class Summary:
+    run_id: int
+    mode: str
+    resumed: bool
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    output: Path | None = None
+    state_db: Path | None = None
+
+    def line(self) -> str:
+        c = self.counts
+        return (
+            f"scanned {c['scanned']}, new {c['new']}, modified {c['modified']}, unchanged {c['unchanged']}, "
+            f"deleted {c['deleted']}, failed {c['failed']}, exported {c['exported']} in {self.seconds:.1f} s"
+        )
+
+
+def run_index(config: Config, *, progress: Progress = no_progress, embedder_factory=None) -> Summary:
+    """Bring the working database up to date with the inputs and export the index."""
+    started = time.monotonic()
+    db_path = config.state_db_path
+    with RunLock(db_path):
+        conn = db.connect(db_path)
+        try:
+            state.mark_unfinished_runs(conn)
+            mode = "reindex" if config.reindex else "full"
+            run = state.start_run(conn, mode=mode, model=config.model_name, config=config.to_json(), pid=os.getpid())
+            if run.resumed:
+                log.info("resuming the interrupted full build (run %d keeps what it committed)", run.build)
+            try:
+                _run(conn, config, run, progress, embedder_factory)
+            except Interrupted as e:
+                state.finish_run(conn, run.id, status="interrupted", error=str(e))
+                raise
+            except BaseException as e:
+                state.finish_run(conn, run.id, status="failed", error=f"{type(e).__name__}: {e}"[:2000])
+                raise
+            state.finish_run(conn, run.id, status="completed")
+            counts = state.run_counts(conn, run.id)
+        finally:
+            conn.close()
+    return Summary(run.id, mode, run.resumed, counts, time.monotonic() - started, config.output_path, db_path)
+
+
+def _run(conn, config: Config, run: state.Run, progress: Progress, embedder_factory) -> None:
+    if config.reindex:
+        _import_source_index(conn, config, run)
+    elif config.source_index:
+        log.warning("--source-index %s is ignored without --reindex (a full build embeds every image)",
+                    config.source_index)
+    _scan(conn, config, run, progress)
+    _embed_pending(conn, config, run, progress, embedder_factory)
+    _export(conn, config, run, progress)
+
+
+# -- import ----------------------------------------------------------------------------
+_LAST_EXPORT = "last_export"
+
+
+def _import_source_index(conn, config: Config, run: state.Run) -> None:
+    source = config.source_index_path
+    if not source.is_file():
+        log.debug("no source index at %s", source)
+        return
+    st = source.stat()
+    last = state.get_meta(conn, _LAST_EXPORT)
+    if last:
+        mark = json.loads(last)
+        if mark == {"path": str(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "model": config.model_name}:
+            # Our own export, unchanged since we wrote it: its vectors are all in the database.
+            log.debug("source index %s is our last export; nothing to import", source)
+            return
+    log.info("importing vectors from %s", source)
+    records = matching_records(source, expected_dim=state.stored_dim(conn, config.model_name))
+    n = state.import_vectors(conn, records, run)
+    log.info("kept %d vectors from %s for files that did not change", n, source)
+
+
+# -- scan ------------------------------------------------------------------------------
+def _scan(conn, config: Config, run: state.Run, progress: Progress) -> None:
+    scanner = Scanner(
+        [str(p) for p in config.input_paths],
+        include_hidden=config.include_hidden,
+        follow_symlinks=config.follow_symlinks,
+    )
+    files = iter(scanner)
+    with progress("scanning", None) as tick:
+        while batch := list(islice(files, state.SCAN_BATCH)):
+            state.record_scanned(conn, batch, run)
+            tick(len(batch))
+    deleted = state.sweep_missing(conn, run, keep_under=scanner.unreadable)
+    if deleted:
+        log.info("removed %d files that are gone from disk", deleted)
+
+
+# -- embed -----------------------------------------------------------------------------
+def _embed_pending(conn, config: Config, run: state.Run, progress: Progress, embedder_factory) -> None:
+    total = state.count_pending(conn)
+    if not total:
+        return
+    if embedder_factory is None:
+        from .embed import Embedder as embedder_factory  # noqa: N813 - deferred: imports torch
+    embedder = embedder_factory(config.model_name, device=config.device).load()
+    expected_dim = state.stored_dim(conn, config.model_name)
+    pending = state.iter_pending(conn)
+    failed = 0
+    with progress("embedding", total) as tick:
+        while batch := list(islice(pending, config.batch_size)):
+            results = _process_batch(batch, embedder)
+            dims = {len(r.vector) // 4 for r in results if r.vector is not None}
+            dim = dims.pop() if dims else expected_dim
+            if expected_dim is not None and dim != expected_dim:
+                raise EmbedError(
+                    f"model {config.model_name!r} gives {dim}-d vectors, but the working database holds "
+                    f"{expected_dim}-d vectors under that name (imported from another model's index?)"
+                )
+            expected_dim = dim
+            state.store_results(conn, results, run, model=config.model_name, dim=dim)
+            failed += sum(r.error is not None for r in results)
+            tick(len(batch))
+    if failed:
+        log.warning("%d files could not be read; see: sqlite3 %s \"SELECT path, error FROM files WHERE status = 'failed'\"",
+                    failed, config.state_db_path)
+
+
+def _process_batch(batch: list[state.Pending], embedder) -> list[state.Result]:
+    results: list[state.Result] = []
+    ready: list[tuple[state.Result, object]] = []
+    for item in batch:
+        d = images.decode(item.path, patch_size=embedder.patch_size, max_num_patches=embedder.max_num_patches)
+        result = state.Result(item, width=d.width, height=d.height, exif=d.exif, error=d.error)
+        # The file must still be what was scanned, or its vector would be attached to
+        # content we never saw; it stays pending and the next run picks it up.
+        if not images.stat_matches(item.path, item.size, item.mtime_ns):
+            if os.path.exists(item.path):
+                result.changed = True
+                log.warning("%s changed while it was being read; it will be indexed on the next run", item.path)
+            elif result.error is None:
+                result.error = "file disappeared while it was being read"
+        if result.error is not None:
+            log.warning("skipping %s: %s", item.path, result.error)
+        elif not result.changed:
+            ready.append((result, d.image))
+        results.append(result)
+    if ready:
+        vectors = embedder.embed_images([img for _, img in ready])
+        for (result, _), vec in zip(ready, vectors):
+            result.vector = vec.astype("<f4").tobytes()
+    return results
+
+
+# -- export ----------------------------------------------------------------------------
+def _export(conn, config: Config, run: state.Run, progress: Progress) -> None:
+    out = config.output_path
+    total = state.count_export_rows(conn, config.model_name)
+    with progress("exporting", total) as tick:
+        n = export.write_index(state.iter_export_rows(conn, config.model_name), out,
+                               config.resolved_output_format, tick=tick)
+    st = out.stat()
+    with db.transaction(conn):
+        state.add_counts(conn, run.id, exported=n)
+    state.set_meta(conn, _LAST_EXPORT, json.dumps(
+        {"path": str(out), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "model": config.model_name}))

@@ -1,0 +1,48 @@
+"""One run at a time per working database, with an advisory lock the OS releases when
+the process dies (so a killed run never leaves a stale lock behind)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import LockedError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, no protection
+    fcntl = None  # type: ignore[assignment]
+
+
+class RunLock:
+    def __init__(self, db_path: Path) -> None:
+        self.path = Path(str(db_path) + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        if fcntl is None:
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(
+                f"another image-indexer run (pid {holder}) is using {str(self.path)[: -len('.lock')]}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

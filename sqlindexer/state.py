@@ -1,0 +1,348 @@
+"""Every query on the working database's tables: file state, runs, vectors.
+
+Functions take an open connection plus plain values and return plain data. Each function
+that writes commits its own transaction, so whatever it returned is durable.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from .db import transaction
+from .scan import FileRecord, is_under
+
+# Rows fetched or written per statement; SQLite's default limit on host parameters is
+# 32766, and a few hundred keeps each transaction short.
+SCAN_BATCH = 500
+PENDING_PAGE = 256
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# -- runs ------------------------------------------------------------------------------
+@dataclass
+class Run:
+    id: int
+    mode: str  # 'full' | 'reindex'
+    build: int
+    model: str
+    resumed: bool  # a full build that continues an interrupted one
+
+
+def start_run(conn: sqlite3.Connection, *, mode: str, model: str, config: dict[str, Any], pid: int) -> Run:
+    """Record a new run. A full build continues the build of an unfinished full build of
+    the same model (that is the resume); otherwise a full build starts a new generation."""
+    with transaction(conn):
+        last = conn.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        cur = conn.execute(
+            "INSERT INTO runs (started_at, mode, build, model, pid, config) VALUES (?, ?, 0, ?, ?, ?)",
+            (utcnow(), mode, model, pid, json.dumps(config, sort_keys=True)),
+        )
+        run_id = cur.lastrowid
+        assert run_id is not None
+        resumed = False
+        if last is None:
+            build = run_id
+        elif mode == "full":
+            resumed = last["status"] != "completed" and last["mode"] == "full" and last["model"] == model
+            build = last["build"] if resumed else run_id
+        else:
+            build = last["build"]
+        conn.execute("UPDATE runs SET build = ? WHERE id = ?", (build, run_id))
+    return Run(run_id, mode, build, model, resumed)
+
+
+def mark_unfinished_runs(conn: sqlite3.Connection) -> None:
+    """Runs still 'running' belong to processes that died (we hold the lock now)."""
+    with transaction(conn):
+        conn.execute(
+            "UPDATE runs SET status = 'interrupted', error = coalesce(error, 'process ended without finishing') "
+            "WHERE status = 'running'"
+        )
+
+
+COUNTERS = ("scanned", "new", "modified", "unchanged", "deleted", "imported", "embedded", "failed", "decoded", "exported")
+
+
+def add_counts(conn: sqlite3.Connection, run_id: int, **deltas: int) -> None:
+    """Add to the run's counters; call inside the transaction that did the work."""
+    sets = ", ".join(f"{k} = {k} + ?" for k in deltas if k in COUNTERS)
+    conn.execute(f"UPDATE runs SET {sets} WHERE id = ?", (*deltas.values(), run_id))
+
+
+def finish_run(conn: sqlite3.Connection, run_id: int, *, status: str, error: str | None = None) -> None:
+    with transaction(conn):
+        conn.execute(
+            "UPDATE runs SET status = ?, finished_at = ?, error = ? WHERE id = ?",
+            (status, utcnow(), error, run_id),
+        )
+
+
+def run_counts(conn: sqlite3.Connection, run_id: int) -> dict[str, int]:
+    row = conn.execute(f"SELECT {', '.join(COUNTERS)} FROM runs WHERE id = ?", (run_id,)).fetchone()
+    return dict(row)
+
+
+# -- scan ------------------------------------------------------------------------------
+@dataclass
+class ScanCounts:
+    scanned: int = 0
+    new: int = 0
+    modified: int = 0
+    unchanged: int = 0
+
+
+def record_scanned(conn: sqlite3.Connection, records: Sequence[FileRecord], run: Run) -> ScanCounts:
+    """Compare one batch of scanned files with their rows, in one indexed query and one
+    transaction, and mark what needs embedding as 'pending'.
+
+    A file is unchanged when path, size and mtime_ns match. Unchanged files need work
+    only if their vector is of another model, if they were never finished, or, in a full
+    build, if this build has not processed them yet.
+    """
+    counts = ScanCounts(scanned=len(records))
+    if not records:
+        return counts
+    with transaction(conn):
+        placeholders = ",".join("?" * len(records))
+        existing = {
+            row["path"]: row
+            for row in conn.execute(
+                f"SELECT id, path, size, mtime_ns, status, model, build FROM files WHERE path IN ({placeholders})",
+                [r.path for r in records],
+            )
+        }
+        inserts, replaced, requeued, seen = [], [], [], []
+        for r in records:
+            row = existing.get(r.path)
+            if row is None:
+                counts.new += 1
+                inserts.append((r.path, r.size, r.mtime_ns, r.ctime_ns, run.id, run.id))
+            elif row["size"] != r.size or row["mtime_ns"] != r.mtime_ns:
+                counts.modified += 1
+                replaced.append((r.size, r.mtime_ns, r.ctime_ns, run.id, run.id, row["id"]))
+            else:
+                counts.unchanged += 1
+                stale = row["status"] == "ok" and row["model"] != run.model
+                rebuild = run.mode == "full" and row["build"] != run.build
+                if row["status"] != "pending" and (stale or rebuild):
+                    requeued.append((r.ctime_ns, run.id, row["id"]))
+                else:
+                    seen.append((r.ctime_ns, run.id, row["id"]))
+        conn.executemany(
+            "INSERT INTO files (path, size, mtime_ns, ctime_ns, status, seen_run, changed_run) "
+            "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+            inserts,
+        )
+        # A modified file's row is replaced in place: same id, everything derived from
+        # the old content cleared.
+        conn.executemany(
+            "UPDATE files SET size = ?, mtime_ns = ?, ctime_ns = ?, status = 'pending', error = NULL, "
+            "width = NULL, height = NULL, exif = NULL, model = NULL, dim = NULL, embedding = NULL, "
+            "build = NULL, seen_run = ?, changed_run = ? WHERE id = ?",
+            replaced,
+        )
+        conn.executemany(
+            "UPDATE files SET ctime_ns = ?, status = 'pending', seen_run = ? WHERE id = ?", requeued
+        )
+        conn.executemany("UPDATE files SET ctime_ns = ?, seen_run = ? WHERE id = ?", seen)
+        add_counts(conn, run.id, scanned=counts.scanned, new=counts.new, modified=counts.modified,
+                   unchanged=counts.unchanged)
+    return counts
+
+
+def sweep_missing(conn: sqlite3.Connection, run: Run, *, keep_under: Iterable[str] = ()) -> int:
+    """Delete the rows of files this run's scan did not see, except under folders that
+    could not be listed (not seen there does not mean deleted)."""
+    keep = list(keep_under)
+    with transaction(conn):
+        gone = [
+            row["id"]
+            for row in conn.execute("SELECT id, path FROM files WHERE seen_run IS NOT ?", (run.id,))
+            if not any(is_under(row["path"], k) for k in keep)
+        ]
+        for i in range(0, len(gone), SCAN_BATCH):
+            chunk = gone[i : i + SCAN_BATCH]
+            conn.execute(f"DELETE FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+        add_counts(conn, run.id, deleted=len(gone))
+    return len(gone)
+
+
+# -- embedding -------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Pending:
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+
+
+def count_pending(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM files WHERE status = 'pending'").fetchone()[0]
+
+
+def iter_pending(conn: sqlite3.Connection, *, page: int = PENDING_PAGE) -> Iterator[Pending]:
+    """Pending rows in path order, fetched a page at a time so that results committed
+    between pages (they stop being pending) never disturb the iteration."""
+    after = ""
+    while True:
+        rows = conn.execute(
+            "SELECT id, path, size, mtime_ns FROM files WHERE status = 'pending' AND path > ? "
+            "ORDER BY path LIMIT ?",
+            (after, page),
+        ).fetchall()
+        if not rows:
+            return
+        for row in rows:
+            yield Pending(row["id"], row["path"], row["size"], row["mtime_ns"])
+        after = rows[-1]["path"]
+
+
+@dataclass
+class Result:
+    """What one file's processing produced: a vector, a failure, or neither (changed on
+    disk while being read: it stays pending for the next run)."""
+
+    file: Pending
+    vector: bytes | None = None  # little-endian float32
+    width: int | None = None
+    height: int | None = None
+    exif: dict[str, Any] | None = None
+    error: str | None = None
+    changed: bool = False
+    decoded: bool = True
+
+
+def store_results(conn: sqlite3.Connection, results: Sequence[Result], run: Run, *, model: str, dim: int | None) -> None:
+    """Commit one batch of results, and the run's counters with them, in one transaction."""
+    ok = [
+        (r.width, r.height, _exif_json(r.exif), model, dim, r.vector, run.build, run.id, r.file.id,
+         r.file.size, r.file.mtime_ns)
+        for r in results
+        if r.vector is not None and not r.changed
+    ]
+    failed = [
+        (r.error, r.width, r.height, _exif_json(r.exif), run.build, run.id, r.file.id, r.file.size, r.file.mtime_ns)
+        for r in results
+        if r.error is not None and not r.changed
+    ]
+    with transaction(conn):
+        # The size/mtime guard keeps a result off a row whose file was rescanned as changed.
+        conn.executemany(
+            "UPDATE files SET status = 'ok', error = NULL, width = ?, height = ?, exif = ?, model = ?, dim = ?, "
+            "embedding = ?, build = ?, changed_run = ? WHERE id = ? AND size = ? AND mtime_ns = ?",
+            ok,
+        )
+        conn.executemany(
+            "UPDATE files SET status = 'failed', error = ?, width = ?, height = ?, exif = ?, model = NULL, "
+            "dim = NULL, embedding = NULL, build = ?, changed_run = ? WHERE id = ? AND size = ? AND mtime_ns = ?",
+            failed,
+        )
+        add_counts(conn, run.id, embedded=len(ok), failed=len(failed), decoded=sum(r.decoded for r in results))
+
+
+def _exif_json(exif: dict[str, Any] | None) -> str | None:
+    if exif is None:
+        return None
+    return json.dumps(exif, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def stored_dim(conn: sqlite3.Connection, model: str) -> int | None:
+    row = conn.execute("SELECT dim FROM files WHERE status = 'ok' AND model = ? LIMIT 1", (model,)).fetchone()
+    return row[0] if row else None
+
+
+# -- import from an existing index -----------------------------------------------------
+@dataclass
+class Imported:
+    """One record of a source index that still matches the file on disk."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    vector: bytes
+    dim: int
+    width: int | None
+    height: int | None
+    exif: dict[str, Any] | None
+
+
+def import_vectors(conn: sqlite3.Connection, records: Iterable[Imported], run: Run) -> int:
+    """Adopt vectors from a source index, in one transaction (all or nothing), for files
+    whose row is missing or not already ok with this model and the same size and mtime."""
+    count = 0
+    with transaction(conn):
+        for rec in records:
+            row = conn.execute(
+                "SELECT id, size, mtime_ns, status, model FROM files WHERE path = ?", (rec.path,)
+            ).fetchone()
+            if row is not None and row["status"] == "ok" and row["model"] == run.model \
+                    and row["size"] == rec.size and row["mtime_ns"] == rec.mtime_ns:
+                continue
+            values = (rec.size, rec.mtime_ns, rec.ctime_ns, rec.width, rec.height, _exif_json(rec.exif),
+                      run.model, rec.dim, rec.vector, run.build, run.id)
+            if row is None:
+                conn.execute(
+                    "INSERT INTO files (size, mtime_ns, ctime_ns, width, height, exif, model, dim, embedding, "
+                    "build, changed_run, status, path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'ok', ?)",
+                    (*values, rec.path),
+                )
+            else:
+                conn.execute(
+                    "UPDATE files SET size = ?, mtime_ns = ?, ctime_ns = ?, width = ?, height = ?, exif = ?, "
+                    "model = ?, dim = ?, embedding = ?, build = ?, changed_run = ?, status = 'ok', error = NULL "
+                    "WHERE id = ?",
+                    (*values, row["id"]),
+                )
+            count += 1
+        add_counts(conn, run.id, imported=count)
+    return count
+
+
+# -- export ----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ExportRow:
+    path: str
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    width: int | None
+    height: int | None
+    exif: str | None  # JSON text, as stored
+    embedding: bytes
+    dim: int
+
+
+def count_export_rows(conn: sqlite3.Connection, model: str) -> int:
+    return conn.execute("SELECT count(*) FROM files WHERE status = 'ok' AND model = ?", (model,)).fetchone()[0]
+
+
+def iter_export_rows(conn: sqlite3.Connection, model: str) -> Iterator[ExportRow]:
+    """Committed vectors of one model, in path order, streamed from SQLite."""
+    cur = conn.execute(
+        "SELECT path, size, mtime_ns, ctime_ns, width, height, exif, embedding, dim FROM files "
+        "WHERE status = 'ok' AND model = ? ORDER BY path",
+        (model,),
+    )
+    for row in cur:
+        yield ExportRow(*row)
+
+
+# -- meta ------------------------------------------------------------------------------
+def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else None
+
+
+def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    with transaction(conn):
+        conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                     (key, value))

@@ -1,0 +1,108 @@
+"""Shared fixtures: a tiny random SigLIP 2 saved once per session, the shared corpus,
+generated images, and a hermetic environment."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = Path(os.environ.get("SQLINDEXER_CORPUS", REPO.parent / "shared" / "corpus"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A randomly initialised SigLIP 2 (hidden 32, 2 layers) with its image processor and
+    tokenizer, built by transformers and save_pretrained'd: the real loading and
+    inference code runs on it."""
+    from sqlindexer.testing import build_random_siglip2
+
+    return build_random_siglip2(tmp_path_factory.mktemp("tiny-siglip2"))
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model(tmp_path_factory) -> Path:
+    """A second tiny model with other random weights, for model-change tests."""
+    from sqlindexer.testing import build_random_siglip2
+
+    return build_random_siglip2(tmp_path_factory.mktemp("tiny-siglip2-b"), seed=1, with_tokenizer=False)
+
+
+@pytest.fixture(autouse=True)
+def _hermetic(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    if not (CORPUS / "MANIFEST.tsv").is_file():
+        pytest.skip(f"shared test corpus not found at {CORPUS} (it lives beside the repository in CI)")
+    return CORPUS
+
+
+@pytest.fixture(scope="session")
+def manifest(corpus) -> dict[str, dict[str, str]]:
+    with open(corpus / "MANIFEST.tsv", newline="", encoding="utf-8") as f:
+        return {row["path"]: row for row in csv.DictReader(f, delimiter="\t")}
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def make_photo(path: Path, size=(64, 48), color=(200, 30, 30), *, exif=None, fmt=None, seed=None) -> Path:
+    """Write a small image with some structure (a gradient and a block), optionally with EXIF."""
+    from PIL import Image, ImageDraw
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.new("RGB", size, color)
+    draw = ImageDraw.Draw(im)
+    w, h = size
+    shift = (seed or 0) * 7
+    for x in range(w):
+        draw.line([(x, 0), (x, h // 3)], fill=((x * 4 + shift) % 256, (x * 2) % 256, 255 - (x * 3) % 256))
+    draw.rectangle([w // 4, h // 2, w // 2 + (seed or 0) % (w // 4 or 1), h - 2], fill=(20, 200, 40))
+    kwargs = {}
+    if exif is not None:
+        kwargs["exif"] = exif
+    im.save(path, format=fmt, **kwargs)
+    return path
+
+
+def run_cli(runner: CliRunner, args: list[str], *, ok: bool = True):
+    from sqlindexer.cli import cli
+
+    result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=not ok)
+    if ok:
+        assert result.exit_code == 0, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    return result
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def read_pkl(path: Path) -> list[dict]:
+    import pickle
+
+    out = []
+    with open(path, "rb") as f:
+        while True:
+            try:
+                out.append(pickle.load(f))
+            except EOFError:
+                return out
