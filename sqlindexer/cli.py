@@ -131,6 +131,12 @@ def index(config_file: str | None, **options: Any) -> None:
     except Interrupted as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(128 + e.signum)
+    except KeyboardInterrupt as e:
+        # A signal outside the part of the run that records it (taking the lock, opening
+        # the database, or a second signal while the first was being recorded).
+        signum = getattr(e, "signum", signal.SIGINT)
+        click.echo(f"Error: {Interrupted(signum, signal.Signals(signum).name)}", err=True)
+        sys.exit(128 + signum)
     except IndexerError as e:
         raise click.ClickException(str(e)) from None
     click.echo(summary.line(), err=True)
@@ -171,13 +177,24 @@ def _tqdm_progress(desc: str, total: int | None) -> Iterator[Any]:
         yield bar.update
 
 
+class SignalInterrupt(KeyboardInterrupt):
+    """What the handler raises: a BaseException like KeyboardInterrupt, so that code which
+    catches Exception (a decoder turning any error into "this file failed", a model loader
+    mapping errors to ModelLoadError) lets it through instead of swallowing the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 @contextlib.contextmanager
 def _signals_as_interrupts() -> Iterator[None]:
-    """SIGINT and SIGTERM become Interrupted, so the run is recorded as interrupted and
-    the process exits with 128 + signal number after a one-line message."""
+    """SIGINT and SIGTERM become SignalInterrupt, which run_index records as an
+    interrupted run and turns into Interrupted; the process exits with 128 + signal number
+    after a one-line message."""
 
     def handler(signum: int, frame: Any) -> None:
-        raise Interrupted(signum, signal.Signals(signum).name)
+        raise SignalInterrupt(signum)
 
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,17 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+# Values are quoted in error messages through a bounded repr: a YAML alias bomb (billion
+# laughs) is a small object graph whose full repr() would be exponentially large.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
+
+
+def _short(value: Any) -> str:
+    return _SHORT.repr(value)
+
+
 _CHOICES = {"device": DEVICES, "output_format": OUTPUT_FORMATS, "log_level": LOG_LEVELS}
 
 
@@ -113,7 +125,7 @@ def _check_value(key: str, value: Any, source: str) -> Any:
     where = f"{key} in {source}" if source != "command line" else f"--{key.replace('_', '-')}"
 
     def wrong(expected: str) -> ConfigError:
-        return ConfigError(f"{where} must be {expected}, got {type(value).__name__} {value!r:.60}")
+        return ConfigError(f"{where} must be {expected}, got {type(value).__name__} {_short(value)}")
 
     if key == "input_dirs":
         if isinstance(value, (str, os.PathLike)):
@@ -140,7 +152,7 @@ def _check_value(key: str, value: Any, source: str) -> Any:
         choices = _CHOICES[key]
         normalised = value.upper() if key == "log_level" else value.lower()
         if normalised not in choices:
-            raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+            raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {_short(value)}")
         return normalised
     return value
 
@@ -151,7 +163,7 @@ def build(yaml_values: dict[str, Any] | None, cli_values: dict[str, Any], *, sou
     for key, value in (yaml_values or {}).items():
         if key not in _FIELDS:
             known = ", ".join(sorted(_FIELDS))
-            raise ConfigError(f"unknown key {key!r} in {source} (known keys: {known})")
+            raise ConfigError(f"unknown key {_short(key)} in {source} (known keys: {known})")
         merged[key] = _check_value(key, value, source)
     for key, value in cli_values.items():
         if value is None or (key == "input_dirs" and not value):

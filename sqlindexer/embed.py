@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,11 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "org/name"; anything absolute, relative-dotted or home-based is a folder.
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or os.sep + os.sep in name
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -83,6 +89,8 @@ class Embedder:
 
         self.device = resolve_device(self.requested_device)
         name = self.model_name
+        if _looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
+            raise ModelLoadError(f"cannot load model {name!r}: no such folder")
         with _quiet_transformers():
             try:
                 config = transformers.AutoConfig.from_pretrained(name)

@@ -23,6 +23,9 @@ _DROPPED_TAGS = frozenset({
     0xC4A5,  # PrintImageMatching
     0x0111, 0x0117, 0x0144, 0x0145,  # strip/tile offsets and byte counts
 })
+# Pillow names no Interop tags; these are the ones cameras write (EXIF 2.3, section 4.6.7).
+_INTEROP_TAGS = {0x0001: "InteropIndex", 0x0002: "InteropVersion", 0x1000: "RelatedImageFileFormat",
+                 0x1001: "RelatedImageWidth", 0x1002: "RelatedImageLength"}
 # Deeper than any real EXIF; guards against self-referencing IFDs in hostile files.
 _MAX_DEPTH = 4
 _MAX_ITEMS = 4096
@@ -60,7 +63,7 @@ def _convert_ifd(ifd: Any, names: dict[int, str], exif: Image.Exif, *, depth: in
                 sub = exif.get_ifd(tag)
             except Exception:  # noqa: BLE001
                 sub = {}
-            converted = _convert_ifd(sub, ExifTags.TAGS, exif, depth=depth + 1)
+            converted = _convert_ifd(sub, _INTEROP_TAGS, exif, depth=depth + 1)
             if converted:
                 out[name] = converted
             continue
@@ -126,12 +129,19 @@ def _bytes(b: bytes) -> Any:
     """Text stored as bytes (UserComment, XPTitle, version tags) decoded; binary left out."""
     if len(b) > _MAX_TEXT:
         return _SKIP
+    # BYTE/UNDEFINED tags of a few bytes are numbers, not text: GPSAltitudeRef (0 above,
+    # 1 below sea level), GPSVersionID, FileSource, SceneType, ComponentsConfiguration.
+    if 0 < len(b) <= 4 and (not b.rstrip(b"\x00") or any(c < 32 for c in b.rstrip(b"\x00"))):
+        return b[0] if len(b) == 1 else list(b)
     for prefix in _CHARSET_PREFIXES:
         if b.startswith(prefix):
             body = b[len(prefix):]
             if prefix.startswith(b"UNICODE"):
+                # UCS-2 in the byte order of the EXIF block, which is not known here; text
+                # in the ASCII range has its zero bytes second in little-endian order.
+                le = body[1::2].count(0) > body[0::2].count(0)
                 try:
-                    return _text(body.decode("utf-16-be" if not body[:1] == b"\x00" else "utf-16-be"))
+                    return _text(body.decode("utf-16-le" if le else "utf-16-be"))
                 except UnicodeDecodeError:
                     return _SKIP
             b = body

@@ -24,8 +24,14 @@ _WRITE_BUFFER = 1 << 20
 
 
 def iso_time(ns: int) -> str:
-    """Local time without offset, as datetime.isoformat() writes it: the original tool's form."""
-    return datetime.fromtimestamp(ns / 1e9).isoformat()
+    """Local time without offset, as datetime.isoformat() writes it: the original tool's form.
+
+    The original wrote datetime.fromtimestamp(st.st_mtime).isoformat(); os.stat() makes
+    st_mtime as seconds + nanoseconds * 1e-9, which is not always the same float as
+    ns / 1e9 and then rounds to another microsecond. Build the same float.
+    """
+    sec, nsec = divmod(ns, 1_000_000_000)
+    return datetime.fromtimestamp(sec + nsec * 1e-9).isoformat()
 
 
 def vector_list(row: ExportRow) -> list[float]:

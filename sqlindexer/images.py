@@ -85,15 +85,23 @@ def decode(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             warnings.simplefilter("ignore", UserWarning)
             with Image.open(path) as im:
+                # The file's own size: draft() below shrinks im.size to the reduced scale.
+                full_size = im.size
                 if draft and im.format in ("JPEG", "MPO"):
                     _draft(im, patch_size=patch_size, max_num_patches=max_num_patches)
                 # Load before reading EXIF: for some formats (PNG) getexif() loads the image
                 # itself, and a decode error there must fail the file, not vanish.
                 im.load()
                 metadata = exif_reader.read(im)
+                drafted = im.size != full_size and im.format in ("JPEG", "MPO")
+                swaps = _swaps_axes(im)
                 upright = ImageOps.exif_transpose(im)
                 rgb = to_rgb(upright)
-        return Decoded(path, rgb, rgb.width, rgb.height, metadata)
+        width, height = rgb.size
+        if drafted:
+            # Report the size as displayed at full scale, not the draft's reduced size.
+            width, height = full_size[::-1] if swaps else full_size
+        return Decoded(path, rgb, width, height, metadata)
     except FileNotFoundError:
         return Decoded(path, error="file disappeared before it was read")
     except UnidentifiedImageError:
@@ -104,6 +112,14 @@ def decode(
         return Decoded(path, error="out of memory while decoding")
     except Exception as e:  # noqa: BLE001 - any decoder failure is the file's, not the run's
         return Decoded(path, error=f"{type(e).__name__}: {e}")
+
+
+def _swaps_axes(im: Image.Image) -> bool:
+    """Whether ImageOps.exif_transpose swaps width and height (EXIF orientation 5-8)."""
+    try:
+        return im.getexif().get(0x0112) in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 - exif_transpose will meet the same error
+        return False
 
 
 def _draft(im: ImageFile.ImageFile, *, patch_size: int, max_num_patches: int) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -67,10 +68,17 @@ def run_index(config: Config, *, progress: Progress = no_progress, embedder_fact
                 log.info("resuming the interrupted full build (run %d keeps what it committed)", run.build)
             try:
                 _run(conn, config, run, progress, embedder_factory)
-            except Interrupted as e:
-                state.finish_run(conn, run.id, status="interrupted", error=str(e))
-                raise
+            except (Interrupted, KeyboardInterrupt) as e:
+                # A signal can land between a BEGIN and its try (or in a ROLLBACK): close
+                # any transaction left open so that the run's status can still be written.
+                _rollback_open(conn)
+                stop = e if isinstance(e, Interrupted) else _as_interrupted(e)
+                state.finish_run(conn, run.id, status="interrupted", error=str(stop))
+                if stop is e:
+                    raise
+                raise stop from None
             except BaseException as e:
+                _rollback_open(conn)
                 state.finish_run(conn, run.id, status="failed", error=f"{type(e).__name__}: {e}"[:2000])
                 raise
             state.finish_run(conn, run.id, status="completed")
@@ -78,6 +86,19 @@ def run_index(config: Config, *, progress: Progress = no_progress, embedder_fact
         finally:
             conn.close()
     return Summary(run.id, mode, run.resumed, counts, time.monotonic() - started, config.output_path, db_path)
+
+
+def _as_interrupted(e: KeyboardInterrupt) -> Interrupted:
+    # The CLI's signal handler raises a KeyboardInterrupt carrying .signum (a BaseException,
+    # so that no `except Exception` on the way, e.g. a decoder's "this file is bad", can
+    # swallow it); a plain KeyboardInterrupt is Python's own SIGINT.
+    signum = getattr(e, "signum", signal.SIGINT)
+    return Interrupted(signum, signal.Signals(signum).name)
+
+
+def _rollback_open(conn) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def _run(conn, config: Config, run: state.Run, progress: Progress, embedder_factory) -> None:
@@ -104,9 +125,16 @@ def _import_source_index(conn, config: Config, run: state.Run) -> None:
     last = state.get_meta(conn, _LAST_EXPORT)
     if last:
         mark = json.loads(last)
-        if mark == {"path": str(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "model": config.model_name}:
-            # Our own export, unchanged since we wrote it: its vectors are all in the database.
-            log.debug("source index %s is our last export; nothing to import", source)
+        if {k: mark.get(k) for k in ("path", "size", "mtime_ns")} == \
+                {"path": str(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns}:
+            # Our own export, unchanged since we wrote it: its vectors are all in the
+            # database already, and if it was written with another model they are that
+            # model's vectors, which must not be adopted under this model's name.
+            if mark.get("model") == config.model_name:
+                log.debug("source index %s is our last export; nothing to import", source)
+            else:
+                log.info("source index %s holds vectors of model %s; every file is embedded with %s",
+                         source, mark.get("model"), config.model_name)
             return
     log.info("importing vectors from %s", source)
     records = matching_records(source, expected_dim=state.stored_dim(conn, config.model_name))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import LockedError
+from .errors import DatabaseError, LockedError
 
 try:
     import fcntl
@@ -22,7 +22,10 @@ class RunLock:
     def acquire(self) -> RunLock:
         if fcntl is None:
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:  # missing or read-only folder: a one-line error, not a traceback
+            raise DatabaseError(f"cannot create lock file {self.path}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -43,8 +43,9 @@ class Scanner:
     """Iterate once over FileRecords of all image files under roots, each file once.
 
     Directories are walked in sorted name order, so the order is the same on every run.
-    Directories that could not be listed are collected in `unreadable`: their files were
-    not seen, which must not be taken to mean they were deleted.
+    Directories that could not be listed, and files that were listed but could not be
+    stat'ed, are collected in `unreadable`: they were not seen, which must not be taken to
+    mean they were deleted.
     """
 
     roots: Iterable[str | os.PathLike[str]]
@@ -79,6 +80,7 @@ class Scanner:
             self._unreadable(top, e)
             return
         subdirs = []
+        denied = False
         for entry in entries:
             if not self.include_hidden and entry.name.startswith("."):
                 continue
@@ -93,6 +95,15 @@ class Scanner:
                 if not is_image_name(entry.name):
                     continue
                 st = entry.stat(follow_symlinks=True)
+            except PermissionError as e:
+                # Listed but not looked at: the folder lacks search (x) permission, or a
+                # link points into one. Not seen is not deleted: keep what we had for it.
+                self.unreadable.append(entry.path)
+                if not denied:
+                    log.warning("cannot read %s: %s (files that cannot be read are kept as they were)",
+                                entry.path, e.strerror or e)
+                denied = True
+                continue
             except OSError as e:
                 # A dangling link or a file that vanished since listing: nothing to index.
                 log.debug("skipping %s: %s", entry.path, e.strerror or e)
