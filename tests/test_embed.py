@@ -1,0 +1,256 @@
+"""The stored vectors are what transformers' own SigLIP 2 code gives on the upright image;
+EXIF orientation, draft decoding and model/device errors. The model is always the real
+transformers model (a tiny random SigLIP 2 saved with save_pretrained)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from conftest import make_photo, read_jsonl, run_cli
+from sqlindexer import images
+
+
+# -- helpers ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    """image -> L2-normalised vector, by transformers' own processor and full Siglip2Model."""
+    import torch
+    from transformers import AutoImageProcessor, Siglip2Model
+
+    processor = AutoImageProcessor.from_pretrained(str(tiny_model))
+    model = Siglip2Model.from_pretrained(str(tiny_model)).eval()
+
+    def embed(image: Image.Image) -> np.ndarray:
+        inputs = processor(images=[image], return_tensors="pt")
+        with torch.no_grad():
+            out = model.get_image_features(**inputs)
+        features = out.pooler_output if hasattr(out, "pooler_output") else out
+        vec = features[0].float().numpy()
+        return vec / np.linalg.norm(vec)
+
+    return embed
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_model):
+    from sqlindexer.embed import Embedder
+
+    return Embedder(str(tiny_model), device="cpu").load()
+
+
+def index(runner, folder: Path, out: Path, model: Path, *extra) -> dict[str, dict]:
+    """Run the CLI on folder; records by file name."""
+    run_cli(runner, ["-i", folder, "-o", out, "--model-name", model, *extra])
+    return {Path(r["metadata"]["path"]).name: r for r in read_jsonl(out)}
+
+
+def vec(record: dict) -> np.ndarray:
+    return np.asarray(record["vector"], dtype=np.float64)
+
+
+def cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def asymmetric(size: tuple[int, int]) -> Image.Image:
+    """No rotation or flip of this maps it onto itself: distinct shapes in distinct corners."""
+    w, h = size
+    im = Image.new("RGB", size, (30, 30, 30))
+    d = ImageDraw.Draw(im)
+    d.rectangle([0, 0, w // 3, h // 4], fill=(250, 20, 20))
+    d.ellipse([w // 2, h // 2, w - 5, h - 5], fill=(20, 220, 40))
+    d.polygon([(w - 1, 0), (w - 1, h // 3), (w * 2 // 3, 0)], fill=(20, 40, 250))
+    for x in range(0, w, 7):
+        d.line([(x, h // 3), (x, h // 2)], fill=(x % 256, 255 - x % 256, 128))
+    return im
+
+
+def mean_abs_diff(a: Image.Image, b: Image.Image) -> float:
+    assert a.size == b.size
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b.convert("RGB"), dtype=np.float64)).mean())
+
+
+# What is stored in the file so that ImageOps.exif_transpose gives the original back.
+STORED_AS = {
+    6: Image.Transpose.ROTATE_90,  # exif_transpose rotates by 270
+    8: Image.Transpose.ROTATE_270,
+    3: Image.Transpose.ROTATE_180,
+}
+
+
+def save_oriented(original: Image.Image, path: Path, orientation: int) -> Path:
+    e = Image.Exif()
+    e[0x0112] = orientation
+    original.transpose(STORED_AS[orientation]).save(path, quality=95, exif=e.tobytes())
+    return path
+
+
+# -- (a) stored vectors equal transformers' own pipeline ---------------------------------
+def test_vectors_match_transformers_on_generated_images(runner, tiny_model, reference, tmp_path):
+    photos = tmp_path / "photos"
+    sizes = [(64, 48), (40, 300), (500, 500), (1000, 250), (17, 9), (333, 777)]
+    for i, size in enumerate(sizes):
+        make_photo(photos / f"g{i}.jpg", size=size, seed=i)
+    # Other modes the decoder converts: RGBA PNG, greyscale, 16-bit greyscale.
+    make_photo(photos / "rgba.png", size=(90, 60), seed=7)
+    Image.open(photos / "rgba.png").convert("RGBA").save(photos / "rgba.png")
+    asymmetric((120, 70)).convert("L").save(photos / "grey.png")
+    Image.fromarray((np.arange(80 * 50, dtype=np.uint16).reshape(50, 80) * 13)).save(photos / "grey16.png")
+    # Batches of 3 mix sizes, so the padded naflex batches must not change any vector.
+    records = index(runner, photos, tmp_path / "index.jsonl", tiny_model, "--batch-size", "3")
+    assert len(records) == len(sizes) + 3
+    for name, record in records.items():
+        d = images.decode(record["metadata"]["path"])
+        assert d.error is None
+        assert (record["metadata"]["width"], record["metadata"]["height"]) == (d.width, d.height)
+        c = cos(vec(record), reference(d.image))
+        assert c >= 0.9999, (name, c)
+
+
+def test_vectors_match_transformers_on_corpus_jpegs(runner, tiny_model, reference, corpus, manifest, tmp_path):
+    picks = [
+        "real/photos/camera_exif/exiv2/exiv2-nikon-d70.jpg",  # orientation 6, 150x91
+        "real/photos/orientation/pillow_hopper/hopper_orientation_8.jpg",
+        "real/sample_datasets/sklearn/china.jpg",
+        "real/photos/wallpapers/plasma/Path/contents/images/2560x1600.jpg",  # draft-decoded
+    ]
+    assert manifest[picks[0]]["orientation"] == "6"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, rel in enumerate(picks):
+        shutil.copy(corpus / rel, photos / f"{i}_{Path(rel).name}")
+    records = index(runner, photos, tmp_path / "index.jsonl", tiny_model)
+    assert len(records) == len(picks)
+    for i, rel in enumerate(picks):
+        record = records[f"{i}_{Path(rel).name}"]
+        d = images.decode(record["metadata"]["path"])
+        c = cos(vec(record), reference(d.image))
+        assert c >= 0.9999, (rel, c)
+    # The rotated photo is stored sideways (150x91) and indexed upright.
+    rotated = records["0_exiv2-nikon-d70.jpg"]["metadata"]
+    assert (rotated["width"], rotated["height"]) == (91, 150)
+
+
+# -- (b) EXIF orientation --------------------------------------------------------------
+@pytest.mark.parametrize("orientation", [6, 8, 3])
+def test_orientation_gives_upright_image_and_vector(runner, tiny_model, embedder, tmp_path, orientation):
+    original = asymmetric((128, 80))  # multiples of 16: JPEG blocks line up after rotation
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    original.save(photos / "upright.jpg", quality=95)
+    save_oriented(original, photos / "oriented.jpg", orientation)
+    with Image.open(photos / "oriented.jpg") as raw:
+        stored_size = raw.size
+        sideways = raw.convert("RGB")
+    assert stored_size == ((80, 128) if orientation in (6, 8) else (128, 80))
+
+    d = images.decode(str(photos / "oriented.jpg"))
+    assert d.error is None
+    assert d.image.size == (d.width, d.height) == (128, 80)
+    assert mean_abs_diff(d.image, original) < 8  # JPEG noise only
+    # ...and not merely the right size: any other transpose is far off.
+    assert mean_abs_diff(d.image, original.transpose(Image.Transpose.ROTATE_180)) > 30
+
+    records = index(runner, photos, tmp_path / "index.jsonl", tiny_model)
+    meta = records["oriented.jpg"]["metadata"]
+    assert (meta["width"], meta["height"]) == (128, 80)
+    assert "Orientation" not in records["upright.jpg"]["metadata"]["exif"]
+    assert records["oriented.jpg"]["metadata"]["exif"].get("Orientation") == orientation
+    c = cos(vec(records["oriented.jpg"]), vec(records["upright.jpg"]))
+    assert c > 0.999, c
+    # The test image is one the model tells apart from its unrotated pixels.
+    c_sideways = cos(vec(records["oriented.jpg"]), embedder.embed_images([sideways])[0])
+    assert c_sideways < 0.999 and c - c_sideways > 0.001, (c, c_sideways)
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_draft_decode_reports_full_upright_size(tmp_path, orientation):
+    """A large JPEG is decoded at a reduced scale, but its size is that of the file, upright."""
+    original = asymmetric((2400, 1600))
+    p = save_oriented(original, tmp_path / "big.jpg", orientation)
+    d = images.decode(str(p))
+    assert d.error is None
+    assert (d.width, d.height) == (2400, 1600)
+    assert d.image.width < 2400 and d.image.width / d.image.height == pytest.approx(1.5, rel=0.01)
+    assert mean_abs_diff(d.image, original.resize(d.image.size, Image.Resampling.BOX)) < 8
+    full = images.decode(str(p), draft=False)
+    assert full.image.size == (full.width, full.height) == (2400, 1600)
+
+
+# -- (c) draft vs full decode ----------------------------------------------------------
+def test_draft_decode_embeds_like_full_decode(embedder, corpus, manifest, capsys):
+    large = sorted(
+        rel for rel, row in manifest.items()
+        if rel.startswith("real/") and row["format"] in ("JPEG", "MPO")
+        and max(int(row["width"] or 0), int(row["height"] or 0)) >= 2000
+    )
+    assert len(large) >= 5, large
+    results = []
+    for rel in large:
+        path = str(corpus / rel)
+        drafted = images.decode(path, patch_size=embedder.patch_size, max_num_patches=embedder.max_num_patches)
+        full = images.decode(path, draft=False)
+        assert drafted.error is None and full.error is None
+        assert (drafted.width, drafted.height) == (full.width, full.height) == full.image.size
+        assert drafted.image.width < full.image.width  # the draft path really ran
+        v = embedder.embed_images([drafted.image, full.image])
+        results.append((cos(v[0], v[1]), rel, full.image.size, drafted.image.size))
+    worst = min(results)
+    with capsys.disabled():
+        print(f"\ndraft vs full decode, {len(results)} corpus JPEGs >= 2000 px: "
+              f"min cosine {worst[0]:.6f} ({worst[1]} {worst[2]} drafted to {worst[3]})")
+    assert worst[0] >= 0.999, results
+
+
+# -- (d) model that cannot be loaded, (e) missing device -------------------------------
+def one_photo(tmp_path: Path) -> Path:
+    photos = tmp_path / "photos"
+    make_photo(photos / "a.jpg")
+    return photos
+
+
+def assert_one_line_error(result, *needles: str) -> str:
+    assert result.exit_code == 1, (result.exit_code, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: "), lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["no-such-model-folder", "./models/missing", "/nonexistent/siglip2"])
+def test_missing_model_folder_is_one_line_error(runner, tmp_path, name):
+    result = run_cli(runner, ["-i", one_photo(tmp_path), "-o", tmp_path / "i.jsonl", "--model-name", name], ok=False)
+    assert_one_line_error(result, name)
+    assert not (tmp_path / "i.jsonl").exists()
+
+
+def test_bogus_hub_id_offline_is_one_line_error(runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name = "nobody-here/siglip2-does-not-exist"
+    result = run_cli(runner, ["-i", one_photo(tmp_path), "-o", tmp_path / "i.jsonl", "--model-name", name], ok=False)
+    assert_one_line_error(result, name)
+
+
+def test_folder_without_a_model_is_one_line_error(runner, tmp_path):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    result = run_cli(runner, ["-i", one_photo(tmp_path), "-o", tmp_path / "i.jsonl", "--model-name", empty], ok=False)
+    assert_one_line_error(result, str(empty))
+
+
+def test_cuda_on_cpu_only_machine_is_one_line_error(runner, tiny_model, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    result = run_cli(runner, ["-i", one_photo(tmp_path), "-o", tmp_path / "i.jsonl", "--model-name", tiny_model,
+                              "--device", "cuda"], ok=False)
+    assert_one_line_error(result, "cuda")

@@ -1,0 +1,105 @@
+"""The wheel as users get it: built from the tree, installed into a fresh virtualenv, run
+from outside the repository; the migrations must travel inside the package."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, make_photo, read_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args, *, cwd: Path, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """No PYTHONPATH, nothing pointing at the repository."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    outdir = tmp_path_factory.mktemp("dist")
+    build = [sys.executable, "-m", "build", "--wheel", "--outdir", outdir, REPO]
+    result = _run(build, cwd=outdir)
+    if result.returncode != 0:
+        # Isolation fetches hatchling from the package index; without one, build with the
+        # hatchling installed here.
+        isolated_log = result.stdout + result.stderr
+        result = _run([*build, "--no-isolation"], cwd=outdir)
+        assert result.returncode == 0, f"isolated:\n{isolated_log}\n--no-isolation:\n{result.stdout}{result.stderr}"
+    [whl] = outdir.glob("*.whl")
+    return whl
+
+
+@pytest.fixture(scope="module")
+def venv(wheel, tmp_path_factory) -> Path:
+    """A fresh virtualenv that sees the installed torch/transformers (system site-packages)
+    and has the wheel, and only the wheel, installed into it."""
+    root = tmp_path_factory.mktemp("venv") / "env"
+    work = root.parent
+    result = _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", root], cwd=work)
+    assert result.returncode == 0, result.stderr
+    python = root / "bin" / "python"
+    # pip comes from the system site-packages and installs into the venv (its sys.prefix).
+    result = _run([python, "-m", "pip", "install", "--no-deps", "--no-index", wheel], cwd=work, env=_clean_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root
+
+
+def test_wheel_ships_the_migrations(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = sorted(p.name for p in (REPO / "migrations").glob("*.sql"))
+    assert shipped
+    for name in shipped:
+        assert f"sqlindexer/migrations/{name}" in names
+    assert "sqlindexer/cli.py" in names and "sqlindexer/__main__.py" in names
+    [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "image-indexer = sqlindexer.cli:cli" in text
+    # Nothing of the test suite or the repository's tooling in the wheel.
+    assert not any(n.startswith(("tests/", "bench/")) for n in names)
+
+
+def test_installed_wheel_indexes_from_outside_the_repo(venv, tiny_model, tmp_path):
+    python = venv / "bin" / "python"
+    where = _run([python, "-c", "import sqlindexer, sqlindexer.db as db; print(sqlindexer.__file__); "
+                  "print(db._migrations_dir())"], cwd=tmp_path, env=_clean_env())
+    assert where.returncode == 0, where.stderr
+    module_file, migrations_dir = (Path(line) for line in where.stdout.split())
+    assert module_file.resolve().is_relative_to(venv.resolve()), module_file
+    assert not module_file.resolve().is_relative_to(REPO.resolve()), module_file
+    assert migrations_dir.resolve().is_relative_to(venv.resolve()), migrations_dir
+
+    help_ = _run([python, "-m", "sqlindexer", "--help"], cwd=tmp_path, env=_clean_env())
+    assert help_.returncode == 0, help_.stderr
+    assert "--input-dirs" in help_.stdout and "--reindex" in help_.stdout
+
+    photos = tmp_path / "photos"
+    for i in range(3):
+        make_photo(photos / f"p{i}.jpg", seed=i)
+    out = tmp_path / "index.jsonl"
+    result = _run([venv / "bin" / "image-indexer", "-i", photos, "-o", out, "--model-name", tiny_model],
+                  cwd=tmp_path, env=_clean_env(HF_HOME=str(tmp_path / "hf-home")))
+    assert result.returncode == 0, result.stderr
+    assert "exported 3" in result.stderr
+    records = read_jsonl(out)
+    assert [Path(r["metadata"]["path"]).name for r in records] == ["p0.jpg", "p1.jpg", "p2.jpg"]
+    assert all(len(r["vector"]) == len(records[0]["vector"]) > 0 for r in records)
+    conn = sqlite3.connect(out.with_suffix(".sqlite"))
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(list((REPO / "migrations").glob("*.sql")))
+        assert conn.execute("SELECT status FROM runs").fetchall() == [("completed",)]
+    finally:
+        conn.close()
