@@ -12,15 +12,18 @@ CREATE TABLE files (
     error       TEXT,                      -- why status = 'failed'
     width       INTEGER,                   -- as displayed, after EXIF orientation
     height      INTEGER,
-    exif        TEXT,                      -- JSON object
     model       TEXT,                      -- model that produced embedding
     dim         INTEGER,                   -- length of embedding in float32s
-    embedding   BLOB,                      -- little-endian float32, L2-normalised
-    build       INTEGER,                   -- build generation the row was processed in
-    seen_run    INTEGER,                   -- last run whose scan saw the file
-    changed_run INTEGER                    -- last run that added or changed the row
+    build       INTEGER,                   -- full-build generation that last processed the row
+    changed_run INTEGER,                   -- last run that added or changed the row
+    -- The large values last: a row's leading columns are then read without them.
+    exif        TEXT,                      -- JSON object
+    embedding   BLOB                       -- little-endian float32, L2-normalised
 );
 
+-- Covers the scan's change detection: one index lookup per batch of paths, without
+-- touching the rows (which hold kilobytes of vector each).
+CREATE INDEX files_scan ON files (path, size, mtime_ns, ctime_ns, status, model, build);
 CREATE INDEX files_status ON files (status);
 CREATE INDEX files_changed_run ON files (changed_run);
 

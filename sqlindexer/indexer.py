@@ -150,6 +150,7 @@ def _scan(conn, config: Config, run: state.Run, progress: Progress) -> None:
         follow_symlinks=config.follow_symlinks,
     )
     files = iter(scanner)
+    state.begin_scan(conn)
     with progress("scanning", None) as tick:
         while batch := list(islice(files, state.SCAN_BATCH)):
             state.record_scanned(conn, batch, run)
@@ -218,12 +219,37 @@ def _process_batch(batch: list[state.Pending], embedder) -> list[state.Result]:
 # -- export ----------------------------------------------------------------------------
 def _export(conn, config: Config, run: state.Run, progress: Progress) -> None:
     out = config.output_path
+    fmt = config.resolved_output_format
     total = state.count_export_rows(conn, config.model_name)
+    mark = {"model": config.model_name, "format": fmt}
+    if not _changed_anything(conn, run) and _is_last_export(conn, out, mark):
+        # Nothing changed and the file on disk is the one we wrote: rewriting it would
+        # produce the same bytes, at the cost of serialising every vector again.
+        log.info("%s is up to date", out)
+        with db.transaction(conn):
+            state.add_counts(conn, run.id, exported=total)
+        return
     with progress("exporting", total) as tick:
-        n = export.write_index(state.iter_export_rows(conn, config.model_name), out,
-                               config.resolved_output_format, tick=tick)
+        n = export.write_index(state.iter_export_rows(conn, config.model_name), out, fmt, tick=tick)
     st = out.stat()
     with db.transaction(conn):
         state.add_counts(conn, run.id, exported=n)
     state.set_meta(conn, _LAST_EXPORT, json.dumps(
-        {"path": str(out), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "model": config.model_name}))
+        {"path": str(out), "size": st.st_size, "mtime_ns": st.st_mtime_ns, **mark}))
+
+
+def _changed_anything(conn, run: state.Run) -> bool:
+    counts = state.run_counts(conn, run.id)
+    return any(counts[k] for k in ("new", "modified", "deleted", "imported", "embedded", "failed"))
+
+
+def _is_last_export(conn, out: Path, mark: dict[str, str]) -> bool:
+    last = state.get_meta(conn, _LAST_EXPORT)
+    if not last:
+        return False
+    try:
+        st = out.stat()
+    except OSError:
+        return False
+    recorded = json.loads(last)
+    return recorded == {"path": str(out), "size": st.st_size, "mtime_ns": st.st_mtime_ns, **mark}

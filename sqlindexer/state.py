@@ -99,13 +99,26 @@ class ScanCounts:
     unchanged: int = 0
 
 
+def begin_scan(conn: sqlite3.Connection) -> None:
+    """Start tracking which rows this run's scan sees.
+
+    Seen rows are kept in a connection-private temporary table rather than marked in
+    `files`: marking would write every row, and its page, on every run, when the point of
+    a no-change re-index is to write nothing.
+    """
+    conn.execute("PRAGMA temp_store = MEMORY")
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS seen (id INTEGER PRIMARY KEY)")
+    conn.execute("DELETE FROM temp.seen")
+
+
 def record_scanned(conn: sqlite3.Connection, records: Sequence[FileRecord], run: Run) -> ScanCounts:
-    """Compare one batch of scanned files with their rows, in one indexed query and one
-    transaction, and mark what needs embedding as 'pending'.
+    """Compare one batch of scanned files with their rows, in one indexed query (on the
+    covering index files_scan) and one transaction, and mark what needs embedding 'pending'.
 
     A file is unchanged when path, size and mtime_ns match. Unchanged files need work
     only if their vector is of another model, if they were never finished, or, in a full
-    build, if this build has not processed them yet.
+    build, if this build has not processed them yet. An unchanged file whose row needs
+    nothing is not written at all.
     """
     counts = ScanCounts(scanned=len(records))
     if not records:
@@ -113,46 +126,49 @@ def record_scanned(conn: sqlite3.Connection, records: Sequence[FileRecord], run:
     with transaction(conn):
         placeholders = ",".join("?" * len(records))
         existing = {
-            row["path"]: row
+            row[1]: row
             for row in conn.execute(
-                f"SELECT id, path, size, mtime_ns, status, model, build FROM files WHERE path IN ({placeholders})",
+                f"SELECT id, path, size, mtime_ns, ctime_ns, status, model, build FROM files "
+                f"WHERE path IN ({placeholders})",
                 [r.path for r in records],
             )
         }
-        inserts, replaced, requeued, seen = [], [], [], []
+        seen_ids, replaced, requeued, touched = [], [], [], []
         for r in records:
             row = existing.get(r.path)
             if row is None:
                 counts.new += 1
-                inserts.append((r.path, r.size, r.mtime_ns, r.ctime_ns, run.id, run.id))
-            elif row["size"] != r.size or row["mtime_ns"] != r.mtime_ns:
+                cur = conn.execute(
+                    "INSERT INTO files (path, size, mtime_ns, ctime_ns, status, changed_run) "
+                    "VALUES (?, ?, ?, ?, 'pending', ?)",
+                    (r.path, r.size, r.mtime_ns, r.ctime_ns, run.id),
+                )
+                seen_ids.append((cur.lastrowid,))
+                continue
+            file_id, _, size, mtime_ns, ctime_ns, status, model, build = row
+            seen_ids.append((file_id,))
+            if size != r.size or mtime_ns != r.mtime_ns:
                 counts.modified += 1
-                replaced.append((r.size, r.mtime_ns, r.ctime_ns, run.id, run.id, row["id"]))
-            else:
-                counts.unchanged += 1
-                stale = row["status"] == "ok" and row["model"] != run.model
-                rebuild = run.mode == "full" and row["build"] != run.build
-                if row["status"] != "pending" and (stale or rebuild):
-                    requeued.append((r.ctime_ns, run.id, row["id"]))
-                else:
-                    seen.append((r.ctime_ns, run.id, row["id"]))
-        conn.executemany(
-            "INSERT INTO files (path, size, mtime_ns, ctime_ns, status, seen_run, changed_run) "
-            "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-            inserts,
-        )
+                replaced.append((r.size, r.mtime_ns, r.ctime_ns, run.id, file_id))
+                continue
+            counts.unchanged += 1
+            stale = status == "ok" and model != run.model
+            rebuild = run.mode == "full" and build != run.build
+            if status != "pending" and (stale or rebuild):
+                requeued.append((r.ctime_ns, file_id))
+            elif ctime_ns != r.ctime_ns:
+                touched.append((r.ctime_ns, file_id))
         # A modified file's row is replaced in place: same id, everything derived from
         # the old content cleared.
         conn.executemany(
             "UPDATE files SET size = ?, mtime_ns = ?, ctime_ns = ?, status = 'pending', error = NULL, "
             "width = NULL, height = NULL, exif = NULL, model = NULL, dim = NULL, embedding = NULL, "
-            "build = NULL, seen_run = ?, changed_run = ? WHERE id = ?",
+            "build = NULL, changed_run = ? WHERE id = ?",
             replaced,
         )
-        conn.executemany(
-            "UPDATE files SET ctime_ns = ?, status = 'pending', seen_run = ? WHERE id = ?", requeued
-        )
-        conn.executemany("UPDATE files SET ctime_ns = ?, seen_run = ? WHERE id = ?", seen)
+        conn.executemany("UPDATE files SET ctime_ns = ?, status = 'pending' WHERE id = ?", requeued)
+        conn.executemany("UPDATE files SET ctime_ns = ? WHERE id = ?", touched)
+        conn.executemany("INSERT OR IGNORE INTO temp.seen (id) VALUES (?)", seen_ids)
         add_counts(conn, run.id, scanned=counts.scanned, new=counts.new, modified=counts.modified,
                    unchanged=counts.unchanged)
     return counts
@@ -164,9 +180,11 @@ def sweep_missing(conn: sqlite3.Connection, run: Run, *, keep_under: Iterable[st
     keep = list(keep_under)
     with transaction(conn):
         gone = [
-            row["id"]
-            for row in conn.execute("SELECT id, path FROM files WHERE seen_run IS NOT ?", (run.id,))
-            if not any(is_under(row["path"], k) for k in keep)
+            file_id
+            for file_id, path in conn.execute(
+                "SELECT id, path FROM files WHERE id NOT IN (SELECT id FROM temp.seen)"
+            )
+            if not any(is_under(path, k) for k in keep)
         ]
         for i in range(0, len(gone), SCAN_BATCH):
             chunk = gone[i : i + SCAN_BATCH]

@@ -24,8 +24,8 @@ MIGRATIONS = REPO / "migrations"
 # migration that changes a table must update this (and bump the count it is checked with).
 EXPECTED = {
     "files": [
-        "id", "path", "size", "mtime_ns", "ctime_ns", "status", "error", "width", "height", "exif",
-        "model", "dim", "embedding", "build", "seen_run", "changed_run",
+        "id", "path", "size", "mtime_ns", "ctime_ns", "status", "error", "width", "height",
+        "model", "dim", "build", "changed_run", "exif", "embedding",
     ],
     "runs": [
         "id", "started_at", "finished_at", "status", "mode", "build", "model", "pid", "config", "error",
