@@ -93,8 +93,14 @@ def test_jsonl_layout(tmp_path):
         rec = json.loads(line)
         assert list(rec) == ["vector", "metadata"]
         assert list(rec["metadata"]) == META_KEYS
-        assert rec == expected_record(row)
-        assert rec == record(row)  # the jsonl splice and the structured record agree
+        expected = expected_record(row)
+        # jsonl holds each float32 in its shortest form: it reads back to the same float32
+        # (not to the same float64 as float(np.float32(x)), which pkl holds).
+        stored = np.frombuffer(row.embedding, dtype="<f4")
+        assert np.array_equal(np.array(rec.pop("vector"), dtype="<f4"), stored)
+        assert np.array_equal(np.array(expected.pop("vector"), dtype="<f4"), stored)
+        assert rec == expected
+        assert rec["metadata"] == record(row)["metadata"]  # the jsonl splice and the structured record agree
     assert "\u00e9t\u00e9" in lines[0]  # UTF-8, not \u escapes
     assert read_jsonl(out)[1]["metadata"]["width"] is None
     assert read_jsonl(out)[2]["metadata"]["exif"] == {}
