@@ -290,7 +290,7 @@ def test_output_format_from_suffix(runner, tmp_path, photos, tiny_model, name, f
         assert data[:1] == b"\x80"
         assert len(read_pkl(out)) == 1
     else:
-        assert data.startswith(b'{"vector": [')
+        assert data.startswith(b'{"vector":[')
         assert len(read_jsonl(out)) == 1
         with pytest.raises(pickle.UnpicklingError):
             pickle.loads(data)
