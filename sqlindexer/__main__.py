@@ -1,3 +1,5 @@
 from .cli import cli
 
-cli()
+# Guarded: decode workers are spawned processes, which import the main module again.
+if __name__ == "__main__":
+    cli()

@@ -96,6 +96,10 @@ def _choice(values: tuple[str, ...]) -> click.Choice:
               help="Also index hidden files and folders (names starting with '.').")
 @click.option("--follow-symlinks/--no-follow-symlinks", default=False, show_default=True,
               help="Follow symlinks to directories (loops are detected).")
+@click.option("--workers", type=click.IntRange(0, 256), metavar="N", show_default="number of usable CPU cores",
+              help="Processes that decode and resize images ahead of the model; 0 decodes in-process.")
+@click.option("--dtype", type=_choice(cfg.DTYPES), default="auto", show_default=True,
+              help="Model precision; auto is bfloat16 (or float16) on CUDA and float32 elsewhere.")
 def index(config_file: str | None, **options: Any) -> None:
     """Embed every image under the input directories and write the index.
 

@@ -15,6 +15,7 @@ DEFAULT_MODEL = "google/siglip2-base-patch16-naflex"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OUTPUT_FORMATS = ("jsonl", "pkl")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 # A config file is a handful of keys; anything bigger is a mistake or an attack.
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -35,6 +36,8 @@ class Config:
     state_db: str | None = None  # None: next to the output file, suffix .sqlite
     include_hidden: bool = False
     follow_symlinks: bool = False
+    workers: int | None = None  # None: the number of usable CPU cores; 0: decode in-process
+    dtype: str = "auto"  # auto: bfloat16/float16 on CUDA, float32 elsewhere
 
     # Derived values, after validate().
     @property
@@ -78,7 +81,7 @@ def _short(value: Any) -> str:
     return _SHORT.repr(value)
 
 
-_CHOICES = {"device": DEVICES, "output_format": OUTPUT_FORMATS, "log_level": LOG_LEVELS}
+_CHOICES = {"device": DEVICES, "output_format": OUTPUT_FORMATS, "log_level": LOG_LEVELS, "dtype": DTYPES}
 
 
 def absolute(path: str | os.PathLike[str]) -> Path:
@@ -136,6 +139,14 @@ def _check_value(key: str, value: Any, source: str) -> Any:
     if key in ("reindex", "include_hidden", "follow_symlinks"):
         if not isinstance(value, bool):
             raise wrong("true or false")
+        return value
+    if key == "workers":
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("an integer")
+        if not 0 <= value <= 256:
+            raise ConfigError(f"{where} must be between 0 and 256, got {value}")
         return value
     if key == "batch_size":
         if isinstance(value, bool) or not isinstance(value, int):

@@ -58,6 +58,18 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def _resolve_dtype(requested: str, device: str | None) -> Any:
+    """auto: bfloat16 on CUDA GPUs that support it, else float16 on CUDA; float32 elsewhere
+    (on CPUs without AMX/AVX512-BF16, bfloat16 is several times slower than float32)."""
+    import torch
+
+    if requested == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, requested)
+
+
 def _looks_like_path(name: str) -> bool:
     # Hub ids are "org/name"; anything absolute, relative-dotted or home-based is a folder.
     return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or os.sep + os.sep in name
@@ -68,23 +80,34 @@ def _one_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-class Embedder:
-    """Loads the model once and embeds batches of upright RGB images."""
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
-    def __init__(self, model_name: str, *, device: str = "auto") -> None:
+
+class Embedder:
+    """Loads the model once and embeds batches of upright RGB images.
+
+    Loading has two stages: prepare() reads the config and the image processor (fast; it
+    gives the input geometry and the vector size, so decoding can start), load() the
+    weights (slow; it may run in a background thread while the first images decode).
+    """
+
+    def __init__(self, model_name: str, *, device: str = "auto", dtype: str = "auto") -> None:
         self.model_name = model_name
         self.requested_device = device
+        self.requested_dtype = dtype
         self.device: str | None = None
+        self.dim: int | None = None
+        self.dtype: Any = None
+        self._config: Any = None
         self._model: Any = None
         self._processor: Any = None
         self._vision_only = False
-        self.dtype: Any = None
 
     # -- loading -----------------------------------------------------------------------
-    def load(self) -> Embedder:
-        if self._model is not None:
+    def prepare(self) -> Embedder:
+        """Resolve the device, read the model's config and image processor."""
+        if self._processor is not None:
             return self
-        import torch
         import transformers
 
         self.device = resolve_device(self.requested_device)
@@ -94,7 +117,27 @@ class Embedder:
         with _quiet_transformers():
             try:
                 config = transformers.AutoConfig.from_pretrained(name)
-                self._processor = transformers.AutoImageProcessor.from_pretrained(name)
+                processor = transformers.AutoImageProcessor.from_pretrained(name)
+            except Exception as e:  # noqa: BLE001 - hub, file and format errors alike
+                raise ModelLoadError(f"cannot load model {name!r}: {_one_line(e)}") from None
+        self._config = config
+        vision = getattr(config, "vision_config", config)
+        # SigLIP's image embedding is the vision tower's pooled output: hidden_size wide.
+        self.dim = int(getattr(config, "projection_dim", None) or vision.hidden_size)
+        self._processor = processor
+        return self
+
+    def load(self) -> Embedder:
+        """Load the weights (after prepare()); safe to call again."""
+        if self._model is not None:
+            return self
+        self.prepare()
+        import torch
+        import transformers
+
+        name, config = self.model_name, self._config
+        with _quiet_transformers():
+            try:
                 cls_name = _VISION_ONLY.get(getattr(config, "model_type", ""))
                 if cls_name and hasattr(transformers, cls_name):
                     model = getattr(transformers, cls_name).from_pretrained(name)
@@ -110,10 +153,7 @@ class Embedder:
                 raise
             except Exception as e:  # noqa: BLE001 - hub, file and format errors alike
                 raise ModelLoadError(f"cannot load model {name!r}: {_one_line(e)}") from None
-        if self.device == "cuda":
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            self.dtype = torch.float32
+        self.dtype = _resolve_dtype(self.requested_dtype, self.device)
         model.to(device=self.device, dtype=self.dtype)
         model.eval()
         self._model = model
@@ -131,7 +171,7 @@ class Embedder:
     # -- inference ---------------------------------------------------------------------
     def preprocess(self, images: Sequence[Image.Image]) -> dict[str, Any]:
         """The model's own processor on upright RGB images."""
-        self.load()
+        self.prepare()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return dict(self._processor(images=list(images), return_tensors="pt"))
@@ -143,9 +183,11 @@ class Embedder:
         self.load()
         moved = {}
         for key, value in inputs.items():
-            if value.is_floating_point():
-                value = value.to(self.dtype)
-            moved[key] = value.to(self.device, non_blocking=True)
+            if self.device == "cuda":
+                # Page-locked host memory lets the copy run asynchronously to the GPU.
+                value = value.pin_memory()
+            value = value.to(self.device, non_blocking=True)
+            moved[key] = value.to(self.dtype) if value.is_floating_point() else value
         with torch.inference_mode():
             if self._vision_only:
                 out = self._model(**moved)

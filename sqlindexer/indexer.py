@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -23,6 +24,7 @@ from .config import Config
 from .errors import EmbedError, Interrupted
 from .lock import RunLock
 from .scan import Scanner
+from .pipeline import DecodeOptions, Decoder, Prepared, usable_cpus
 from .source_index import matching_records
 
 log = logging.getLogger(__name__)
@@ -167,35 +169,46 @@ def _embed_pending(conn, config: Config, run: state.Run, progress: Progress, emb
         return
     if embedder_factory is None:
         from .embed import Embedder as embedder_factory  # noqa: N813 - deferred: imports torch
-    embedder = embedder_factory(config.model_name, device=config.device).load()
-    expected_dim = state.stored_dim(conn, config.model_name)
-    pending = state.iter_pending(conn)
-    failed = 0
-    with progress("embedding", total) as tick:
-        while batch := list(islice(pending, config.batch_size)):
-            results = _process_batch(batch, embedder)
-            dims = {len(r.vector) // 4 for r in results if r.vector is not None}
-            dim = dims.pop() if dims else expected_dim
-            if expected_dim is not None and dim != expected_dim:
-                raise EmbedError(
-                    f"model {config.model_name!r} gives {dim}-d vectors, but the working database holds "
-                    f"{expected_dim}-d vectors under that name (imported from another model's index?)"
-                )
-            expected_dim = dim
-            state.store_results(conn, results, run, model=config.model_name, dim=dim)
-            failed += sum(r.error is not None for r in results)
-            tick(len(batch))
+    embedder = embedder_factory(config.model_name, device=config.device, dtype=config.dtype).prepare()
+    stale = state.requeue_other_dims(conn, config.model_name, embedder.dim)
+    if stale:
+        log.warning("%d vectors stored for %s are not %d-d (imported from another model's index?); "
+                    "embedding those files again", stale, config.model_name, embedder.dim)
+        total = state.count_pending(conn)
+    workers = config.workers if config.workers is not None else usable_cpus()
+    options = DecodeOptions(patch_size=embedder.patch_size, max_num_patches=embedder.max_num_patches)
+    failed = embedded = 0
+    # The weights load in a thread while the first images decode in the workers.
+    with ThreadPoolExecutor(1) as loader, Decoder(options, workers=workers,
+                                                  ahead=2 * config.batch_size + workers) as decoder:
+        loading = loader.submit(embedder.load)
+        stream = decoder.map(state.iter_pending(conn), lambda p: p.path)
+        started = None
+        with progress("embedding", total) as tick:
+            while batch := list(islice(stream, config.batch_size)):
+                loading.result()
+                started = started or time.perf_counter()
+                results = _process_batch(batch, embedder)
+                state.store_results(conn, results, run, model=config.model_name, dim=embedder.dim)
+                failed += sum(r.error is not None for r in results)
+                embedded += sum(r.vector is not None for r in results)
+                tick(len(batch))
+    if started is not None:
+        seconds = time.perf_counter() - started
+        log.info("embedded %d images in %.2f s (%.1f images/s, %d decode workers)",
+                 embedded, seconds, embedded / seconds if seconds else 0.0, workers)
     if failed:
         log.warning("%d files could not be read; see: sqlite3 %s \"SELECT path, error FROM files WHERE status = 'failed'\"",
                     failed, config.state_db_path)
 
 
-def _process_batch(batch: list[state.Pending], embedder) -> list[state.Result]:
+def _process_batch(batch: list[tuple[state.Pending, Prepared]], embedder) -> list[state.Result]:
+    from PIL import Image
+
     results: list[state.Result] = []
     ready: list[tuple[state.Result, object]] = []
-    for item in batch:
-        d = images.decode(item.path, patch_size=embedder.patch_size, max_num_patches=embedder.max_num_patches)
-        result = state.Result(item, width=d.width, height=d.height, exif=d.exif, error=d.error)
+    for item, p in batch:
+        result = state.Result(item, width=p.width, height=p.height, exif=p.exif, error=p.error)
         # The file must still be what was scanned, or its vector would be attached to
         # content we never saw; it stays pending and the next run picks it up.
         if not images.stat_matches(item.path, item.size, item.mtime_ns):
@@ -207,10 +220,13 @@ def _process_batch(batch: list[state.Pending], embedder) -> list[state.Result]:
         if result.error is not None:
             log.warning("skipping %s: %s", item.path, result.error)
         elif not result.changed:
-            ready.append((result, d.image))
+            ready.append((result, Image.fromarray(p.pixels, "RGB")))
         results.append(result)
     if ready:
         vectors = embedder.embed_images([img for _, img in ready])
+        if vectors.shape[1] != embedder.dim:
+            raise EmbedError(f"model {embedder.model_name!r} gave {vectors.shape[1]}-d vectors, "
+                             f"its config says {embedder.dim}")
         for (result, _), vec in zip(ready, vectors):
             result.vector = vec.astype("<f4").tobytes()
     return results

@@ -272,6 +272,17 @@ def _exif_json(exif: dict[str, Any] | None) -> str | None:
     return json.dumps(exif, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
+def requeue_other_dims(conn: sqlite3.Connection, model: str, dim: int | None) -> int:
+    """Mark 'pending' the rows of model whose vector is not dim long; return how many."""
+    if dim is None:
+        return 0
+    with transaction(conn):
+        cur = conn.execute(
+            "UPDATE files SET status = 'pending' WHERE status = 'ok' AND model = ? AND dim != ?", (model, dim)
+        )
+    return cur.rowcount
+
+
 def stored_dim(conn: sqlite3.Connection, model: str) -> int | None:
     row = conn.execute("SELECT dim FROM files WHERE status = 'ok' AND model = ? LIMIT 1", (model,)).fetchone()
     return row[0] if row else None

@@ -331,3 +331,23 @@ def test_help_shows_real_defaults(runner):
         assert "from the output suffix: .pkl -> pkl, else jsonl" in text
         for option in ("--config-file", "--input-dirs", "--output-file", "--reindex", "--source-index"):
             assert option in text
+
+
+def test_config_example_has_every_key_commented_and_valid(tmp_path):
+    import dataclasses
+
+    import yaml
+
+    from sqlindexer import config as cfg
+
+    example = Path(__file__).resolve().parent.parent / "config.example.yaml"
+    values = yaml.safe_load(example.read_text())
+    assert set(values) == {f.name for f in dataclasses.fields(cfg.Config)}
+    lines = example.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line and not line.startswith((" ", "#", "-")):
+            assert lines[i - 1].startswith("#"), f"key without a comment: {line}"
+    (tmp_path / "in").mkdir()
+    values.update(input_dirs=[str(tmp_path / "in")], output_file=str(tmp_path / "index.jsonl"))
+    built = cfg.build(values, {})
+    assert built.batch_size == 32 and built.workers is None and built.dtype == "auto"

@@ -1,0 +1,168 @@
+"""Feed the model: decode, orient and resize images in worker processes, ahead of the model.
+
+Workers return each image already resized to the size SigLIP 2's naflex processor would
+resize it to (same Pillow bilinear resize on the same 8-bit RGB image), so the processor in
+the main process only rescales, normalises and patchifies a small image, and never more than
+a bounded number of decoded images exist at once.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from . import images
+
+T = TypeVar("T")
+
+
+@dataclass
+class Prepared:
+    """A decoded image at model size, as a uint8 HxWx3 array, or the reason it failed."""
+
+    path: str
+    pixels: Any = None  # numpy uint8 array (H, W, 3)
+    width: int | None = None  # of the upright image as displayed, before resizing
+    height: int | None = None
+    exif: dict[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    patch_size: int = 16
+    max_num_patches: int = 256
+    draft: bool = True
+    max_image_pixels: int | None = None
+    resize: bool = True
+
+
+def prepare(path: str, options: DecodeOptions) -> Prepared:
+    """Decode path upright, resize it to the model's input size; never raises for a bad file."""
+    import numpy as np
+    from PIL import Image
+
+    kwargs: dict[str, Any] = dict(patch_size=options.patch_size, max_num_patches=options.max_num_patches,
+                                  draft=options.draft)
+    if options.max_image_pixels is not None:
+        kwargs["max_image_pixels"] = options.max_image_pixels
+    d = images.decode(path, **kwargs)
+    if d.image is None:
+        return Prepared(path, error=d.error, exif=d.exif)
+    im = d.image
+    if options.resize:
+        th, tw = images.naflex_size(im.height, im.width, patch_size=options.patch_size,
+                                    max_num_patches=options.max_num_patches)
+        # Exactly the processor's resize: Pillow bilinear on the 8-bit image, no reducing_gap.
+        im = im.resize((tw, th), resample=Image.BILINEAR)
+    return Prepared(path, np.asarray(im, dtype=np.uint8), d.width, d.height, d.exif)
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _worker_init(parent: int) -> None:
+    images.register_plugins()
+    # A worker must not outlive the indexer: if the indexer is killed (kill -9, the OOM
+    # killer), the kernel kills its workers too (Linux), and a worker whose parent is already
+    # gone leaves at once.
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+class Decoder:
+    """Ordered, bounded-ahead parallel map of prepare() over work items.
+
+    workers=0 decodes in the calling process (no pool). With workers > 0, at most `ahead`
+    items are in flight or waiting to be consumed, so memory stays bounded however large the
+    folder is, while the model works on the previous batch.
+    """
+
+    def __init__(self, options: DecodeOptions, *, workers: int, ahead: int) -> None:
+        self.options = options
+        self.workers = workers
+        self.ahead = max(1, ahead)
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> Decoder:
+        if self.workers > 0:
+            # spawn, not fork: never fork a process that may hold torch's threads. Not
+            # forkserver either: its server would be the workers' parent and outlive us.
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_worker_init,
+                                             initargs=(os.getpid(),))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def map(self, items: Iterable[T], path_of) -> Iterator[tuple[T, Prepared]]:
+        if self._pool is None:
+            for item in items:
+                yield item, prepare(path_of(item), self.options)
+            return
+        # (item, future, tries): a worker that dies (the OOM killer, a decoder crash) breaks
+        # the whole pool; the pool is rebuilt and the items in flight are tried once more,
+        # so one poisonous file fails alone instead of taking the rest of the run with it.
+        window: deque[list[Any]] = deque()
+        it = iter(items)
+        exhausted = False
+        while True:
+            while not exhausted and len(window) < self.ahead:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                window.append([item, self._submit(path_of(item)), 0])
+            if not window:
+                return
+            item, future, _ = window[0]
+            if future is None:
+                window.popleft()
+                yield item, Prepared(path_of(item), error="the decoder process crashed on this file, twice")
+                continue
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                self._restart()
+                for entry in window:
+                    if entry[1].done() and not entry[1].cancelled() and entry[1].exception() is None:
+                        continue
+                    entry[2] += 1
+                    entry[1] = self._submit(path_of(entry[0])) if entry[2] < 2 else None
+                continue
+            except Exception as e:  # noqa: BLE001
+                result = Prepared(path_of(item), error=f"decoder process failed: {type(e).__name__}: {e}")
+            window.popleft()
+            yield item, result
+
+    def _submit(self, path: str) -> Future[Prepared]:
+        assert self._pool is not None
+        return self._pool.submit(prepare, path, self.options)
+
+    def _restart(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+        self.__enter__()

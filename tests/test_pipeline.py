@@ -1,0 +1,132 @@
+"""The decode pipeline: worker processes, bounded read-ahead, crash recovery, lazy imports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_photo, read_jsonl, run_cli
+
+from sqlindexer.pipeline import DecodeOptions, Decoder, prepare
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    for i in range(9):
+        make_photo(folder / f"p{i}.jpg", size=(200 + 37 * i, 150 + 11 * i), seed=i)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    return folder
+
+
+def _vectors(path: Path) -> dict[str, np.ndarray]:
+    return {Path(r["metadata"]["path"]).name: np.asarray(r["vector"], dtype="<f4") for r in read_jsonl(path)}
+
+
+def test_workers_give_the_same_index_as_in_process(runner, tmp_path, photos, tiny_model):
+    outs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}" / "index.jsonl"
+        out.parent.mkdir()
+        result = run_cli(runner, ["-i", photos, "-o", out, "--model-name", tiny_model, "--workers", workers,
+                                  "--batch-size", 4])
+        assert "failed 1" in result.stderr
+        assert f"{workers} decode workers" in result.stderr
+        outs[workers] = _vectors(out)
+    assert outs[0].keys() == outs[2].keys() and len(outs[0]) == 9
+    for name in outs[0]:
+        np.testing.assert_allclose(outs[0][name], outs[2][name], atol=1e-6)
+
+
+def test_prepare_resizes_to_the_processors_size(photos, tiny_model):
+    from transformers import AutoImageProcessor
+
+    from sqlindexer.images import decode
+
+    processor = AutoImageProcessor.from_pretrained(tiny_model)
+    for path in sorted(photos.glob("p*.jpg")):
+        p = prepare(str(path), DecodeOptions())
+        ours = processor(images=[p.pixels], return_tensors="np")
+        theirs = processor(images=[decode(str(path)).image], return_tensors="np")
+        assert (ours["spatial_shapes"] == theirs["spatial_shapes"]).all()
+        # Same Pillow bilinear resize on the same 8-bit image: identical patches.
+        np.testing.assert_array_equal(ours["pixel_values"], theirs["pixel_values"])
+        assert (p.width, p.height) == decode(str(path)).image.size
+
+
+def test_decoder_keeps_order_and_bounds_read_ahead(photos):
+    paths = sorted(str(p) for p in photos.iterdir())
+    pulled = []
+
+    def source():
+        for p in paths:
+            pulled.append(p)
+            yield p
+
+    with Decoder(DecodeOptions(), workers=2, ahead=3) as decoder:
+        out = []
+        for item, prepared in decoder.map(source(), lambda p: p):
+            out.append(item)
+            assert prepared.path == item
+            # Never more than `ahead` items taken from the source and not yet handed out.
+            assert len(pulled) - len(out) <= 3
+    assert out == paths
+
+
+def test_a_worker_killed_mid_run_does_not_fail_the_rest(photos):
+    paths = sorted(str(p) for p in photos.glob("p*.jpg"))
+    with Decoder(DecodeOptions(), workers=2, ahead=4) as decoder:
+        results = []
+        for i, (item, prepared) in enumerate(decoder.map(paths, lambda p: p)):
+            results.append(prepared)
+            if i == 1:
+                victim = next(iter(decoder._pool._processes))
+                os.kill(victim, signal.SIGKILL)
+    assert [r.path for r in results] == paths
+    assert all(r.error is None for r in results), [r.error for r in results if r.error]
+
+
+def test_vectors_of_another_size_are_embedded_again(runner, tmp_path, photos, tiny_model):
+    # A source index of another model (16-d) for files that did not change: its vectors
+    # cannot be mixed with the 32-d ones of --model-name, so those files are embedded again.
+    from datetime import datetime
+
+    src = tmp_path / "old.jsonl"
+    with open(src, "w") as f:
+        for path in sorted(photos.glob("p*.jpg")):
+            st = path.stat()
+            f.write(json.dumps({"vector": [0.25] * 16, "metadata": {
+                "path": str(path), "filename": path.name, "size_bytes": st.st_size,
+                "creation_time": datetime.fromtimestamp(st.st_ctime).isoformat(),
+                "modification_time": datetime.fromtimestamp(st.st_mtime).isoformat(),
+                "width": 1, "height": 1, "exif": {}}}) + "\n")
+    out = tmp_path / "index.jsonl"
+    result = run_cli(runner, ["-i", photos, "-o", out, "--model-name", tiny_model, "--reindex", "--source-index", src])
+    assert "are not 32-d" in result.stderr
+    vectors = _vectors(out)
+    assert len(vectors) == 9 and {len(v) for v in vectors.values()} == {32}
+
+
+def test_no_change_reindex_imports_neither_torch_nor_transformers(tmp_path, photos, tiny_model):
+    out = tmp_path / "index.jsonl"
+    args = ["-i", str(photos), "-o", str(out), "--model-name", str(tiny_model)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    subprocess.run([sys.executable, "-m", "sqlindexer", *args], check=True, env=env, capture_output=True)
+    probe = (
+        "import sys\n"
+        "from sqlindexer.cli import cli\n"
+        "try:\n"
+        f"    cli({args + ['--reindex']!r})\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stderr
+    assert "unchanged 10" in done.stderr
