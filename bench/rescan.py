@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Re-index cost on a large tree: no-change and 1%-changed --reindex against a bare walk.
+
+Builds a tree of N small image files (they share content: the point is the file count),
+indexes it once without running the model (the vectors come from a --source-index in the
+original tool's layout), then times, each as a fresh process and best of --repeat:
+
+  walk        os.scandir recursion with the stat it needs (the floor)
+  reindex     image-indexer --reindex with nothing changed
+  1% changed  image-indexer --reindex after touching 1% of the files (they are embedded
+              with a tiny random SigLIP 2)
+
+Prints a table with the ratios to the walk and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import child, cli, machine, save, table  # noqa: E402
+
+WALK = r"""
+import os, sys
+def walk(top):
+    n = 0
+    with os.scandir(top) as it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):
+                n += walk(e.path)
+            else:
+                e.stat(); n += 1
+    return n
+print(walk(sys.argv[1]))
+"""
+
+
+def build_tree(root: Path, n: int, per_dir: int = 1000) -> list[Path]:
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (120, 40, 200)).save(buf, "JPEG")
+    data = buf.getvalue()
+    paths = []
+    for i in range(n):
+        d = root / f"d{i // per_dir:04d}"
+        if i % per_dir == 0:
+            d.mkdir(parents=True, exist_ok=True)
+        p = d / f"img_{i:07d}.jpg"
+        p.write_bytes(data)
+        paths.append(p)
+    return paths
+
+
+def write_source_index(paths: list[Path], out: Path, dim: int) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with open(out, "w") as f:
+        for p in paths:
+            st = p.stat()
+            v = rng.standard_normal(dim).astype("float32")
+            v /= np.linalg.norm(v)
+            rec = {"vector": v.tolist(), "metadata": {
+                "path": str(p), "filename": p.name, "size_bytes": st.st_size,
+                "creation_time": datetime.fromtimestamp(st.st_ctime).isoformat(),
+                "modification_time": datetime.fromtimestamp(st.st_mtime).isoformat(),
+                "width": 32, "height": 24, "exif": {}}}
+            f.write(json.dumps(rec) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--files", type=int, default=100_000, help="number of image files (default 100000)")
+    ap.add_argument("--changed", type=float, default=0.01, help="fraction touched for the changed run (default 0.01)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed repetitions, best is kept (default 3)")
+    ap.add_argument("--workdir", help="where to build the tree (default: a temporary folder, removed after)")
+    ap.add_argument("--json", default="bench/results/rescan.json", help="where to write the results")
+    args = ap.parse_args()
+
+    from sqlindexer.testing import build_random_siglip2
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="sqlindexer-rescan-"))
+    try:
+        tree, model = work / "tree", work / "model"
+        print(f"building {args.files} files under {tree} ...", flush=True)
+        paths = build_tree(tree, args.files)
+        build_random_siglip2(model, with_tokenizer=False)
+        src, out = work / "original.jsonl", work / "index.jsonl"
+        write_source_index(paths, src, dim=32)
+        base = ["-i", tree, "-o", out, "--model-name", model, "--reindex", "--log-level", "WARNING"]
+        t_import, rss_import, err = cli(*base, "--source-index", src)
+        print(err.strip().splitlines()[-1])
+
+        def best(fn):
+            runs = [fn() for _ in range(args.repeat)]
+            return min(runs, key=lambda r: r[0])
+
+        walk = best(lambda: child([sys.executable, "-c", WALK, str(tree)]))
+        nochange = best(lambda: cli(*base))
+        print(nochange[2].strip().splitlines()[-1])
+        k = max(1, int(args.files * args.changed))
+        step = max(1, args.files // k)
+        touched = paths[::step][:k]
+
+        def changed_run():
+            for p in touched:
+                st = p.stat()
+                os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+            return cli(*base)
+
+        changed = best(changed_run)
+        print(changed[2].strip().splitlines()[-1])
+        rows = [
+            {"what": "bare os.scandir walk + stat", "seconds": walk[0], "vs walk": 1.0, "peak RSS MB": walk[1] / 2**20},
+            {"what": "--reindex, nothing changed", "seconds": nochange[0], "vs walk": nochange[0] / walk[0],
+             "peak RSS MB": nochange[1] / 2**20},
+            {"what": f"--reindex, {k} files changed", "seconds": changed[0], "vs walk": changed[0] / walk[0],
+             "peak RSS MB": changed[1] / 2**20},
+            {"what": "first import from --source-index", "seconds": t_import, "vs walk": t_import / walk[0],
+             "peak RSS MB": rss_import / 2**20},
+        ]
+        print(f"\n{args.files} files, best of {args.repeat}, each a fresh process (Python start-up included)\n")
+        print(table(rows, ["what", "seconds", "vs walk", "peak RSS MB"]))
+        save(args.json, {"files": args.files, "changed": k, "machine": machine(), "rows": rows})
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
