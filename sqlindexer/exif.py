@@ -26,6 +26,7 @@ _DROPPED_TAGS = frozenset({
 # Pillow names no Interop tags; these are the ones cameras write (EXIF 2.3, section 4.6.7).
 _INTEROP_TAGS = {0x0001: "InteropIndex", 0x0002: "InteropVersion", 0x1000: "RelatedImageFileFormat",
                  0x1001: "RelatedImageWidth", 0x1002: "RelatedImageLength"}
+_SUB_IFDS = {_EXIF_IFD: ExifTags.TAGS, _GPS_IFD: ExifTags.GPSTAGS, _INTEROP_IFD: _INTEROP_TAGS}
 # Deeper than any real EXIF; guards against self-referencing IFDs in hostile files.
 _MAX_DEPTH = 4
 _MAX_ITEMS = 4096
@@ -48,22 +49,14 @@ def _convert_ifd(ifd: Any, names: dict[int, str], exif: Image.Exif, *, depth: in
         if not isinstance(tag, int) or tag in _DROPPED_TAGS:
             continue
         name = names.get(tag, str(tag))
-        if depth == 0 and tag in (_EXIF_IFD, _GPS_IFD):
-            sub_names = ExifTags.GPSTAGS if tag == _GPS_IFD else ExifTags.TAGS
+        sub_names = _SUB_IFDS.get(tag)
+        # Exif and GPS hang off the base IFD, Interop off the Exif IFD.
+        if sub_names is not None and (depth == 0) == (tag != _INTEROP_IFD):
             try:
                 sub = exif.get_ifd(tag)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - a broken sub-IFD is left out
                 sub = {}
             converted = _convert_ifd(sub, sub_names, exif, depth=depth + 1)
-            if converted:
-                out[name] = converted
-            continue
-        if tag == _INTEROP_IFD:
-            try:
-                sub = exif.get_ifd(tag)
-            except Exception:  # noqa: BLE001
-                sub = {}
-            converted = _convert_ifd(sub, _INTEROP_TAGS, exif, depth=depth + 1)
             if converted:
                 out[name] = converted
             continue
