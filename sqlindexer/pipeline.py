@@ -143,11 +143,12 @@ class Decoder:
                 yield item, Prepared(path_of(item), error="the decoder process crashed on this file, twice")
                 continue
             try:
-                result = future.result()
+                result = self._wait(future)
             except BrokenProcessPool:
                 self._restart()
                 for entry in window:
-                    if entry[1].done() and not entry[1].cancelled() and entry[1].exception() is None:
+                    done = entry[1]
+                    if done is None or (done.done() and not done.cancelled() and done.exception() is None):
                         continue
                     entry[2] += 1
                     entry[1] = self._submit(path_of(entry[0])) if entry[2] < 2 else None
@@ -161,8 +162,22 @@ class Decoder:
         assert self._pool is not None
         return self._pool.submit(prepare, path, self.options)
 
+    def _wait(self, future: Future[Prepared]) -> Prepared:
+        # ProcessPoolExecutor notices a dead worker by itself most of the time, but a worker
+        # killed while it holds the task queue's lock can leave the pool waiting forever:
+        # check the workers' pulse while waiting.
+        while True:
+            try:
+                return future.result(timeout=0.5)
+            except TimeoutError:
+                processes = getattr(self._pool, "_processes", None) or {}
+                if any(p.exitcode is not None for p in list(processes.values())):
+                    raise BrokenProcessPool("a decoder process died") from None
+
     def _restart(self) -> None:
         if self._pool is not None:
+            for p in list((getattr(self._pool, "_processes", None) or {}).values()):
+                p.kill()
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = None
         self.__enter__()
