@@ -1,7 +1,10 @@
 """Write the index file from committed rows: jsonl or pkl, atomically.
 
 The file is written to <output>.tmp in the same folder, flushed, fsynced and renamed into
-place, so a reader sees the old index or the new one, never half of either.
+place, so a reader sees the old index or the new one, never half of either. The .tmp is
+created fresh (O_EXCL | O_NOFOLLOW: a planted file or symlink there is never written
+through), and the rename replaces whatever is at the output path, a symlink included,
+without following it.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
@@ -108,6 +112,7 @@ def write_index(
         raise ExportError(f"cannot create {tmp}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb", buffering=_WRITE_BUFFER) as f:
+            _keep_mode(f.fileno(), output)
             writer = _write_jsonl if fmt == "jsonl" else _write_pkl
             count = writer(rows, f, tick)
             f.flush()
@@ -120,6 +125,19 @@ def write_index(
         raise
     _fsync_dir(output.parent)
     return count
+
+
+def _keep_mode(fd: int, output: Path) -> None:
+    """Give the new file the permissions of the index it replaces, as `sed -i` does, so an
+    index chmod'ed 600 stays private; a first index gets 0o666 less the umask. A symlink
+    at the output path is replaced by the new file (os.replace renames over the link, the
+    link's target is left as it was) and lends it nothing."""
+    try:
+        st = os.lstat(output)
+    except OSError:
+        return
+    if stat.S_ISREG(st.st_mode):
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o777)
 
 
 def _fsync_dir(folder: Path) -> None:

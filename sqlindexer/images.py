@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -75,9 +76,23 @@ def decode(
     draft: bool = True,
     max_image_pixels: int | None = Image.MAX_IMAGE_PIXELS,
 ) -> Decoded:
-    """Decode path; never raises for a bad file, returns Decoded(error=...) instead."""
+    """Decode path; never raises for a bad file, returns Decoded(error=...) instead.
+
+    An image of more than max_image_pixels pixels fails as a decompression bomb (Pillow
+    warns above the limit and refuses above twice it; the warning is a failure here). A
+    JPEG is checked against its full size, before draft() shrinks it.
+    """
     register_plugins()
-    Image.MAX_IMAGE_PIXELS = max_image_pixels
+    # The limit is Pillow's global: set for this call only, so that a run's limit never
+    # leaks into other code of the same process (--workers 0, tests).
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_image_pixels
+    try:
+        return _decode(path, patch_size=patch_size, max_num_patches=max_num_patches, draft=draft)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _decode(path: str, *, patch_size: int, max_num_patches: int, draft: bool) -> Decoded:
     try:
         with warnings.catch_warnings():
             # A DecompressionBombWarning (between 1x and 2x the limit) is a failure for us:
@@ -107,7 +122,12 @@ def decode(
     except UnidentifiedImageError:
         return Decoded(path, error="not an image Pillow can read (unknown format or corrupt header)")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return Decoded(path, error=f"refused as a decompression bomb: {e}")
+        # Pillow's message names twice the limit when it raises, the limit when it warns.
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        if size is None:
+            return Decoded(path, error=f"refused as a decompression bomb: {e}")
+        return Decoded(path, error=f"refused as a decompression bomb: {size.group(1)} pixels, more than "
+                                   f"max_image_pixels ({Image.MAX_IMAGE_PIXELS})")
     except MemoryError:
         return Decoded(path, error="out of memory while decoding")
     except Exception as e:  # noqa: BLE001 - any decoder failure is the file's, not the run's
@@ -135,9 +155,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
     I;16 to 255, which turns most 16-bit photos white).
     """
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = _as_array(im).astype("float64")
+        arr = _as_array(im)
         top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        im = Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype("uint8"), "L")
+        im = Image.fromarray(_scaled_to_uint8(arr, 255.0 / top), "L")
     elif im.mode == "F":
         arr = _as_array(im)
         im = Image.fromarray((arr.clip(0.0, 1.0) * 255.0).astype("uint8"), "L")
@@ -150,6 +170,21 @@ def _as_array(im: Image.Image) -> Any:
     import numpy as np
 
     return np.asarray(im)
+
+
+# Rows scaled at a time: the float64 copies of a whole 16-bit image would take 16 more
+# bytes per pixel (1.4 GB at Pillow's default pixel limit).
+_SCALE_ROWS = 256
+
+
+def _scaled_to_uint8(arr: Any, factor: float) -> Any:
+    """(arr * factor).clip(0, 255) as uint8, computed in float64 a block of rows at a time."""
+    import numpy as np
+
+    out = np.empty(arr.shape, dtype=np.uint8)
+    for i in range(0, arr.shape[0], _SCALE_ROWS):
+        out[i : i + _SCALE_ROWS] = (arr[i : i + _SCALE_ROWS].astype("float64") * factor).clip(0, 255)
+    return out
 
 
 def stat_matches(path: str, size: int, mtime_ns: int) -> bool:

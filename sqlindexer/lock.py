@@ -3,6 +3,7 @@ the process dies (so a killed run never leaves a stale lock behind)."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -23,8 +24,12 @@ class RunLock:
         if fcntl is None:
             return self
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            # O_NOFOLLOW: the lock file is truncated and written below, so a symlink
+            # planted at its name must not lead that write to another file.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as e:  # missing or read-only folder: a one-line error, not a traceback
+            if e.errno == errno.ELOOP:
+                raise DatabaseError(f"lock file {self.path} is a symlink; remove it (it is not followed)") from None
             raise DatabaseError(f"cannot create lock file {self.path}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -19,9 +19,13 @@ from .state import Imported
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits only what pickle builds without importing anything: dict, list, tuple, str,
-    bytes, int, float, bool and None. Any class or function reference is refused, so a
-    crafted file cannot run code."""
+    """Admits only what pickle builds without importing anything: dict, list, str, int,
+    float, bool and None, and the inert containers tuple, bytes, bytearray, set and
+    frozenset (their opcodes build them directly; they hold data and nothing callable).
+    Every class or function reference (GLOBAL, STACK_GLOBAL, INST, registered extension
+    codes) goes through find_class and is refused, and persistent ids and out-of-band
+    buffers are refused by pickle itself, so a crafted file cannot run code: REDUCE, BUILD
+    and NEWOBJ have nothing callable to call."""
 
     def find_class(self, module: str, name: str) -> Any:
         raise pickle.UnpicklingError(f"it refers to {module}.{name}, and only plain values are accepted")
@@ -55,7 +59,10 @@ def read_records(path: Path) -> Iterator[tuple[int, Any]]:
                 n += 1
                 try:
                     yield n, json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                except RecursionError:
+                    raise SourceIndexError(f"source index {path}, line {lineno}: not valid JSON (nested too deeply)") \
+                        from None
+                except ValueError as e:  # bad JSON, bad UTF-8, an integer of thousands of digits
                     raise SourceIndexError(f"source index {path}, line {lineno}: not valid JSON ({e})") from None
         return
     with open(path, "rb") as f:
@@ -71,7 +78,9 @@ def read_records(path: Path) -> Iterator[tuple[int, Any]]:
                 raise SourceIndexError(f"source index {path}: truncated after record {n}") from None
             except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError,
                     MemoryError, OverflowError, UnicodeDecodeError, RecursionError) as e:
-                raise SourceIndexError(f"source index {path}: record {n + 1} is not a plain pickled record: {e}") from None
+                why = " ".join(str(e).split()) or type(e).__name__  # pickle's own messages span lines
+                raise SourceIndexError(f"source index {path}: record {n + 1} is not a plain pickled record: {why}") \
+                    from None
             # Some writers pickle the whole list of records in one dump.
             if isinstance(obj, list):
                 for item in obj:
@@ -127,21 +136,29 @@ def matching_records(path: Path, *, expected_dim: int | None) -> Iterator[Import
             mtime = parse_time(meta.get("modification_time"))
         except (ValueError, TypeError, OverflowError, OSError):
             raise _foreign(path, n, "metadata.modification_time is not an ISO 8601 time") from None
-        arr = np.asarray(vec, dtype="<f4")
+        try:
+            with np.errstate(over="ignore"):
+                arr = np.asarray(vec, dtype="<f4")
+        except (OverflowError, ValueError):  # an integer too large for any float
+            raise _foreign(path, n, "'vector' holds a number out of range") from None
         if not np.isfinite(arr).all():
             raise _foreign(path, n, "vector holds NaN or infinity")
         # Relative paths (written by the original tool from a relative -i) are taken
         # relative to the current directory, as that tool wrote them.
         file_path = str(absolute(p))
         try:
+            file_path.encode("utf-8")  # the scan skips names that are not UTF-8: so does the import
             st = os.stat(file_path)
         except (OSError, ValueError):
             continue
         # The record keeps microseconds at best; anything closer than 2 us is the same time.
         if st.st_size != size or abs(st.st_mtime_ns / 1e9 - mtime) > 2e-6:
             continue
-        width, height = meta.get("width"), meta.get("height")
         exif = meta.get("exif")
+        try:
+            exif = _json_safe(exif) if isinstance(exif, dict) else {}
+        except _Unfit as e:
+            raise _foreign(path, n, str(e)) from None
         yield Imported(
             path=file_path,
             size=st.st_size,
@@ -149,23 +166,78 @@ def matching_records(path: Path, *, expected_dim: int | None) -> Iterator[Import
             ctime_ns=st.st_ctime_ns,
             vector=arr.tobytes(),
             dim=len(vec),
-            width=width if isinstance(width, int) and not isinstance(width, bool) else None,
-            height=height if isinstance(height, int) and not isinstance(height, bool) else None,
-            exif=_json_safe(exif) if isinstance(exif, dict) else {},
+            width=_dimension(meta.get("width")),
+            height=_dimension(meta.get("height")),
+            exif=exif,
         )
+
+
+def _dimension(value: Any) -> int | None:
+    """A width or height as recorded, or None when it is not a plausible one."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1 << 31:
+        return value
+    return None
+
+
+# A record's EXIF is copied into the database, so it is copied with bounds: a pickle can
+# share one object many times (a list of nine references to a list of nine references to
+# ...: a billion values in a few hundred bytes) or contain itself.
+MAX_EXIF_VALUES = 100_000
+MAX_EXIF_DEPTH = 32
+_INT64 = 1 << 63
+
+
+class _Unfit(ValueError):
+    """An EXIF value that no image-indexer (or the original tool) ever wrote."""
 
 
 def _json_safe(value: Any) -> Any:
     """The original tool stored EXIF values as Python text where JSON could not hold them;
-    keep what JSON can hold and make the rest text."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace").replace("\x00", "")
-    return str(value)
+    keep what JSON can hold and make the rest text. Raises _Unfit past the bounds above."""
+    count = 0
+
+    def key(k: Any) -> str:
+        if isinstance(k, str):
+            return _text(k)
+        if isinstance(k, (bytes, bytearray)):
+            return bytes(k).decode("utf-8", "replace").replace("\x00", "")
+        if isinstance(k, int) and not -_INT64 <= k < _INT64:
+            raise _Unfit("metadata.exif holds an integer out of range")
+        if k is None or isinstance(k, (int, float)):
+            return str(k)
+        raise _Unfit(f"metadata.exif has a key that is a {type(k).__name__}")
+
+    def copy(v: Any, depth: int) -> Any:
+        nonlocal count
+        count += 1
+        if count > MAX_EXIF_VALUES:
+            raise _Unfit(f"metadata.exif holds more than {MAX_EXIF_VALUES} values")
+        if depth > MAX_EXIF_DEPTH:
+            raise _Unfit(f"metadata.exif is nested more than {MAX_EXIF_DEPTH} levels deep")
+        if isinstance(v, dict):
+            return {key(k): copy(x, depth + 1) for k, x in v.items()}
+        if isinstance(v, (list, tuple, set, frozenset)):
+            return [copy(x, depth + 1) for x in v]
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, int) and not isinstance(v, bool) and not -_INT64 <= v < _INT64:
+            raise _Unfit("metadata.exif holds an integer out of range")
+        if isinstance(v, str):
+            return _text(v)
+        if v is None or isinstance(v, (int, bool)):
+            return v
+        if isinstance(v, (bytes, bytearray)):
+            return bytes(v).decode("utf-8", "replace").replace("\x00", "")
+        return str(v)
+
+    return copy(value, 0)
+
+
+def _text(s: str) -> str:
+    """s, with lone surrogates (which pickle and JSON escapes can hold, and UTF-8 cannot)
+    replaced."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "replace").decode("utf-8")
+    return s
