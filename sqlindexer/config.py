@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import reprlib
 from dataclasses import dataclass, field
@@ -18,6 +19,16 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # A config file is a handful of keys; anything bigger is a mistake or an attack.
 MAX_CONFIG_BYTES = 1 << 20
+# Bounds on the YAML document, checked while it is composed, before any value is built.
+# An alias repeats a node without repeating its text, so a few hundred bytes can stand for
+# billions of values (a "billion laughs"); PyYAML shares aliased values, but its merge key
+# (<<) copies them, and anything that walks the values expands them. Values are counted as
+# if every alias were expanded. Deep nesting would exhaust Python's stack in the composer.
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 32
+# Pillow's own default (Image.MAX_IMAGE_PIXELS), written out so that reading the config
+# does not import Pillow.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,7 @@ class Config:
     follow_symlinks: bool = False
     workers: int | None = None  # None: the number of usable CPU cores; 0: decode in-process
     dtype: str = "auto"  # auto: bfloat16/float16 on CUDA, float32 elsewhere
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images fail as decompression bombs
 
     # Derived values, after validate().
     @property
@@ -93,8 +105,79 @@ def absolute(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
+class _YamlRefused(Exception):
+    """A YAML document that is valid but too large, too deep or self-referential."""
+
+    def __init__(self, problem: str, line: int, key: str | None) -> None:
+        where = f"the value of {_short(key)}" if key is not None else "the document"
+        super().__init__(f"{where} {problem}")
+        self.line = line
+
+
+@functools.lru_cache(maxsize=None)
+def _bounded_loader() -> type:
+    """yaml.SafeLoader (plain values only: no python/ tags) that refuses documents that
+    expand past MAX_YAML_VALUES values or nest past MAX_YAML_DEPTH levels."""
+    import yaml
+
+    class BoundedSafeLoader(yaml.SafeLoader):
+        def __init__(self, stream: Any) -> None:
+            super().__init__(stream)
+            self._depth = 0
+            self._key: str | None = None  # the top-level key being read, for messages
+            # id(node) -> (node, its value count with aliases expanded); the node is kept
+            # so that its id is not reused.
+            self._weights: dict[int, tuple[Any, int]] = {}
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self._depth == 1 and parent is not None and isinstance(index, yaml.ScalarNode):
+                self._key = str(index.value)
+            event = self.peek_event()
+            line = event.start_mark.line + 1
+            alias = isinstance(event, yaml.AliasEvent)
+            if self._depth >= MAX_YAML_DEPTH:
+                raise _YamlRefused(f"is nested more than {MAX_YAML_DEPTH} levels deep", line, self._key)
+            self._depth += 1
+            try:
+                node = super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+            known = self._weights.get(id(node))
+            if alias:
+                # An alias to a node that is still being composed: a structure that
+                # contains itself, which no config value is.
+                if known is None:
+                    raise _YamlRefused("refers to itself through an alias", line, self._key)
+                return node
+            weight = 1
+            if isinstance(node, yaml.SequenceNode):
+                weight += sum(self._weights[id(item)][1] for item in node.value)
+            elif isinstance(node, yaml.MappingNode):
+                weight += sum(self._weights[id(k)][1] + self._weights[id(v)][1] for k, v in node.value)
+            if weight > MAX_YAML_VALUES:
+                raise _YamlRefused(
+                    f"expands to more than {MAX_YAML_VALUES} values through aliases (a billion-laughs bomb?)",
+                    line, self._key,
+                )
+            self._weights[id(node)] = (node, weight)
+            return node
+
+        def construct_undefined(self, node: Any) -> Any:
+            tag = str(node.tag)
+            if tag.startswith("tag:yaml.org,2002:"):
+                tag = "!!" + tag[len("tag:yaml.org,2002:"):]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the tag {_short(tag)} is not allowed (a config file holds plain values only)",
+                node.start_mark,
+            )
+
+    BoundedSafeLoader.add_constructor(None, BoundedSafeLoader.construct_undefined)
+    return BoundedSafeLoader
+
+
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse a YAML config file with the safe loader into a plain dict."""
+    """Parse a YAML config file with the safe loader (bounded: see MAX_YAML_VALUES) into a
+    plain dict."""
     import yaml
 
     p = Path(path)
@@ -110,7 +193,9 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        loaded = yaml.safe_load(data)
+        loaded = yaml.load(data, Loader=_bounded_loader())  # noqa: S506 - a SafeLoader subclass
+    except _YamlRefused as e:
+        raise ConfigError(f"config file {p} is refused (line {e.line}): {e}") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
@@ -153,6 +238,13 @@ def _check_value(key: str, value: Any, source: str) -> Any:
             raise wrong("an integer")
         if not 1 <= value <= 65536:
             raise ConfigError(f"{where} must be between 1 and 65536, got {value}")
+        return value
+    if key == "max_image_pixels":
+        # No "unlimited": that would let one file take all the memory there is.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("an integer")
+        if value < 1:
+            raise ConfigError(f"{where} must be a positive number of pixels, got {value}")
         return value
     # The remaining keys are strings (or null for the optional ones).
     if value is None and _FIELDS[key].default is None:

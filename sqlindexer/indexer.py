@@ -176,7 +176,8 @@ def _embed_pending(conn, config: Config, run: state.Run, progress: Progress, emb
                     "embedding those files again", stale, config.model_name, embedder.dim)
         total = state.count_pending(conn)
     workers = config.workers if config.workers is not None else usable_cpus()
-    options = DecodeOptions(patch_size=embedder.patch_size, max_num_patches=embedder.max_num_patches)
+    options = DecodeOptions(patch_size=embedder.patch_size, max_num_patches=embedder.max_num_patches,
+                            max_image_pixels=config.max_image_pixels)
     failed = embedded = 0
     # The weights load in a thread while the first images decode in the workers.
     with ThreadPoolExecutor(1) as loader, Decoder(options, workers=workers,

@@ -72,6 +72,11 @@ def usable_cpus() -> int:
 
 
 def _worker_init(parent: int) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group; the indexer handles it and stops its workers,
+    # which must not each print a KeyboardInterrupt traceback of their own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     images.register_plugins()
     # A worker must not outlive the indexer: if the indexer is killed (kill -9, the OOM
     # killer), the kernel kills its workers too (Linux), and a worker whose parent is already
