@@ -112,6 +112,16 @@ def _weights_options(name: str) -> dict[str, Any]:
     return {"trust_remote_code": False, "use_safetensors": has_safetensors, "weights_only": True}
 
 
+def _load_error(name: str, e: Exception) -> ModelLoadError:
+    """One line naming the checkpoint, for any failure to load its weights."""
+    if isinstance(e, ModelLoadError):
+        return e
+    if isinstance(e, pickle.UnpicklingError):
+        return ModelLoadError(f"cannot load model {name!r}: its pickle weights file was refused by torch's "
+                              f"weights_only unpickler ({_unpickling_detail(e)})")
+    return ModelLoadError(f"cannot load model {name!r}: {_one_line(e)}")
+
+
 def _unpickling_detail(e: BaseException) -> str:
     # torch's message opens with advice to retry with weights_only=False; the line that
     # names what was refused is further down.
@@ -193,13 +203,8 @@ class Embedder:
                     model = transformers.AutoModel.from_pretrained(name, **options)
                     if not hasattr(model, "get_image_features"):
                         raise ModelLoadError(f"model {name!r} has no image tower (get_image_features)")
-            except ModelLoadError:
-                raise
-            except pickle.UnpicklingError as e:
-                raise ModelLoadError(f"cannot load model {name!r}: its pickle weights file was refused by torch's "
-                                     f"weights_only unpickler ({_unpickling_detail(e)})") from None
             except Exception as e:  # noqa: BLE001 - hub, file and format errors alike
-                raise ModelLoadError(f"cannot load model {name!r}: {_one_line(e)}") from None
+                raise _load_error(name, e) from None
         self.dtype = _resolve_dtype(self.requested_dtype, self.device)
         model.to(device=self.device, dtype=self.dtype)
         model.eval()
@@ -291,13 +296,8 @@ class Embedder:
                     if not hasattr(model, "get_text_features"):
                         raise ModelLoadError(f"model {name!r} has no text tower (get_text_features)")
                     text_only = False
-            except ModelLoadError:
-                raise
-            except pickle.UnpicklingError as e:
-                raise ModelLoadError(f"cannot load model {name!r}: its pickle weights file was refused by torch's "
-                                     f"weights_only unpickler ({_unpickling_detail(e)})") from None
             except Exception as e:  # noqa: BLE001 - hub, file and format errors alike
-                raise ModelLoadError(f"cannot load model {name!r}: {_one_line(e)}") from None
+                raise _load_error(name, e) from None
         model.to(device=self.device, dtype=_resolve_dtype(self.requested_dtype, self.device))
         model.eval()
         # SigLIP 2 pads on the right (the checkpoints' tokenizer config says so; some
