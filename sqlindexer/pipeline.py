@@ -181,8 +181,17 @@ class Decoder:
 
     def _restart(self) -> None:
         if self._pool is not None:
-            for p in list((getattr(self._pool, "_processes", None) or {}).values()):
-                p.kill()
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            _abandon(self._pool)
         self._pool = None
         self.__enter__()
+
+
+def _abandon(pool: ProcessPoolExecutor) -> None:
+    """Kill a broken pool's workers and let go of it, giving its manager thread a few
+    seconds to wind down."""
+    for p in list((getattr(pool, "_processes", None) or {}).values()):
+        p.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+    thread = getattr(pool, "_executor_manager_thread", None)
+    if thread is not None:
+        thread.join(timeout=5)

@@ -79,17 +79,28 @@ def test_decoder_keeps_order_and_bounds_read_ahead(photos):
     assert out == paths
 
 
+KILL_A_WORKER = r"""
+import json, os, signal, sys
+from sqlindexer.pipeline import DecodeOptions, Decoder
+paths = json.loads(sys.argv[1])
+with Decoder(DecodeOptions(), workers=2, ahead=4) as decoder:
+    results = []
+    for i, (item, prepared) in enumerate(decoder.map(paths, lambda p: p)):
+        results.append([prepared.path, prepared.error])
+        if i == 1:
+            os.kill(next(iter(decoder._pool._processes)), signal.SIGKILL)
+print(json.dumps(results))
+"""
+
+
 def test_a_worker_killed_mid_run_does_not_fail_the_rest(photos):
+    # In a child process, so that the run's exit is checked too: it must not hang.
     paths = sorted(str(p) for p in photos.glob("p*.jpg"))
-    with Decoder(DecodeOptions(), workers=2, ahead=4) as decoder:
-        results = []
-        for i, (item, prepared) in enumerate(decoder.map(paths, lambda p: p)):
-            results.append(prepared)
-            if i == 1:
-                victim = next(iter(decoder._pool._processes))
-                os.kill(victim, signal.SIGKILL)
-    assert [r.path for r in results] == paths
-    assert all(r.error is None for r in results), [r.error for r in results if r.error]
+    done = subprocess.run([sys.executable, "-c", KILL_A_WORKER, json.dumps(paths)], capture_output=True, text=True,
+                          timeout=120, check=True)
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [path for path, _ in results] == paths
+    assert all(error is None for _, error in results), results
 
 
 def test_vectors_of_another_size_are_embedded_again(runner, tmp_path, photos, tiny_model):
