@@ -106,3 +106,30 @@ def read_pkl(path: Path) -> list[dict]:
                 out.append(pickle.load(f))
             except EOFError:
                 return out
+
+
+def original_record(path: Path, vector: list[float], *, width: int | None = None, height: int | None = None,
+                    exif: dict | None = None) -> dict:
+    """A record as the original image-indexer wrote it for a real file (its README's layout,
+    its time format), so it matches the file; width/height are read from the image if not given."""
+    from datetime import datetime
+
+    from PIL import Image
+
+    st = path.stat()
+    if width is None or height is None:
+        with Image.open(path) as im:
+            width, height = im.size
+    return {
+        "vector": vector,
+        "metadata": {
+            "path": str(path),
+            "filename": path.name,
+            "size_bytes": st.st_size,
+            "creation_time": datetime.fromtimestamp(st.st_ctime).isoformat(),
+            "modification_time": datetime.fromtimestamp(st.st_mtime).isoformat(),
+            "width": width,
+            "height": height,
+            "exif": exif if exif is not None else {},
+        },
+    }

@@ -25,12 +25,11 @@ import stat
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_photo, read_jsonl, read_pkl, run_cli
+from conftest import REPO, make_photo, original_record, read_jsonl, read_pkl, run_cli
 
 DIM = 32  # the tiny model's vector size
 PACKAGE = REPO / "sqlindexer"
@@ -52,20 +51,7 @@ def one_error(result, *needles: str, code: int = 1) -> str:
 
 def record(path: Path, vector: list[float], **meta) -> dict:
     """A record in the original tool's layout for a real file (it matches the file)."""
-    st = path.stat()
-    rec = {
-        "vector": vector,
-        "metadata": {
-            "path": str(path),
-            "filename": path.name,
-            "size_bytes": st.st_size,
-            "creation_time": datetime.fromtimestamp(st.st_ctime).isoformat(),
-            "modification_time": datetime.fromtimestamp(st.st_mtime).isoformat(),
-            "width": 64,
-            "height": 48,
-            "exif": {},
-        },
-    }
+    rec = original_record(path, vector, width=64, height=48)
     rec["metadata"].update(meta)
     return rec
 

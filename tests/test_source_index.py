@@ -7,12 +7,11 @@ import json
 import os
 import pickle
 import sqlite3
-from datetime import datetime
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
-from conftest import make_photo, read_jsonl, read_pkl, run_cli
+from conftest import make_photo, original_record, read_jsonl, read_pkl, run_cli
 
 DIM = 32  # the tiny model's vector size
 
@@ -43,28 +42,6 @@ def same_f32(a: list[float], b: list[float]) -> bool:
 def recognisable(i: int) -> list[float]:
     # Exactly representable in float32, and nothing a model would produce.
     return [(100 * (i + 1) + k) / 256 for k in range(DIM)]
-
-
-def original_record(path: Path, vector: list[float], *, exif: dict | None = None) -> dict:
-    """A record as the original image-indexer wrote it (its README's layout, its time format)."""
-    from PIL import Image
-
-    st = path.stat()
-    with Image.open(path) as im:
-        width, height = im.size
-    return {
-        "vector": vector,
-        "metadata": {
-            "path": str(path),
-            "filename": path.name,
-            "size_bytes": st.st_size,
-            "creation_time": datetime.fromtimestamp(st.st_ctime).isoformat(),
-            "modification_time": datetime.fromtimestamp(st.st_mtime).isoformat(),
-            "width": width,
-            "height": height,
-            "exif": exif if exif is not None else {},
-        },
-    }
 
 
 def write_original_index(path: Path, records: list, fmt: str) -> None:
