@@ -10,14 +10,16 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import click
 
 from . import __version__
 from . import config as cfg
 from .errors import IndexerError, Interrupted
+
+T = TypeVar("T")
 
 _INPUT_FLAGS = ("-i", "--input-dirs")
 
@@ -271,6 +273,14 @@ def _wants_json(as_json: bool | None) -> bool:
     return as_json if as_json is not None else not sys.stdout.isatty()
 
 
+def _with_db(db_path: str, work: Callable[[Any], T]) -> T:
+    """Open the working database and run work(conn) on it; core errors become one line."""
+    try:
+        return work(_open_db(db_path))
+    except IndexerError as e:
+        raise click.ClickException(str(e)) from None
+
+
 def _open_db(db_path: str):
     from .search import open_database
 
@@ -330,12 +340,8 @@ def search(query: str, top: int, db_path: str, model_name: str | None, as_json: 
     from .search import Filters, search_text
 
     _setup_logging("WARNING")
-    try:
-        conn = _open_db(db_path)
-        results = search_text(conn, db_path, query, top=top, model_name=model_name,
-                              filters=Filters.build(**filters), progress=_tqdm_progress)
-    except IndexerError as e:
-        raise click.ClickException(str(e)) from None
+    results = _with_db(db_path, lambda conn: search_text(conn, db_path, query, top=top, model_name=model_name,
+                                                          filters=Filters.build(**filters), progress=_tqdm_progress))
     _echo_hits(results, as_json)
 
 
@@ -362,12 +368,8 @@ def similar(image: str, top: int, db_path: str, model_name: str | None, as_json:
     from .search import Filters, search_image
 
     _setup_logging("WARNING")
-    try:
-        conn = _open_db(db_path)
-        results = search_image(conn, db_path, image, top=top, model_name=model_name,
-                               filters=Filters.build(**filters), progress=_tqdm_progress)
-    except IndexerError as e:
-        raise click.ClickException(str(e)) from None
+    results = _with_db(db_path, lambda conn: search_image(conn, db_path, image, top=top, model_name=model_name,
+                                                           filters=Filters.build(**filters), progress=_tqdm_progress))
     _echo_hits(results, as_json)
 
 
@@ -395,12 +397,8 @@ def duplicates(threshold: float, db_path: str, model_name: str | None, as_json: 
     from .search import find_duplicates
 
     _setup_logging("WARNING")
-    try:
-        conn = _open_db(db_path)
-        model, compared, groups = find_duplicates(conn, db_path, threshold=threshold, model_name=model_name,
-                                                  progress=_tqdm_progress)
-    except IndexerError as e:
-        raise click.ClickException(str(e)) from None
+    model, compared, groups = _with_db(db_path, lambda conn: find_duplicates(
+        conn, db_path, threshold=threshold, model_name=model_name, progress=_tqdm_progress))
     if _wants_json(as_json):
         for number, group in enumerate(groups, start=1):
             images = [{"path": path, "score": round(score, 6)} for path, score in group.members]
@@ -433,11 +431,7 @@ def status(db_path: str, as_json: bool | None) -> None:
     from .search import database_status
 
     _setup_logging("WARNING")
-    try:
-        conn = _open_db(db_path)
-        info = database_status(conn, db_path)
-    except IndexerError as e:
-        raise click.ClickException(str(e)) from None
+    info = _with_db(db_path, lambda conn: database_status(conn, db_path))
     if _wants_json(as_json):
         click.echo(json.dumps(info, ensure_ascii=False))
         return
