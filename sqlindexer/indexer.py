@@ -204,8 +204,6 @@ def _embed_pending(conn, config: Config, run: state.Run, progress: Progress, emb
 
 
 def _process_batch(batch: list[tuple[state.Pending, Prepared]], embedder) -> list[state.Result]:
-    from PIL import Image
-
     results: list[state.Result] = []
     ready: list[tuple[state.Result, object]] = []
     for item, p in batch:
@@ -221,10 +219,10 @@ def _process_batch(batch: list[tuple[state.Pending, Prepared]], embedder) -> lis
         if result.error is not None:
             log.warning("skipping %s: %s", item.path, result.error)
         elif not result.changed:
-            ready.append((result, Image.fromarray(p.pixels, "RGB")))
+            ready.append((result, p.pixels))
         results.append(result)
     if ready:
-        vectors = embedder.embed_images([img for _, img in ready])
+        vectors = embedder.embed_resized([pixels for _, pixels in ready])
         if vectors.shape[1] != embedder.dim:
             raise EmbedError(f"model {embedder.model_name!r} gave {vectors.shape[1]}-d vectors, "
                              f"its config says {embedder.dim}")

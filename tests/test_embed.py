@@ -254,3 +254,65 @@ def test_cuda_on_cpu_only_machine_is_one_line_error(runner, tiny_model, tmp_path
     result = run_cli(runner, ["-i", one_photo(tmp_path), "-o", tmp_path / "i.jsonl", "--model-name", tiny_model,
                               "--device", "cuda"], ok=False)
     assert_one_line_error(result, "cuda")
+
+
+# -- the processor's last steps, done on the batch (PatchSpec) ---------------------------
+@pytest.mark.parametrize("size", [(64, 48), (48, 64), (640, 480), (17, 500), (4000, 3000), (16, 16)])
+def test_packed_patches_equal_processor_output(embedder, size):
+    """The worker-resized image, patched and normalised by PatchSpec, is the processor's own
+    output: same mask and shapes exactly, pixel values to float32 rounding (1e-6: the
+    processor and we may round x/255 and (x-0.5)/0.5 in another order; one uint8 step is
+    0.0078, so 1e-6 cannot hide a wrong pixel, channel or patch)."""
+    from sqlindexer.embed import PatchSpec
+    from sqlindexer.pipeline import DecodeOptions, prepare
+
+    rng = np.random.default_rng(sum(size))
+    src = Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
+    path = Path(f"img_{size[0]}x{size[1]}.png")
+    src.save(path)
+    spec = PatchSpec.of(embedder._processor)
+    assert spec is not None
+    p = prepare(str(path), DecodeOptions(patch_size=spec.patch, max_num_patches=spec.max_patches))
+    assert spec.fits(p.pixels)
+    want = embedder.preprocess([Image.fromarray(p.pixels, "RGB")])
+    packed = spec.pack([p.pixels])
+    got = spec.normalize(packed["pixel_values"], packed["pixel_attention_mask"])
+    assert packed["pixel_attention_mask"].tolist() == want["pixel_attention_mask"].tolist()
+    assert packed["spatial_shapes"].tolist() == want["spatial_shapes"].tolist()
+    assert got.shape == want["pixel_values"].shape
+    assert float((got - want["pixel_values"]).abs().max()) <= 1e-6
+
+
+def test_embed_resized_equals_embed_images_and_falls_back(embedder):
+    """Vectors through PatchSpec, for a batch of target-size images of three shapes (so the
+    padding differs), equal the processor path's; an array that is not at a target size
+    (here 64x48, which the processor would enlarge) goes through the processor itself."""
+    from sqlindexer.embed import PatchSpec
+
+    rng = np.random.default_rng(7)
+    spec = PatchSpec.of(embedder._processor)
+    sizes = [images.naflex_size(h, w, patch_size=spec.patch, max_num_patches=spec.max_patches)
+             for h, w in [(3000, 4000), (16, 900), (500, 500)]]
+    assert len(set(sizes)) == 3
+    arrays = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for h, w in sizes]
+    assert all(spec.fits(a) for a in arrays)
+    got = embedder.embed_resized(arrays)
+    want = embedder.embed_images([Image.fromarray(a, "RGB") for a in arrays])
+    assert np.abs(got - want).max() < 1e-5
+    odd = (rng.random((64, 48, 3)) * 255).astype(np.uint8)
+    assert not spec.fits(odd)
+    assert np.abs(embedder.embed_resized([odd]) - embedder.embed_images([Image.fromarray(odd, "RGB")])).max() < 1e-6
+
+
+def test_patch_spec_refuses_other_processors(embedder):
+    """Only the standard SigLIP 2 naflex steps are taken over; a processor configured
+    otherwise (or another kind) goes through its own code."""
+    import copy
+
+    from sqlindexer.embed import PatchSpec
+
+    for attr, value in [("do_normalize", False), ("do_rescale", False), ("resample", 3), ("image_mean", [0.5])]:
+        proc = copy.deepcopy(embedder._processor)
+        setattr(proc, attr, value)
+        assert PatchSpec.of(proc) is None, attr
+    assert PatchSpec.of(object()) is None
