@@ -14,8 +14,9 @@ process:
                      get_image_features
 
 and prints images/s, the ratios b/a and b/c, and the peak RSS (process tree) of b and c.
-It also times what feeds the model in (b), without a model: the decode workers ('feed',
-all usable cores, plus the packing of their output), the packing of patches that the main
+It also times what feeds the model in (b), without a model: one process decoding and
+resizing ('decode img/s/core'), the decode workers together ('feed', --workers or all usable
+cores, nothing else running), the packing of patches that the main
 process does on their output ('pack', embed.PatchSpec) and, for comparison, the model's
 own image processor on the same small images ('processor', what the main process ran
 before PatchSpec), so that on a GPU, where the model is fast, the table shows the bound.
@@ -153,27 +154,34 @@ warnings.simplefilter("ignore")
 from pathlib import Path
 from PIL import Image
 from sqlindexer.embed import Embedder
-from sqlindexer.pipeline import DecodeOptions, Decoder, usable_cpus
-model_dir, folder, bs = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+from sqlindexer.pipeline import DecodeOptions, Decoder, prepare, usable_cpus
+model_dir, folder, bs, workers = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 emb = Embedder(model_dir, device="cpu").prepare()
 paths = [str(p) for p in sorted(folder.iterdir())]
-workers = usable_cpus()
+workers = int(workers) if workers else usable_cpus()
 options = DecodeOptions(patch_size=emb.patch_size, max_num_patches=emb.max_num_patches)
-spec = emb._patch_spec
-pre = pack = 0.0
+kept = []
 with Decoder(options, workers=workers, ahead=2 * bs + workers) as dec:
     first = None
-    batch = []
     for _, p in dec.map(paths, lambda x: x):
         first = first or time.perf_counter()
-        batch.append(p.pixels)
-        if len(batch) == bs:
-            t = time.perf_counter(); spec.pack(batch); pack += time.perf_counter() - t
-            t = time.perf_counter(); emb.preprocess([Image.fromarray(a, "RGB") for a in batch])
-            pre += time.perf_counter() - t; batch = []
-t1 = time.perf_counter() - pre
-print(json.dumps({"feed_per_s": (len(paths) - 1) / (t1 - first), "preprocess_per_s": len(paths) / pre if pre else None,
-                  "pack_per_s": len(paths) / pack if pack else None, "workers": workers}), file=sys.stderr)
+        if len(kept) < 4 * bs:
+            kept.append(p.pixels)
+    t1 = time.perf_counter()
+t = time.perf_counter()
+for _ in range(4):
+    emb._patch_spec.pack(kept)
+pack = 4 * len(kept) / (time.perf_counter() - t)
+t = time.perf_counter()
+emb.preprocess([Image.fromarray(a, "RGB") for a in kept])
+processor = len(kept) / (time.perf_counter() - t)
+one = paths[: 2 * bs]
+t = time.perf_counter()
+for path in one:
+    prepare(path, options)
+per_core = len(one) / (time.perf_counter() - t)
+print(json.dumps({"feed_per_s": (len(paths) - 1) / (t1 - first), "pack_per_s": pack, "preprocess_per_s": processor,
+                  "decode_per_core": per_core, "workers": workers}), file=sys.stderr)
 """
 
 EMBED_LINE = re.compile(r"embedded (\d+) images in ([\d.]+) s")
@@ -218,7 +226,8 @@ def main() -> None:
                                str(args.batch_size), args.device])
             model_only = json.loads(err.strip().splitlines()[-1])
             a = model_only["images_per_s"]
-            _, _, err = child([sys.executable, "-c", FEED_ONLY, str(model), str(folder), str(args.batch_size)])
+            _, _, err = child([sys.executable, "-c", FEED_ONLY, str(model), str(folder), str(args.batch_size),
+                               str(args.workers or "")])
             feed = json.loads(err.strip().splitlines()[-1])
             out = work / "index.jsonl"
             for f in (out, out.with_suffix(".sqlite")):
@@ -240,7 +249,8 @@ def main() -> None:
                 "a model img/s": a, "a batch": model_only["batch"],
                 "b e2e img/s": b, "b embed img/s": b_embed,
                 "c ref img/s": c["images_per_s"],
-                "feed img/s": feed["feed_per_s"], "pack img/s": feed["pack_per_s"],
+                "decode img/s/core": feed["decode_per_core"], "feed img/s": feed["feed_per_s"],
+                "pack img/s": feed["pack_per_s"],
                 "processor img/s": feed["preprocess_per_s"],
                 "b/a": (b_embed or b) / a,
                 "b/c": (b_embed or b) / c["images_per_s"] if c["images_per_s"] else None,
@@ -248,7 +258,7 @@ def main() -> None:
                 "RSS b MB": rss_b / 2**20, "RSS c MB": rss_c / 2**20 if rss_c else None,
                 "a dtype": model_only["dtype"].replace("torch.", ""),
             })
-        cols = ["images", "a model img/s", "a batch", "a dtype", "b e2e img/s", "b embed img/s", "c ref img/s", "feed img/s", "pack img/s", "processor img/s", "b/a", "b/c", "b/c wall",
+        cols = ["images", "a model img/s", "a batch", "a dtype", "b e2e img/s", "b embed img/s", "c ref img/s", "decode img/s/core", "feed img/s", "pack img/s", "processor img/s", "b/a", "b/c", "b/c wall",
                 "RSS b MB", "RSS c MB"]
         print(f"\n{device_name()}, batch size {args.batch_size}, {'tiny' if args.tiny else 'base-shape'} model; "
               "b/a and b/c use b's embedding phase, 'b/c wall' whole commands (start-up and model load included)\n")
