@@ -156,9 +156,11 @@ class _TqdmHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            from tqdm import tqdm
-
-            tqdm.write(self.format(record), file=sys.stderr)
+            tqdm = sys.modules.get("tqdm")
+            if tqdm is None:  # no bar was ever shown: nothing to write around
+                sys.stderr.write(self.format(record) + "\n")
+            else:
+                tqdm.tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001
             self.handleError(record)
 
@@ -177,11 +179,15 @@ def _setup_logging(level: str | None) -> None:
 
 @contextlib.contextmanager
 def _tqdm_progress(desc: str, total: int | None) -> Iterator[Any]:
+    # No bar when stderr is not a terminal (logs, CI, pipes): then tqdm is not even
+    # imported, which is a tenth of a no-change re-index's own time.
+    if not sys.stderr.isatty():
+        yield lambda n: None
+        return
     from tqdm import tqdm
 
     unit = "img" if desc != "scanning" else "file"
-    # disable=None: no bar when stderr is not a terminal (logs, CI, pipes).
-    with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
+    with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar:
         yield bar.update
 
 

@@ -17,15 +17,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import ContextManager
+from typing import TYPE_CHECKING, ContextManager
 
-from . import db, export, images, state
+from . import db, state
 from .config import Config
 from .errors import EmbedError, Interrupted
 from .lock import RunLock
 from .scan import Scanner
-from .pipeline import DecodeOptions, Decoder, Prepared, usable_cpus
-from .source_index import matching_records
+
+if TYPE_CHECKING:
+    from .pipeline import Prepared
+
+# Decoding, export and source-index reading (Pillow, numpy) are imported where they are
+# used: a re-index with nothing to do needs none of them, and their imports were a fifth
+# of its time.
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +143,8 @@ def _import_source_index(conn, config: Config, run: state.Run) -> None:
                 log.info("source index %s holds vectors of model %s; every file is embedded with %s",
                          source, mark.get("model"), config.model_name)
             return
+    from .source_index import matching_records
+
     log.info("importing vectors from %s", source)
     records = matching_records(source, expected_dim=state.stored_dim(conn, config.model_name))
     n = state.import_vectors(conn, records, run)
@@ -167,6 +174,8 @@ def _embed_pending(conn, config: Config, run: state.Run, progress: Progress, emb
     total = state.count_pending(conn)
     if not total:
         return
+    from .pipeline import DecodeOptions, Decoder, usable_cpus
+
     if embedder_factory is None:
         from .embed import Embedder as embedder_factory  # noqa: N813 - deferred: imports torch
     embedder = embedder_factory(config.model_name, device=config.device, dtype=config.dtype).prepare()
@@ -204,6 +213,8 @@ def _embed_pending(conn, config: Config, run: state.Run, progress: Progress, emb
 
 
 def _process_batch(batch: list[tuple[state.Pending, Prepared]], embedder) -> list[state.Result]:
+    from . import images
+
     results: list[state.Result] = []
     ready: list[tuple[state.Result, object]] = []
     for item, p in batch:
@@ -244,6 +255,8 @@ def _export(conn, config: Config, run: state.Run, progress: Progress) -> None:
         with db.transaction(conn):
             state.add_counts(conn, run.id, exported=total)
         return
+    from . import export
+
     with progress("exporting", total) as tick:
         n = export.write_index(state.iter_export_rows(conn, config.model_name), out, fmt, tick=tick)
     st = out.stat()

@@ -104,60 +104,70 @@ def begin_scan(conn: sqlite3.Connection) -> None:
 
     Seen rows are kept in a connection-private temporary table rather than marked in
     `files`: marking would write every row, and its page, on every run, when the point of
-    a no-change re-index is to write nothing.
+    a no-change re-index is to write nothing. `scanned` holds one batch of the walk while
+    it is compared with `files`.
     """
     conn.execute("PRAGMA temp_store = MEMORY")
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS seen (id INTEGER PRIMARY KEY)")
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS scanned "
+                 "(path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL)")
     conn.execute("DELETE FROM temp.seen")
+    conn.execute("DELETE FROM temp.scanned")
 
 
 def record_scanned(conn: sqlite3.Connection, records: Sequence[FileRecord], run: Run) -> ScanCounts:
-    """Compare one batch of scanned files with their rows, in one indexed query (on the
-    covering index files_scan) and one transaction, and mark what needs embedding 'pending'.
+    """Compare one batch of scanned files with their rows and mark what needs embedding
+    'pending', in one transaction.
 
     A file is unchanged when path, size and mtime_ns match. Unchanged files need work
     only if their vector is of another model, if they were never finished, or, in a full
     build, if this build has not processed them yet. An unchanged file whose row needs
     nothing is not written at all.
+
+    The comparison runs inside SQLite, on the covering index files_scan: the batch goes
+    into a temporary table, a join marks every known file seen, and only the files that
+    differ come back to Python. On a no-change re-index that is no row at all, where
+    fetching each row to compare it here cost more than the walk's own stat calls.
     """
     counts = ScanCounts(scanned=len(records))
     if not records:
         return counts
     with transaction(conn):
-        placeholders = ",".join("?" * len(records))
-        existing = {
-            row[1]: row
-            for row in conn.execute(
-                f"SELECT id, path, size, mtime_ns, ctime_ns, status, model, build FROM files "
-                f"WHERE path IN ({placeholders})",
-                [r.path for r in records],
-            )
-        }
-        seen_ids, replaced, requeued, touched = [], [], [], []
-        for r in records:
-            row = existing.get(r.path)
-            if row is None:
+        conn.executemany("INSERT INTO temp.scanned (path, size, mtime_ns, ctime_ns) VALUES (?, ?, ?, ?)",
+                         records)
+        conn.execute("INSERT OR IGNORE INTO temp.seen (id) "
+                     "SELECT f.id FROM temp.scanned s JOIN files f ON f.path = s.path")
+        # requeue: the vector is of another model, or this full build has not processed
+        # the file yet (a pending row is queued already).
+        differ = conn.execute(
+            "SELECT * FROM ("
+            "  SELECT s.path, s.size, s.mtime_ns, s.ctime_ns, f.id, f.size AS old_size, "
+            "         f.mtime_ns AS old_mtime_ns, f.ctime_ns AS old_ctime_ns, "
+            "         (f.status != 'pending' AND ((f.status = 'ok' AND f.model IS NOT :model) "
+            "                                     OR (:full AND f.build IS NOT :build))) AS requeue "
+            "  FROM temp.scanned s LEFT JOIN files f ON f.path = s.path) "
+            "WHERE id IS NULL OR old_size != size OR old_mtime_ns != mtime_ns OR old_ctime_ns != ctime_ns OR requeue",
+            {"model": run.model, "full": run.mode == "full", "build": run.build},
+        ).fetchall()
+        conn.execute("DELETE FROM temp.scanned")
+        replaced, requeued, touched = [], [], []
+        for path, size, mtime_ns, ctime_ns, file_id, old_size, old_mtime_ns, _, requeue in differ:
+            if file_id is None:
                 counts.new += 1
                 cur = conn.execute(
                     "INSERT INTO files (path, size, mtime_ns, ctime_ns, status, changed_run) "
                     "VALUES (?, ?, ?, ?, 'pending', ?)",
-                    (r.path, r.size, r.mtime_ns, r.ctime_ns, run.id),
+                    (path, size, mtime_ns, ctime_ns, run.id),
                 )
-                seen_ids.append((cur.lastrowid,))
-                continue
-            file_id, _, size, mtime_ns, ctime_ns, status, model, build = row
-            seen_ids.append((file_id,))
-            if size != r.size or mtime_ns != r.mtime_ns:
+                conn.execute("INSERT OR IGNORE INTO temp.seen (id) VALUES (?)", (cur.lastrowid,))
+            elif old_size != size or old_mtime_ns != mtime_ns:
                 counts.modified += 1
-                replaced.append((r.size, r.mtime_ns, r.ctime_ns, run.id, file_id))
-                continue
-            counts.unchanged += 1
-            stale = status == "ok" and model != run.model
-            rebuild = run.mode == "full" and build != run.build
-            if status != "pending" and (stale or rebuild):
-                requeued.append((r.ctime_ns, file_id))
-            elif ctime_ns != r.ctime_ns:
-                touched.append((r.ctime_ns, file_id))
+                replaced.append((size, mtime_ns, ctime_ns, run.id, file_id))
+            elif requeue:
+                requeued.append((ctime_ns, file_id))
+            else:  # only its ctime changed (chmod, a new link): nothing to embed
+                touched.append((ctime_ns, file_id))
+        counts.unchanged = counts.scanned - counts.new - counts.modified
         # A modified file's row is replaced in place: same id, everything derived from
         # the old content cleared.
         conn.executemany(
@@ -168,7 +178,6 @@ def record_scanned(conn: sqlite3.Connection, records: Sequence[FileRecord], run:
         )
         conn.executemany("UPDATE files SET ctime_ns = ?, status = 'pending' WHERE id = ?", requeued)
         conn.executemany("UPDATE files SET ctime_ns = ? WHERE id = ?", touched)
-        conn.executemany("INSERT OR IGNORE INTO temp.seen (id) VALUES (?)", seen_ids)
         add_counts(conn, run.id, scanned=counts.scanned, new=counts.new, modified=counts.modified,
                    unchanged=counts.unchanged)
     return counts

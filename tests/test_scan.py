@@ -286,3 +286,11 @@ def test_cli_overlapping_inputs_index_each_file_once(runner, tmp_path, tiny_mode
     assert "scanned 2, new 2" in result.stderr
     paths = [r["metadata"]["path"] for r in read_jsonl(out)]
     assert paths == [str(root / "a.jpg"), str(root / "sub" / "b.jpg")]
+
+
+@pytest.mark.parametrize("name", ["a.jpg", ".jpg", "..jpg", ".a.jpg", "a.JPG", "a", "a.", "a.b.png", "...", ".",
+                                  "x.tar.gz", ".hidden.HEIC", "a..jpg", "photo.jpeg ", "IMG_1.hif", "x.Tiff"])
+def test_is_image_name_follows_splitext(name):
+    # The scan's own extension check (it runs once per file of every walk) must say what
+    # os.path.splitext would: leading dots do not start an extension.
+    assert is_image_name(name) == (os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
