@@ -59,6 +59,10 @@ class Summary:
 def run_index(config: Config, *, progress: Progress = no_progress, embedder_factory=None) -> Summary:
     """Bring the working database up to date with the inputs and export the index."""
     started = time.monotonic()
+    if config.engine == "ray":
+        from .ray_engine import require_ray
+
+        require_ray()
     db_path = config.state_db_path
     with RunLock(db_path):
         conn = db.connect(db_path)

@@ -43,6 +43,19 @@ DECODE_CPUS = 0.5
 MAX_BLOCKS = 2000
 
 
+def require_ray() -> None:
+    """Fail at once, before any scan, when the ray extra is not installed; nothing is imported."""
+    import importlib.util
+
+    for name in ("ray", "pyarrow"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise RayError(MISSING_RAY)
+
+
 def import_ray() -> Any:
     try:
         import ray
