@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="batch size for a, b and c (default 32)")
     ap.add_argument("--workers", type=int, default=None, help="image-indexer --workers (default: its own default)")
     ap.add_argument("--device", default="auto", help="image-indexer --device (default auto)")
+    ap.add_argument("--engine", choices=("local", "ray"), default="local",
+                    help="image-indexer --engine for b (default local; ray starts or joins a local Ray instance)")
     ap.add_argument("--tiny", action="store_true", help="use a tiny model instead of the base shape (smoke test)")
     ap.add_argument("--workdir", help="keep images and model here (default: a temporary folder, removed after)")
     ap.add_argument("--json", default="bench/results/throughput.json", help="where to write the results")
@@ -151,7 +153,7 @@ def main() -> None:
                 f.unlink(missing_ok=True)
             extra = ["--workers", args.workers] if args.workers is not None else []
             t_b, rss_b, err = cli("-i", folder, "-o", out, "--model-name", model, "--batch-size", args.batch_size,
-                                  "--device", args.device, *extra)
+                                  "--device", args.device, "--engine", args.engine, *extra)
             m = EMBED_LINE.search(err)
             b_embed = int(m.group(1)) / float(m.group(2)) if m else None
             b = n / t_b
