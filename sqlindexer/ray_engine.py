@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -78,16 +79,29 @@ def connected(address: str | None) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         # Worker output stays in the cluster's log files: the CLI's stderr is for our
         # messages, and a failed task reaches the driver as an exception anyway.
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     except Exception as e:  # noqa: BLE001 - connection, auth and start-up errors alike
         raise RayError(f"cannot start or join Ray at {address or 'this machine'}: {_one_line(e)}") from None
+    finally:
+        # ray.init installs its own SIGTERM handler in the driver; the caller's (the CLI's
+        # records the run as interrupted, then the generator's exit shuts Ray down) wins.
+        _restore_sigterm(sigterm)
     try:
         yield ray
     finally:
         ray.shutdown()
+        _restore_sigterm(sigterm)
+
+
+def _restore_sigterm(handler: Any) -> None:
+    if handler is None:  # not installed from Python
+        return
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _sizes(ray: Any, config: Config) -> tuple[float, int]:
