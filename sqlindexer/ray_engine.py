@@ -133,7 +133,11 @@ def check_nodes(ray: Any, config: Config) -> None:
         probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(wanted)
         for n in nodes
     ]
-    for node, (host, missing) in zip(nodes, ray.get(futures)):
+    try:
+        found = ray.get(futures)
+    except Exception as e:  # noqa: BLE001 - a node lost while probing, a worker that cannot start
+        raise RayError(f"cannot check the paths on the Ray nodes: {_ray_cause(e)}") from None
+    for node, (host, missing) in zip(nodes, found):
         if missing:
             raise RayError(f"Ray node {host} ({node.get('NodeManagerAddress')}) cannot see {missing[0]}: image and "
                            f"model paths must be the same on every node (shared storage)")
@@ -152,10 +156,9 @@ def embed_on_ray(config: Config, options: DecodeOptions, pending: Iterable[state
         return
     with connected(config.ray_address) as ray:
         check_nodes(ray, config)
-        gpus, workers = _sizes(ray, config)
-        log.info("embedding %d images on Ray: %d model actors, %g GPUs each", len(work), workers, gpus)
+        per_worker, workers = _sizes(ray, config)
+        log.info("embedding %d images on Ray: %d model actors, %g GPUs each", len(work), workers, per_worker)
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        context = ray.data.DataContext.get_current()
         blocks = max(1, min(MAX_BLOCKS, math.ceil(len(work) / DECODE_BATCH)))
         ds = ray.data.from_items(work, override_num_blocks=blocks)
         del work
@@ -166,8 +169,8 @@ def embed_on_ray(config: Config, options: DecodeOptions, pending: Iterable[state
         ds = ds.map_batches(_EmbedActor, batch_size=config.batch_size, batch_format="pyarrow",
                             fn_constructor_kwargs={"model_name": config.model_name, "device": config.device,
                                                    "dtype": config.dtype, "dim": dim},
-                            compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus,
-                            num_cpus=1 if not gpus else None)
+                            compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=per_worker,
+                            num_cpus=1 if not per_worker else None)
         started()
         try:
             # batch_size=None: each block as the actors produced it, committed as it comes.
