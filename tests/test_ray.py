@@ -24,6 +24,7 @@ import pytest
 from conftest import REPO, make_photo, read_jsonl, run_cli
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'image-indexer[ray]' to run the Ray tests")
+pytestmark = pytest.mark.slow
 
 BATCH = 4
 ACTOR_TITLE = b"MapBatches(_EmbedActor)"
