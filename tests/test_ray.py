@@ -23,7 +23,6 @@ import pytest
 
 from conftest import REPO, make_photo, read_jsonl, run_cli
 
-pytest.importorskip("ray", reason="Ray is not installed: pip install 'image-indexer[ray]' to run the Ray tests")
 pytestmark = pytest.mark.slow
 
 BATCH = 4
@@ -49,6 +48,7 @@ def _env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def cluster() -> str:
     """A local Ray head for the module's runs to join; its address."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'image-indexer[ray]' to run the Ray tests")
     head = subprocess.Popen([sys.executable, "-c", HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             env=_env(), text=True, start_new_session=True)
     address = head.stdout.readline().strip()
