@@ -35,7 +35,6 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -198,6 +197,8 @@ def main() -> None:
                     help="generate only this many distinct images per set and copy them up to the count "
                          "(default: all distinct; large GPU runs need thousands of photos)")
     ap.add_argument("--skip-reference", action="store_true", help="do not run (c) (slow on big sets)")
+    ap.add_argument("--engine", choices=("local", "ray"), default="local",
+                    help="image-indexer --engine for b (default local; ray starts or joins a local Ray instance)")
     ap.add_argument("--tiny", action="store_true", help="use a tiny model instead of the base shape (smoke test)")
     ap.add_argument("--workdir", help="keep images and model here (default: a temporary folder, removed after)")
     ap.add_argument("--json", default="bench/results/throughput.json", help="where to write the results")
@@ -234,7 +235,7 @@ def main() -> None:
                 f.unlink(missing_ok=True)
             extra = ["--workers", args.workers] if args.workers is not None else []
             t_b, rss_b, err = cli("-i", folder, "-o", out, "--model-name", model, "--batch-size", args.batch_size,
-                                  "--device", args.device, *extra)
+                                  "--device", args.device, "--engine", args.engine, *extra)
             m = EMBED_LINE.search(err)
             b_embed = int(m.group(1)) / float(m.group(2)) if m else None
             b = n / t_b

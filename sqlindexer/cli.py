@@ -104,6 +104,14 @@ def _choice(values: tuple[str, ...]) -> click.Choice:
               help="Model precision; auto is bfloat16 (or float16) on CUDA and float32 elsewhere.")
 @click.option("--max-image-pixels", type=click.IntRange(min=1), metavar="N", default=cfg.DEFAULT_MAX_IMAGE_PIXELS,
               show_default=True, help="Larger images fail as decompression bombs (Pillow's limit).")
+@click.option("--engine", type=_choice(cfg.ENGINES), default="local", show_default=True,
+              help="Where to decode and embed: this machine, or a Ray cluster (pip install 'image-indexer[ray]').")
+@click.option("--ray-address", metavar="ADDRESS", show_default="the local Ray instance, started if none",
+              help="Ray cluster for --engine ray: ray://host:10001, host:6379 or auto.")
+@click.option("--ray-workers", type=click.IntRange(1, 4096), metavar="N",
+              show_default="one per GPU of the cluster, 1 without GPUs", help="Model actors for --engine ray.")
+@click.option("--ray-gpus-per-worker", type=click.FloatRange(0, 64), metavar="G",
+              show_default="1 if the cluster has GPUs, else 0", help="GPUs each model actor reserves (--engine ray).")
 def index(config_file: str | None, **options: Any) -> None:
     """Embed every image under the input directories and write the index.
 

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import os
 import reprlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 OUTPUT_FORMATS = ("jsonl", "pkl")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+ENGINES = ("local", "ray")
 # A config file is a handful of keys; anything bigger is a mistake or an attack.
 MAX_CONFIG_BYTES = 1 << 20
 # Bounds on the YAML document, checked while it is composed, before any value is built.
@@ -50,6 +51,10 @@ class Config:
     workers: int | None = None  # None: the number of usable CPU cores; 0: decode in-process
     dtype: str = "auto"  # auto: bfloat16/float16 on CUDA, float32 elsewhere
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images fail as decompression bombs
+    engine: str = "local"  # ray: decode and embed on a Ray cluster (the ray extra)
+    ray_address: str | None = None  # None: join the local Ray instance, or start one
+    ray_workers: int | None = None  # model actors; None: one per GPU of the cluster, or 1 without GPUs
+    ray_gpus_per_worker: float | None = None  # None: 1 if the cluster has GPUs, else 0
 
     # Derived values, after validate().
     @property
@@ -93,7 +98,8 @@ def _short(value: Any) -> str:
     return _SHORT.repr(value)
 
 
-_CHOICES = {"device": DEVICES, "output_format": OUTPUT_FORMATS, "log_level": LOG_LEVELS, "dtype": DTYPES}
+_CHOICES = {"device": DEVICES, "output_format": OUTPUT_FORMATS, "log_level": LOG_LEVELS, "dtype": DTYPES,
+            "engine": ENGINES}
 
 
 def absolute(path: str | os.PathLike[str]) -> Path:
@@ -233,6 +239,23 @@ def _check_value(key: str, value: Any, source: str) -> Any:
         if not 0 <= value <= 256:
             raise ConfigError(f"{where} must be between 0 and 256, got {value}")
         return value
+    if key == "ray_workers":
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("an integer")
+        if not 1 <= value <= 4096:
+            raise ConfigError(f"{where} must be between 1 and 4096, got {value}")
+        return value
+    if key == "ray_gpus_per_worker":
+        # A fraction packs several model actors on one GPU.
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong("a number")
+        if not 0 <= value <= 64:
+            raise ConfigError(f"{where} must be between 0 and 64, got {value}")
+        return float(value)
     if key == "batch_size":
         if isinstance(value, bool) or not isinstance(value, int):
             raise wrong("an integer")

@@ -47,3 +47,8 @@ class LockedError(IndexerError):
 
 class EmbedError(IndexerError):
     """The model produced something the index cannot hold (e.g. vectors of another size)."""
+
+
+class RayError(IndexerError):
+    """--engine ray cannot run: Ray is missing, the cluster cannot be reached, a node cannot
+    see the inputs, or the Ray job failed."""

@@ -26,7 +26,7 @@ from .lock import RunLock
 from .scan import Scanner
 
 if TYPE_CHECKING:
-    from .pipeline import Prepared
+    from .pipeline import DecodeOptions, Prepared
 
 # Decoding, export and source-index reading (Pillow, numpy) are imported where they are
 # used: a re-index with nothing to do needs none of them, and their imports were a fifth
@@ -64,6 +64,10 @@ class Summary:
 def run_index(config: Config, *, progress: Progress = no_progress, embedder_factory=None) -> Summary:
     """Bring the working database up to date with the inputs and export the index."""
     started = time.monotonic()
+    if config.engine == "ray":
+        from .ray_engine import require_ray
+
+        require_ray()
     db_path = config.state_db_path
     with RunLock(db_path):
         conn = db.connect(db_path)
@@ -174,42 +178,92 @@ def _embed_pending(conn, config: Config, run: state.Run, progress: Progress, emb
     total = state.count_pending(conn)
     if not total:
         return
-    from .pipeline import DecodeOptions, Decoder, usable_cpus
+    from .pipeline import DecodeOptions, usable_cpus
 
     if embedder_factory is None:
         from .embed import Embedder as embedder_factory  # noqa: N813 - deferred: imports torch
-    embedder = embedder_factory(config.model_name, device=config.device, dtype=config.dtype).prepare()
+    # With Ray the model runs on the cluster's actors: here it only gives the input
+    # geometry and the vector size, whatever GPU this machine lacks.
+    device = "cpu" if config.engine == "ray" else config.device
+    embedder = embedder_factory(config.model_name, device=device, dtype=config.dtype).prepare()
     stale = state.requeue_other_dims(conn, config.model_name, embedder.dim)
     if stale:
         log.warning("%d vectors stored for %s are not %d-d (imported from another model's index?); "
                     "embedding those files again", stale, config.model_name, embedder.dim)
         total = state.count_pending(conn)
-    workers = config.workers if config.workers is not None else usable_cpus()
     options = DecodeOptions(patch_size=embedder.patch_size, max_num_patches=embedder.max_num_patches,
                             max_image_pixels=config.max_image_pixels)
+    clock = _Clock()
+    if config.engine == "ray":
+        from .ray_engine import embed_on_ray
+
+        how = "on Ray, actor start-up included"
+        batches = embed_on_ray(config, options, state.iter_pending(conn), dim=embedder.dim, started=clock.start)
+    else:
+        workers = config.workers if config.workers is not None else usable_cpus()
+        how = f"{workers} decode workers"
+        batches = _embed_locally(config, options, state.iter_pending(conn), embedder, workers, started=clock.start)
     failed = embedded = 0
+    # Either source only computes: every result is checked and committed here, batch by batch.
+    with contextlib.closing(batches), progress("embedding", total) as tick:
+        for results in batches:
+            for result in results:
+                _recheck(result)
+            state.store_results(conn, results, run, model=config.model_name, dim=embedder.dim)
+            failed += sum(r.error is not None for r in results)
+            embedded += sum(r.vector is not None for r in results)
+            tick(len(results))
+    if clock.started is not None:
+        seconds = time.perf_counter() - clock.started
+        log.info("embedded %d images in %.2f s (%.1f images/s, %s)",
+                 embedded, seconds, embedded / seconds if seconds else 0.0, how)
+    if failed:
+        log.warning("%d files could not be read; see: sqlite3 %s \"SELECT path, error FROM files WHERE status = 'failed'\"",
+                    failed, config.state_db_path)
+
+
+class _Clock:
+    """When the embedding started, for the images/s line: set once by the source, when its
+    model is ready (local) or its job starts (Ray)."""
+
+    started: float | None = None
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+
+def _embed_locally(config: Config, options: DecodeOptions, pending: Iterator[state.Pending], embedder,
+                   workers: int, *, started: Callable[[], None]) -> Iterator[list[state.Result]]:
+    from .pipeline import Decoder
+
     # The weights load in a thread while the first images decode in the workers.
     with ThreadPoolExecutor(1) as loader, Decoder(options, workers=workers,
                                                   ahead=2 * config.batch_size + workers) as decoder:
         loading = loader.submit(embedder.load)
-        stream = decoder.map(state.iter_pending(conn), lambda p: p.path)
-        started = None
-        with progress("embedding", total) as tick:
-            while batch := list(islice(stream, config.batch_size)):
-                loading.result()
-                started = started or time.perf_counter()
-                results = _process_batch(batch, embedder)
-                state.store_results(conn, results, run, model=config.model_name, dim=embedder.dim)
-                failed += sum(r.error is not None for r in results)
-                embedded += sum(r.vector is not None for r in results)
-                tick(len(batch))
-    if started is not None:
-        seconds = time.perf_counter() - started
-        log.info("embedded %d images in %.2f s (%.1f images/s, %d decode workers)",
-                 embedded, seconds, embedded / seconds if seconds else 0.0, workers)
-    if failed:
-        log.warning("%d files could not be read; see: sqlite3 %s \"SELECT path, error FROM files WHERE status = 'failed'\"",
-                    failed, config.state_db_path)
+        stream = decoder.map(pending, lambda p: p.path)
+        while batch := list(islice(stream, config.batch_size)):
+            loading.result()
+            started()
+            yield _process_batch(batch, embedder)
+
+
+def _recheck(result: state.Result) -> None:
+    """The file must still be what was scanned, or its vector would be attached to content
+    we never saw; a changed file stays pending and the next run picks it up."""
+    from . import images
+
+    if not images.stat_matches(result.file.path, result.file.size, result.file.mtime_ns):
+        if os.path.exists(result.file.path):
+            result.changed = True
+            log.warning("%s changed while it was being read; it will be indexed on the next run", result.file.path)
+        elif result.error is None:
+            result.error = "file disappeared while it was being read"
+    if result.error is not None:
+        result.vector = None
+        log.warning("skipping %s: %s", result.file.path, result.error)
+    elif result.changed:
+        result.vector = None
 
 
 def _process_batch(batch: list[tuple[state.Pending, Prepared]], embedder) -> list[state.Result]:
@@ -219,17 +273,8 @@ def _process_batch(batch: list[tuple[state.Pending, Prepared]], embedder) -> lis
     ready: list[tuple[state.Result, object]] = []
     for item, p in batch:
         result = state.Result(item, width=p.width, height=p.height, exif=p.exif, error=p.error)
-        # The file must still be what was scanned, or its vector would be attached to
-        # content we never saw; it stays pending and the next run picks it up.
-        if not images.stat_matches(item.path, item.size, item.mtime_ns):
-            if os.path.exists(item.path):
-                result.changed = True
-                log.warning("%s changed while it was being read; it will be indexed on the next run", item.path)
-            elif result.error is None:
-                result.error = "file disappeared while it was being read"
-        if result.error is not None:
-            log.warning("skipping %s: %s", item.path, result.error)
-        elif not result.changed:
+        # A file that changed since the scan is not worth embedding (_recheck drops it).
+        if result.error is None and images.stat_matches(item.path, item.size, item.mtime_ns):
             ready.append((result, p.pixels))
         results.append(result)
     if ready:

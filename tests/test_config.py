@@ -88,6 +88,9 @@ YAML_ERRORS = {
     "not-a-mapping": ("- a\n- b\n", ["must hold a mapping", "list"]),
     "scalar": ("just some text\n", ["must hold a mapping", "str"]),
     "invalid-yaml": ("batch_size: [1, 2\n", ["not valid YAML"]),
+    "engine-bad": ("engine: spark\n", ["engine", "local, ray", "'spark'"]),
+    "ray-workers-zero": ("ray_workers: 0\n", ["ray_workers", "between 1 and 4096"]),
+    "ray-gpus-word": ("ray_gpus_per_worker: lots\n", ["ray_gpus_per_worker", "a number"]),
     "python-tag": ('batch_size: !!python/object/apply:os.system ["touch pwned-by-yaml"]\n', ["not valid YAML"]),
 }
 
@@ -112,6 +115,7 @@ CLI_ERRORS = {
     "output-format": (["--output-format", "csv"], ["--output-format", "csv"]),
     "log-level": (["--log-level", "loud"], ["--log-level", "loud"]),
     "batch-size-word": (["--batch-size", "many"], ["--batch-size", "many"]),
+    "engine": (["--engine", "spark"], ["--engine", "spark"]),
 }
 
 

@@ -1,0 +1,265 @@
+"""--engine ray on a real local Ray cluster: the same index as the local engine, an actor
+killed mid-job, a path a worker cannot read, a driver killed and the job resumed, and the
+one-line error without Ray.
+
+One Ray head (2 CPUs, no dashboard) is started for the module in a helper process; every
+run is a real `python -m sqlindexer --engine ray --ray-address <it>` subprocess, with the
+tiny random SigLIP 2 from conftest in a model actor that stands in for a GPU one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, make_photo, read_jsonl, run_cli
+
+pytestmark = pytest.mark.slow
+
+BATCH = 4
+ACTOR_TITLE = b"MapBatches(_EmbedActor)"
+
+HEAD = r"""
+import sys, ray
+ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test closes our stdin
+ray.shutdown()
+"""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    # The module's own throwaway cluster, on this machine only: no token to hand around.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+    env.update(extra)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def cluster() -> str:
+    """A local Ray head for the module's runs to join; its address."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'image-indexer[ray]' to run the Ray tests")
+    head = subprocess.Popen([sys.executable, "-c", HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env=_env(), text=True, start_new_session=True)
+    address = head.stdout.readline().strip()
+    assert address, "the Ray head did not start"
+    yield address
+    head.stdin.close()
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """Photos of several formats and sizes (large ones decode slowly enough for a run to be
+    caught mid-job), one turned by EXIF orientation, and one broken file."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("ray-tree")
+    for i in range(23):
+        size = (1600, 1200) if i % 3 == 0 else (120, 90) if i % 2 else (90, 120)
+        make_photo(root / "a" / f"img{i:03d}.jpg", size=size, color=(i * 9 % 256, 120, 200), seed=i)
+    make_photo(root / "a" / "big.png", size=(2000, 1500), seed=50)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 clockwise
+    exif[0x0110] = "TestCam"  # Model
+    make_photo(root / "b" / "turned.jpg", size=(160, 90), seed=51, exif=exif)
+    (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+N_OK = 25  # tree's images, broken.jpg aside
+
+
+@pytest.fixture(scope="module")
+def local_index(tree, tiny_model, tmp_path_factory) -> list[dict]:
+    from click.testing import CliRunner
+
+    out = tmp_path_factory.mktemp("local") / "index.jsonl"
+    run_cli(CliRunner(), ["-i", tree, "-o", out, "--model-name", tiny_model, "--batch-size", BATCH])
+    records = read_jsonl(out)
+    assert len(records) == N_OK
+    return records, _query(out.with_suffix(".sqlite"), "SELECT path, error FROM files WHERE status = 'failed'")
+
+
+def _start(tree: Path, out: Path, model: Path, address: str, *extra: str, env=None, prefix=()) -> subprocess.Popen:
+    args = [*prefix, sys.executable, "-m", "sqlindexer", "-i", str(tree), "-o", str(out), "--model-name", str(model),
+            "--batch-size", str(BATCH), "--engine", "ray", "--ray-address", address, *extra]
+    log = open(out.with_suffix(".stderr"), "wb")
+    with log:
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                env=env or _env(), start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, out: Path, timeout: float = 180) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    err = out.with_suffix(".stderr").read_text(errors="replace")
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{err}"
+    return err
+
+
+def _same_index(got: list[dict], expected: list[dict]) -> None:
+    assert [r["metadata"] for r in got] == [r["metadata"] for r in expected]
+    for a, b in zip(got, expected):
+        u, v = np.asarray(a["vector"]), np.asarray(b["vector"])
+        assert float(u @ v / np.linalg.norm(u) / np.linalg.norm(v)) >= 0.9999, a["metadata"]["path"]
+
+
+def _query(db: Path, sql: str, params=()) -> list[tuple]:
+    """Read-only, tolerating a database that does not exist yet or is busy."""
+    if not db.exists():
+        return []
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.05)
+        try:
+            return [tuple(r) for r in conn.execute(sql, params).fetchall()]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return []
+
+
+def _committed(db: Path) -> int:
+    rows = _query(db, "SELECT count(*) FROM files WHERE status = 'ok'")
+    return rows[0][0] if rows else 0
+
+
+def _wait_until(check, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.02)
+
+
+def _actor_pids() -> list[int]:
+    """Processes whose title (Ray sets it) names our model actor."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if ACTOR_TITLE in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+    return pids
+
+
+# -- tests -------------------------------------------------------------------------------
+def test_ray_run_gives_the_local_index(cluster, tree, tiny_model, local_index, tmp_path):
+    out = tmp_path / "index.jsonl"
+    err = _finish(_start(tree, out, tiny_model, cluster), out)
+    assert "on Ray" in err and "failed 1, exported 25" in err, err
+    records, failed = local_index
+    _same_index(read_jsonl(out), records)
+    # The broken file is failed with the reason the local engine gives.
+    assert _query(out.with_suffix(".sqlite"), "SELECT path, error FROM files WHERE status = 'failed'") == failed
+    assert [Path(p).name for p, _ in failed] == ["broken.jpg"]
+
+
+def test_an_actor_killed_mid_job_is_replaced_and_the_job_completes(cluster, tree, tiny_model, local_index, tmp_path):
+    out = tmp_path / "index.jsonl"
+    db = out.with_suffix(".sqlite")
+    proc = _start(tree, out, tiny_model, cluster)
+    # The tiny model embeds the whole tree in well under a second once loaded, so the
+    # actor is killed (a real SIGKILL) as soon as its process is there: loading the model
+    # or on its first batches, with the decode tasks running and nothing or little committed.
+    victims: list[int] = []
+    _wait_until(lambda: victims.extend(_actor_pids()) or victims, proc, "a model actor")
+    assert len(victims) == 1, victims
+    os.kill(victims[0], signal.SIGKILL)
+    assert _committed(db) < N_OK, "the job ended before the actor could be killed"
+    replaced: set[int] = set()
+    while proc.poll() is None:
+        replaced.update(pid for pid in _actor_pids() if pid != victims[0])
+        time.sleep(0.02)
+    err = _finish(proc, out)
+    assert replaced, f"no new actor replaced the killed one:\n{err}"
+    _same_index(read_jsonl(out), local_index[0])
+    runs = _query(db, "SELECT status, embedded, failed FROM runs")
+    assert runs == [("completed", N_OK, 1)], (runs, err)
+
+
+def test_a_path_a_worker_cannot_read_is_failed_and_the_job_goes_on(cluster, tree, tiny_model, tmp_path):
+    # The driver runs in its own mount namespace, where a tmpfs holds one more photo: it
+    # scans it, the cluster's workers (outside the namespace) cannot open it, as on a node
+    # without the shared storage.
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs `unshare -m` (root or CAP_SYS_ADMIN) to show the driver a path the workers lack")
+    inputs = tmp_path / "in"
+    hidden = inputs / "only-on-driver"
+    hidden.mkdir(parents=True)
+    for i in range(3):
+        make_photo(inputs / f"shared{i}.jpg", seed=i)
+    source = make_photo(tmp_path / "private.jpg", seed=9)
+    out = tmp_path / "index.jsonl"
+    script = f'mount -t tmpfs tmpfs "{hidden}" && cp "{source}" "{hidden}/" && exec "$@"'
+    proc = _start(inputs, out, tiny_model, cluster, prefix=("unshare", "-m", "sh", "-c", script, "sh"))
+    err = _finish(proc, out)
+    assert "failed 1, exported 3" in err, err
+    failed = _query(out.with_suffix(".sqlite"), "SELECT path, error FROM files WHERE status = 'failed'")
+    assert [p for p, _ in failed] == [str(hidden / "private.jpg")]
+    assert "cannot be read on Ray node" in failed[0][1], failed
+
+
+def test_a_killed_driver_resumes_without_embedding_twice(cluster, tree, tiny_model, local_index, tmp_path):
+    out = tmp_path / "index.jsonl"
+    db = out.with_suffix(".sqlite")
+    proc = _start(tree, out, tiny_model, cluster)
+    _wait_until(lambda: _committed(db) >= BATCH, proc, "a committed batch")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = _committed(db)
+    assert BATCH <= kept < N_OK
+    assert not out.exists()
+    err = _finish(_start(tree, out, tiny_model, cluster), out)
+    _same_index(read_jsonl(out), local_index[0])
+    runs = _query(db, "SELECT status, embedded FROM runs ORDER BY id")
+    # The killed run keeps what it committed; the next one embeds only the rest, so no
+    # image was committed twice.
+    assert [s for s, _ in runs] == ["interrupted", "completed"], (runs, err)
+    assert runs[0][1] == kept and sum(n for _, n in runs) == N_OK, runs
+
+
+def test_without_ray_the_error_is_one_line(tree, tiny_model, tmp_path):
+    # Ray made unimportable, as where the extra is not installed.
+    site = tmp_path / "no-ray"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['ray'] = None\n")
+    env = _env(PYTHONPATH=f"{site}{os.pathsep}{REPO}")
+    done = subprocess.run([sys.executable, "-m", "sqlindexer", "-i", str(tree), "-o", str(tmp_path / "i.jsonl"),
+                           "--model-name", str(tiny_model), "--engine", "ray"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr == "Error: --engine ray needs Ray: pip install 'image-indexer[ray]'\n"
+    assert not (tmp_path / "i.sqlite").exists()
+
+
+def test_the_local_engine_never_imports_ray(tiny_model, tmp_path):
+    make_photo(tmp_path / "in" / "one.jpg")
+    probe = (
+        "import sys\n"
+        "from sqlindexer.cli import cli\n"
+        "try:\n"
+        f"    cli(['-i', {str(tmp_path / 'in')!r}, '-o', {str(tmp_path / 'i.jsonl')!r}, '--model-name', {str(tiny_model)!r}])\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print('ray' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
