@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from . import images
+from .errors import EmbedError
+
+# Pool restarts in a row, with no image decoded between them, before the run stops: workers
+# that die at start-up (memory, a broken install) would otherwise be restarted forever.
+MAX_RESTARTS = 5
 
 T = TypeVar("T")
 
@@ -130,6 +135,7 @@ class Decoder:
         # the whole pool; the pool is rebuilt and the items in flight are tried once more,
         # so one poisonous file fails alone instead of taking the rest of the run with it.
         window: deque[list[Any]] = deque()
+        restarts = 0
         it = iter(items)
         exhausted = False
         while True:
@@ -150,22 +156,36 @@ class Decoder:
             try:
                 result = self._wait(future)
             except BrokenProcessPool:
+                restarts += 1
+                if restarts > MAX_RESTARTS:
+                    raise EmbedError(f"the decode workers died {restarts} times in a row without decoding an "
+                                     f"image (out of memory?); try fewer --workers") from None
                 self._restart()
                 for entry in window:
                     done = entry[1]
                     if done is None or (done.done() and not done.cancelled() and done.exception() is None):
                         continue
-                    entry[2] += 1
+                    if not getattr(done, "never_ran", False):
+                        entry[2] += 1
                     entry[1] = self._submit(path_of(entry[0])) if entry[2] < 2 else None
                 continue
             except Exception as e:  # noqa: BLE001
                 result = Prepared(path_of(item), error=f"decoder process failed: {type(e).__name__}: {e}")
+            restarts = 0
             window.popleft()
             yield item, result
 
     def _submit(self, path: str) -> Future[Prepared]:
         assert self._pool is not None
-        return self._pool.submit(prepare, path, self.options)
+        try:
+            return self._pool.submit(prepare, path, self.options)
+        except BrokenProcessPool as e:
+            # The pool broke (a worker died) since the last wait: submit() refuses at once.
+            # The wait on this future restarts the pool; the file itself never ran.
+            refused: Future[Prepared] = Future()
+            refused.set_exception(e)
+            refused.never_ran = True  # type: ignore[attr-defined]
+            return refused
 
     def _wait(self, future: Future[Prepared]) -> Prepared:
         # ProcessPoolExecutor notices a dead worker by itself most of the time, but a worker

@@ -141,3 +141,35 @@ def test_no_change_reindex_imports_neither_torch_nor_transformers(tmp_path, phot
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stderr
     assert "unchanged 10" in done.stderr
+
+
+KILL_AND_LET_THE_POOL_BREAK = r"""
+import json, os, signal, sys, time
+from sqlindexer.pipeline import DecodeOptions, Decoder
+paths = json.loads(sys.argv[1])
+with Decoder(DecodeOptions(), workers=2, ahead=2) as decoder:
+    results = []
+    for i, (item, prepared) in enumerate(decoder.map(paths, lambda p: p)):
+        results.append([prepared.path, prepared.error])
+        if i == 0:
+            pool = decoder._pool
+            os.kill(next(iter(pool._processes)), signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while not pool._broken and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert pool._broken, "the pool never noticed its dead worker"
+print(json.dumps(results))
+"""
+
+
+def test_a_pool_that_broke_between_waits_is_restarted_not_raised(photos):
+    # The decoder hands out one result, a worker dies, and the pool has marked itself
+    # broken before the next file is submitted: submit() then raises at once. That file
+    # never ran, so it is submitted again to the new pool, and nothing fails.
+    paths = sorted(str(p) for p in photos.glob("p*.jpg"))
+    done = subprocess.run([sys.executable, "-c", KILL_AND_LET_THE_POOL_BREAK, json.dumps(paths)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [path for path, _ in results] == paths
+    assert all(error is None for _, error in results), results
