@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import ContextManager
+from typing import Any, ContextManager
 
 from . import db, export, images, state
 from .config import Config
@@ -152,6 +152,8 @@ def _scan(conn, config: Config, run: state.Run, progress: Progress) -> None:
         follow_symlinks=config.follow_symlinks,
     )
     files = iter(scanner)
+    # Phase lines at DEBUG mark where a run is (the kill-point tests time their signals by them).
+    log.debug("scanning %s", ", ".join(map(str, config.input_paths)))
     state.begin_scan(conn)
     with progress("scanning", None) as tick:
         while batch := list(islice(files, state.SCAN_BATCH)):
@@ -167,6 +169,7 @@ def _embed_pending(conn, config: Config, run: state.Run, progress: Progress, emb
     total = state.count_pending(conn)
     if not total:
         return
+    log.debug("embedding %d images", total)
     if embedder_factory is None:
         from .embed import Embedder as embedder_factory  # noqa: N813 - deferred: imports torch
     embedder = embedder_factory(config.model_name, device=config.device, dtype=config.dtype).prepare()
@@ -238,7 +241,10 @@ def _export(conn, config: Config, run: state.Run, progress: Progress) -> None:
     out = config.output_path
     fmt = config.resolved_output_format
     total = state.count_export_rows(conn, config.model_name)
-    mark = {"model": config.model_name, "format": fmt}
+    # The change counter, not this run's counts, tells whether the rows moved since the
+    # file was written: a run killed between its last commit and the end of its export
+    # leaves changes that the next run, which changes nothing itself, must still export.
+    mark = {"model": config.model_name, "format": fmt, "vectors": list(state.vectors_version(conn) or ())}
     if not _changed_anything(conn, run) and _is_last_export(conn, out, mark):
         # Nothing changed and the file on disk is the one we wrote: rewriting it would
         # produce the same bytes, at the cost of serialising every vector again.
@@ -246,6 +252,7 @@ def _export(conn, config: Config, run: state.Run, progress: Progress) -> None:
         with db.transaction(conn):
             state.add_counts(conn, run.id, exported=total)
         return
+    log.debug("exporting %d records to %s", total, out)
     with progress("exporting", total) as tick:
         n = export.write_index(state.iter_export_rows(conn, config.model_name), out, fmt, tick=tick)
     st = out.stat()
@@ -260,7 +267,7 @@ def _changed_anything(conn, run: state.Run) -> bool:
     return any(counts[k] for k in ("new", "modified", "deleted", "imported", "embedded", "failed"))
 
 
-def _is_last_export(conn, out: Path, mark: dict[str, str]) -> bool:
+def _is_last_export(conn, out: Path, mark: dict[str, Any]) -> bool:
     last = state.get_meta(conn, _LAST_EXPORT)
     if not last:
         return False
