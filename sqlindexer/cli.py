@@ -104,7 +104,9 @@ def _choice(values: tuple[str, ...]) -> click.Choice:
               help="Model precision; auto is bfloat16 (or float16) on CUDA and float32 elsewhere.")
 @click.option("--max-image-pixels", type=click.IntRange(min=1), metavar="N", default=cfg.DEFAULT_MAX_IMAGE_PIXELS,
               show_default=True, help="Larger images fail as decompression bombs (Pillow's limit).")
-def index(config_file: str | None, **options: Any) -> None:
+@click.option("--wait", is_flag=True, help="If another run holds the working database, wait for it to finish "
+              "instead of stopping at once.")
+def index(config_file: str | None, wait: bool, **options: Any) -> None:
     """Embed every image under the input directories and write the index.
 
     Without --reindex every image is embedded anew, except that a run that was
@@ -135,7 +137,7 @@ def index(config_file: str | None, **options: Any) -> None:
 
     try:
         with _signals_as_interrupts():
-            summary = run_index(config, progress=_tqdm_progress)
+            summary = run_index(config, progress=_tqdm_progress, wait_for_lock=wait)
     except Interrupted as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(128 + e.signum)

@@ -56,11 +56,15 @@ class Summary:
         )
 
 
-def run_index(config: Config, *, progress: Progress = no_progress, embedder_factory=None) -> Summary:
-    """Bring the working database up to date with the inputs and export the index."""
+def run_index(config: Config, *, progress: Progress = no_progress, embedder_factory=None,
+              wait_for_lock: bool = False) -> Summary:
+    """Bring the working database up to date with the inputs and export the index.
+
+    wait_for_lock: when another run holds the database, wait for it to finish instead of
+    raising LockedError."""
     started = time.monotonic()
     db_path = config.state_db_path
-    with RunLock(db_path):
+    with RunLock(db_path, wait=wait_for_lock):
         conn = db.connect(db_path)
         try:
             state.mark_unfinished_runs(conn)
