@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from typing import Any, ContextManager
 
 from . import db, export, images, state
 from .config import Config
-from .errors import EmbedError, Interrupted
+from .errors import DatabaseError, EmbedError, Interrupted
 from .lock import RunLock
 from .scan import Scanner
 from .pipeline import DecodeOptions, Decoder, Prepared, usable_cpus
@@ -79,16 +80,20 @@ def run_index(config: Config, *, progress: Progress = no_progress, embedder_fact
                 # any transaction left open so that the run's status can still be written.
                 _rollback_open(conn)
                 stop = e if isinstance(e, Interrupted) else _as_interrupted(e)
-                state.finish_run(conn, run.id, status="interrupted", error=str(stop))
+                _record_end(conn, run.id, status="interrupted", error=str(stop))
                 if stop is e:
                     raise
                 raise stop from None
             except BaseException as e:
                 _rollback_open(conn)
-                state.finish_run(conn, run.id, status="failed", error=f"{type(e).__name__}: {e}"[:2000])
+                _record_end(conn, run.id, status="failed", error=f"{type(e).__name__}: {e}"[:2000])
                 raise
             state.finish_run(conn, run.id, status="completed")
             counts = state.run_counts(conn, run.id)
+        except sqlite3.Error as e:
+            # A full disk or an I/O error under the database: SQLite has rolled the
+            # transaction back, what was committed before stays, the next run resumes.
+            raise DatabaseError(f"cannot update working database {db_path}: {e}") from e
         finally:
             conn.close()
     return Summary(run.id, mode, run.resumed, counts, time.monotonic() - started, config.output_path, db_path)
@@ -104,7 +109,17 @@ def _as_interrupted(e: KeyboardInterrupt) -> Interrupted:
 
 def _rollback_open(conn) -> None:
     if conn.in_transaction:
-        conn.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):  # e.g. SQLite already rolled back a failed COMMIT
+            conn.execute("ROLLBACK")
+
+
+def _record_end(conn, run_id: int, *, status: str, error: str) -> None:
+    """Record how the run ended, if the database can still be written: when it cannot
+    (the disk is full), the row stays 'running' and the next run marks it interrupted."""
+    try:
+        state.finish_run(conn, run_id, status=status, error=error)
+    except sqlite3.Error as e:
+        log.debug("could not record the end of run %d: %s", run_id, e)
 
 
 def _run(conn, config: Config, run: state.Run, progress: Progress, embedder_factory) -> None:

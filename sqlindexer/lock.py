@@ -53,8 +53,12 @@ class RunLock:
             except BaseException:
                 os.close(fd)
                 raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:  # a full disk
+            os.close(fd)
+            raise DatabaseError(f"cannot write lock file {self.path}: {e.strerror or e}") from None
         self._fd = fd
         return self
 
