@@ -56,7 +56,8 @@ from sqlindexer.lock import RunLock
 
 pytestmark = pytest.mark.slow
 
-SEED = 20261124
+# Another seed explores other moments: KILLPOINTS_SEED=n pytest tests/test_killpoints.py
+SEED = int(os.environ.get("KILLPOINTS_SEED", "20261124"))
 BATCH = 4
 N_BEFORE = 240
 N_MODIFIED, N_DELETED, N_NEW, N_BROKEN = 12, 8, 40, 2
