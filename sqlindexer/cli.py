@@ -112,7 +112,9 @@ def _choice(values: tuple[str, ...]) -> click.Choice:
               show_default="one per GPU of the cluster, 1 without GPUs", help="Model actors for --engine ray.")
 @click.option("--ray-gpus-per-worker", type=click.FloatRange(0, 64), metavar="G",
               show_default="1 if the cluster has GPUs, else 0", help="GPUs each model actor reserves (--engine ray).")
-def index(config_file: str | None, **options: Any) -> None:
+@click.option("--wait", is_flag=True, help="If another run holds the working database, wait for it to finish "
+              "instead of stopping at once.")
+def index(config_file: str | None, wait: bool, **options: Any) -> None:
     """Embed every image under the input directories and write the index.
 
     Without --reindex every image is embedded anew, except that a run that was
@@ -143,7 +145,7 @@ def index(config_file: str | None, **options: Any) -> None:
 
     try:
         with _signals_as_interrupts():
-            summary = run_index(config, progress=_tqdm_progress)
+            summary = run_index(config, progress=_tqdm_progress, wait_for_lock=wait)
     except Interrupted as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(128 + e.signum)

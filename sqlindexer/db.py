@@ -106,4 +106,10 @@ def transaction(conn: sqlite3.Connection, *, immediate: bool = True) -> Iterator
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.Error:
+        # A COMMIT that fails (disk full, I/O error) may leave the transaction open.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise

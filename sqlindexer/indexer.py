@@ -11,17 +11,18 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, ContextManager
+from typing import TYPE_CHECKING, Any, ContextManager
 
 from . import db, state
 from .config import Config
-from .errors import EmbedError, Interrupted
+from .errors import DatabaseError, EmbedError, Interrupted
 from .lock import RunLock
 from .scan import Scanner
 
@@ -61,15 +62,19 @@ class Summary:
         )
 
 
-def run_index(config: Config, *, progress: Progress = no_progress, embedder_factory=None) -> Summary:
-    """Bring the working database up to date with the inputs and export the index."""
+def run_index(config: Config, *, progress: Progress = no_progress, embedder_factory=None,
+              wait_for_lock: bool = False) -> Summary:
+    """Bring the working database up to date with the inputs and export the index.
+
+    wait_for_lock: when another run holds the database, wait for it to finish instead of
+    raising LockedError."""
     started = time.monotonic()
     if config.engine == "ray":
         from .ray_engine import require_ray
 
         require_ray()
     db_path = config.state_db_path
-    with RunLock(db_path):
+    with RunLock(db_path, wait=wait_for_lock):
         conn = db.connect(db_path)
         try:
             state.mark_unfinished_runs(conn)
@@ -84,16 +89,20 @@ def run_index(config: Config, *, progress: Progress = no_progress, embedder_fact
                 # any transaction left open so that the run's status can still be written.
                 _rollback_open(conn)
                 stop = e if isinstance(e, Interrupted) else _as_interrupted(e)
-                state.finish_run(conn, run.id, status="interrupted", error=str(stop))
+                _record_end(conn, run.id, status="interrupted", error=str(stop))
                 if stop is e:
                     raise
                 raise stop from None
             except BaseException as e:
                 _rollback_open(conn)
-                state.finish_run(conn, run.id, status="failed", error=f"{type(e).__name__}: {e}"[:2000])
+                _record_end(conn, run.id, status="failed", error=f"{type(e).__name__}: {e}"[:2000])
                 raise
             state.finish_run(conn, run.id, status="completed")
             counts = state.run_counts(conn, run.id)
+        except sqlite3.Error as e:
+            # A full disk or an I/O error under the database: SQLite has rolled the
+            # transaction back, what was committed before stays, the next run resumes.
+            raise DatabaseError(f"cannot update working database {db_path}: {e}") from e
         finally:
             conn.close()
     return Summary(run.id, mode, run.resumed, counts, time.monotonic() - started, config.output_path, db_path)
@@ -109,7 +118,17 @@ def _as_interrupted(e: KeyboardInterrupt) -> Interrupted:
 
 def _rollback_open(conn) -> None:
     if conn.in_transaction:
-        conn.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):  # e.g. SQLite already rolled back a failed COMMIT
+            conn.execute("ROLLBACK")
+
+
+def _record_end(conn, run_id: int, *, status: str, error: str) -> None:
+    """Record how the run ended, if the database can still be written: when it cannot
+    (the disk is full), the row stays 'running' and the next run marks it interrupted."""
+    try:
+        state.finish_run(conn, run_id, status=status, error=error)
+    except sqlite3.Error as e:
+        log.debug("could not record the end of run %d: %s", run_id, e)
 
 
 def _run(conn, config: Config, run: state.Run, progress: Progress, embedder_factory) -> None:
@@ -163,6 +182,8 @@ def _scan(conn, config: Config, run: state.Run, progress: Progress) -> None:
         follow_symlinks=config.follow_symlinks,
     )
     files = iter(scanner)
+    # Phase lines at DEBUG mark where a run is (the kill-point tests time their signals by them).
+    log.debug("scanning %s", ", ".join(map(str, config.input_paths)))
     state.begin_scan(conn)
     with progress("scanning", None) as tick:
         while batch := list(islice(files, state.SCAN_BATCH)):
@@ -178,6 +199,7 @@ def _embed_pending(conn, config: Config, run: state.Run, progress: Progress, emb
     total = state.count_pending(conn)
     if not total:
         return
+    log.debug("embedding %d images", total)
     from .pipeline import DecodeOptions, usable_cpus
 
     if embedder_factory is None:
@@ -292,7 +314,10 @@ def _export(conn, config: Config, run: state.Run, progress: Progress) -> None:
     out = config.output_path
     fmt = config.resolved_output_format
     total = state.count_export_rows(conn, config.model_name)
-    mark = {"model": config.model_name, "format": fmt}
+    # The change counter, not this run's counts, tells whether the rows moved since the
+    # file was written: a run killed between its last commit and the end of its export
+    # leaves changes that the next run, which changes nothing itself, must still export.
+    mark = {"model": config.model_name, "format": fmt, "vectors": list(state.vectors_version(conn) or ())}
     if not _changed_anything(conn, run) and _is_last_export(conn, out, mark):
         # Nothing changed and the file on disk is the one we wrote: rewriting it would
         # produce the same bytes, at the cost of serialising every vector again.
@@ -300,6 +325,7 @@ def _export(conn, config: Config, run: state.Run, progress: Progress) -> None:
         with db.transaction(conn):
             state.add_counts(conn, run.id, exported=total)
         return
+    log.debug("exporting %d records to %s", total, out)
     from . import export
 
     with progress("exporting", total) as tick:
@@ -316,7 +342,7 @@ def _changed_anything(conn, run: state.Run) -> bool:
     return any(counts[k] for k in ("new", "modified", "deleted", "imported", "embedded", "failed"))
 
 
-def _is_last_export(conn, out: Path, mark: dict[str, str]) -> bool:
+def _is_last_export(conn, out: Path, mark: dict[str, Any]) -> bool:
     last = state.get_meta(conn, _LAST_EXPORT)
     if not last:
         return False

@@ -4,6 +4,7 @@ the process dies (so a killed run never leaves a stale lock behind)."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from pathlib import Path
 
@@ -14,10 +15,17 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks, no protection
     fcntl = None  # type: ignore[assignment]
 
+log = logging.getLogger(__name__)
+
 
 class RunLock:
-    def __init__(self, db_path: Path) -> None:
+    """wait=False: refuse at once when another process holds the lock (LockedError);
+    wait=True: block until it is released. A signal ends the wait (the handler's
+    exception propagates)."""
+
+    def __init__(self, db_path: Path, *, wait: bool = False) -> None:
         self.path = Path(str(db_path) + ".lock")
+        self.wait = wait
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
@@ -35,12 +43,22 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            db = str(self.path)[: -len(".lock")]
+            if not self.wait:
+                os.close(fd)
+                raise LockedError(f"another image-indexer run (pid {holder}) is using {db}") from None
+            log.info("another image-indexer run (pid %s) is using %s; waiting for it to finish", holder, db)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:  # a full disk
             os.close(fd)
-            raise LockedError(
-                f"another image-indexer run (pid {holder}) is using {str(self.path)[: -len('.lock')]}"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            raise DatabaseError(f"cannot write lock file {self.path}: {e.strerror or e}") from None
         self._fd = fd
         return self
 

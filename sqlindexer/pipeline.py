@@ -8,6 +8,7 @@ a bounded number of decoded images exist at once.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 from collections import deque
@@ -211,6 +212,15 @@ def _abandon(pool: ProcessPoolExecutor) -> None:
     seconds to wind down."""
     for p in list((getattr(pool, "_processes", None) or {}).values()):
         p.kill()
+    # A worker killed while it was sending a result leaves half a message in the result
+    # pipe, and the manager thread blocks reading the rest. The pipe reports EOF, which
+    # the thread takes as a broken pool and ends, only once every write end is closed:
+    # the dead workers' are, this process still holds one. Left open, the thread never
+    # ends, and Python waits for it forever at exit (CPython 3.11-3.13).
+    writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
+    if writer is not None:
+        with contextlib.suppress(OSError):
+            writer.close()
     pool.shutdown(wait=False, cancel_futures=True)
     thread = getattr(pool, "_executor_manager_thread", None)
     if thread is not None:

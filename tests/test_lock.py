@@ -179,3 +179,91 @@ def test_lock_in_a_missing_folder_is_a_one_line_error(tmp_path):
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert str(state.parent) in lines[0]
     assert not state.parent.exists() and not out.exists()
+
+
+def _read_until(stream, needle: str, proc: subprocess.Popen, timeout: float = 60) -> str:
+    """Lines of stream up to the first one containing needle (a reader thread keeps the
+    wait bounded)."""
+    import threading
+
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in stream:
+            lines.append(line)
+            if needle in line:
+                found.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    assert found.wait(timeout), f"no {needle!r} within {timeout} s (exit {proc.poll()}):\n{''.join(lines)}"
+    return "".join(lines)
+
+
+@pytest.mark.slow
+def test_wait_waits_for_the_holder_then_runs_and_never_interleaves(tmp_path, tiny_model):
+    photos = _photos(tmp_path / "photos", 12)
+    out = tmp_path / "index.jsonl"
+    state = tmp_path / "index.sqlite"
+    args = ["-i", photos, "-o", out, "--model-name", tiny_model, "--batch-size", "2", "--workers", "0"]
+
+    # 1. A real indexer run holds the database; a second one with --wait says once whom
+    #    it waits for, writes nothing while the first runs, and runs when it has finished.
+    first = subprocess.Popen([sys.executable, "-m", "sqlindexer", *map(str, args)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=_env())
+    second = None
+    try:
+        assert _wait_for_run_row(state, first) == ("running", first.pid)
+        second = subprocess.Popen([sys.executable, "-m", "sqlindexer", *map(str, args), "--reindex", "--wait"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+        said = _read_until(second.stderr, "waiting", second)
+        assert f"pid {first.pid}" in said and str(state) in said, said
+        waited_while_running = first.poll() is None
+        with sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=30) as conn:
+            runs_meanwhile = conn.execute("SELECT id, pid FROM runs").fetchall()
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+        rest = second.communicate(timeout=300)[1]
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert waited_while_running, "the first run ended before the second one waited; that proved nothing"
+    assert runs_meanwhile == [(1, first.pid)], "the waiting run wrote to the database"
+    assert second.returncode == 0, said + rest
+    assert (said + rest).count("waiting") == 1
+    conn = sqlite3.connect(state)
+    try:
+        runs = conn.execute("SELECT id, pid, mode, status, started_at, finished_at FROM runs ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    assert [(r[1], r[2], r[3]) for r in runs] == [(first.pid, "full", "completed"), (second.pid, "reindex", "completed")]
+    assert runs[1][4] >= runs[0][5], "the second run started before the first one finished"
+    assert len(read_jsonl(out)) == 12
+
+
+def test_wait_ends_cleanly_on_a_signal_and_refuses_without_it(tmp_path):
+    photos = _photos(tmp_path / "photos", 1)
+    out = tmp_path / "index.jsonl"
+    state = tmp_path / "index.sqlite"
+    args = ["-i", photos, "-o", out, "--model-name", tmp_path / "no-model-needed"]
+    holder = _start_holder(state)
+    try:
+        waiting = subprocess.Popen([sys.executable, "-m", "sqlindexer", *map(str, args), "--wait"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+        said = _read_until(waiting.stderr, "waiting", waiting)
+        assert f"pid {holder.pid}" in said
+        time.sleep(0.5)
+        assert waiting.poll() is None, "it did not wait"
+        waiting.send_signal(signal.SIGTERM)
+        rest = waiting.communicate(timeout=60)[1]
+        assert waiting.returncode == 128 + signal.SIGTERM, said + rest
+        assert "Traceback" not in rest and rest.strip().splitlines()[-1].startswith("Error: interrupted by SIGTERM")
+        # Without --wait: refused at once, as before.
+        refused = _cli(*args, timeout=60)
+        assert refused.returncode == 1 and f"pid {holder.pid}" in refused.stderr
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert not state.exists() and not out.exists()
