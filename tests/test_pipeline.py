@@ -123,7 +123,7 @@ def test_vectors_of_another_size_are_embedded_again(runner, tmp_path, photos, ti
     assert len(vectors) == 9 and {len(v) for v in vectors.values()} == {32}
 
 
-def test_no_change_reindex_imports_neither_torch_nor_transformers(tmp_path, photos, tiny_model):
+def test_no_change_reindex_imports_neither_torch_transformers_numpy_nor_pillow(tmp_path, photos, tiny_model):
     out = tmp_path / "index.jsonl"
     args = ["-i", str(photos), "-o", str(out), "--model-name", str(tiny_model)]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -135,7 +135,7 @@ def test_no_change_reindex_imports_neither_torch_nor_transformers(tmp_path, phot
         f"    cli({args + ['--reindex']!r})\n"
         "except SystemExit as e:\n"
         "    assert not e.code, e.code\n"
-        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'numpy', 'PIL') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stderr
