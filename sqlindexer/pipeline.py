@@ -124,7 +124,7 @@ class Decoder:
 
     def __exit__(self, *exc: object) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            _close(self._pool, kill=False)
             self._pool = None
 
     def map(self, items: Iterable[T], path_of) -> Iterator[tuple[T, Prepared]]:
@@ -196,32 +196,41 @@ class Decoder:
             try:
                 return future.result(timeout=0.5)
             except TimeoutError:
-                processes = getattr(self._pool, "_processes", None) or {}
-                if any(p.exitcode is not None for p in list(processes.values())):
+                if _has_dead_worker(self._pool):
                     raise BrokenProcessPool("a decoder process died") from None
 
     def _restart(self) -> None:
         if self._pool is not None:
-            _abandon(self._pool)
+            _close(self._pool, kill=True)
         self._pool = None
         self.__enter__()
 
 
-def _abandon(pool: ProcessPoolExecutor) -> None:
-    """Kill a broken pool's workers and let go of it, giving its manager thread a few
-    seconds to wind down."""
-    for p in list((getattr(pool, "_processes", None) or {}).values()):
-        p.kill()
-    # A worker killed while it was sending a result leaves half a message in the result
-    # pipe, and the manager thread blocks reading the rest. The pipe reports EOF, which
-    # the thread takes as a broken pool and ends, only once every write end is closed:
-    # the dead workers' are, this process still holds one. Left open, the thread never
-    # ends, and Python waits for it forever at exit (CPython 3.11-3.13).
+def _has_dead_worker(pool: ProcessPoolExecutor | None) -> bool:
+    processes = getattr(pool, "_processes", None) or {}
+    return any(p.exitcode is not None for p in list(processes.values()))
+
+
+def _close(pool: ProcessPoolExecutor, *, kill: bool) -> None:
+    """Shut a pool down: let its workers finish and exit, or with kill=True (a broken pool)
+    kill them. Either way, never wait forever on a dead worker's half-sent result."""
+    # shutdown() lets go of these, so take them first.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
     writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
-    if writer is not None:
-        with contextlib.suppress(OSError):
-            writer.close()
-    pool.shutdown(wait=False, cancel_futures=True)
     thread = getattr(pool, "_executor_manager_thread", None)
-    if thread is not None:
-        thread.join(timeout=5)
+    pool.shutdown(wait=False, cancel_futures=True)
+    while thread is not None and thread.is_alive():
+        # A worker killed while it was sending a result leaves half a message in the result
+        # pipe, and the manager thread blocks reading the rest. The pipe reports EOF, which
+        # the thread takes as a broken pool and ends, only once every write end is closed:
+        # the dead workers' are, this process still holds one. Left open, the thread never
+        # ends, and shutdown(wait=True), or Python at exit, waits for it forever (3.11-3.13).
+        if kill or any(p.exitcode not in (None, 0) for p in processes):
+            for p in processes:
+                p.kill()
+            if writer is not None:
+                with contextlib.suppress(OSError):
+                    writer.close()
+            thread.join(timeout=5)
+            return
+        thread.join(timeout=0.2)

@@ -146,7 +146,9 @@ KILL_AND_LET_THE_POOL_BREAK = r"""
 import json, os, signal, sys, time
 from sqlindexer.pipeline import DecodeOptions, Decoder
 paths = json.loads(sys.argv[1])
-with Decoder(DecodeOptions(), workers=2, ahead=2) as decoder:
+# ahead=1: when a result is handed out no file is in flight, so the worker killed is idle,
+# not sending, and the pool notices its death at once.
+with Decoder(DecodeOptions(), workers=2, ahead=1) as decoder:
     results = []
     for i, (item, prepared) in enumerate(decoder.map(paths, lambda p: p)):
         results.append([prepared.path, prepared.error])
@@ -184,6 +186,28 @@ with Decoder(DecodeOptions(), workers=2, ahead=4) as decoder:
             os.kill(next(iter(decoder._pool._processes)), signal.SIGKILL)
 print("done", flush=True)
 """
+
+
+KILL_AND_STOP = r"""
+import json, os, signal, sys
+from sqlindexer.pipeline import DecodeOptions, Decoder
+paths = json.loads(sys.argv[1])
+with Decoder(DecodeOptions(), workers=2, ahead=4) as decoder:
+    for item, prepared in decoder.map(paths, lambda p: p):
+        os.kill(next(iter(decoder._pool._processes)), signal.SIGKILL)
+        raise SystemExit("stopped")
+"""
+
+
+def test_a_worker_killed_while_sending_does_not_hang_a_run_that_stops(photos):
+    """The run stops (an error, Ctrl-C) just as a worker dies in the middle of sending a
+    result: closing the pool must not wait for the blocked manager thread (hung about one
+    run in two before the fix)."""
+    paths = sorted(str(p) for p in photos.glob("p*.jpg"))
+    for attempt in range(4):
+        done = subprocess.run([sys.executable, "-c", KILL_AND_STOP, json.dumps(paths)], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 1 and "stopped" in done.stderr, (attempt, done.stderr[-2000:])
 
 
 def test_a_worker_killed_while_sending_a_result_does_not_hang_the_exit(photos):
