@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,27 @@ def original_record(path: Path, vector: list[float], *, width: int | None = None
             "exif": exif if exif is not None else {},
         },
     }
+
+
+def live_in_group(pgid: int) -> list[str]:
+    """Processes (not zombies) still in process group pgid, as 'pid cmdline'."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{entry.name} {cmd[:200]}")
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def cli_subprocess(*args, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m sqlindexer ARGS` in a child process, offline, with this checkout first on
+    the path; its output captured."""
+    return subprocess.run([sys.executable, "-m", "sqlindexer", *map(str, args)], capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO)), timeout=timeout)

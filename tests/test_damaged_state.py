@@ -12,17 +12,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_photo, run_cli
-
-
-def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sqlindexer", *map(str, args)], capture_output=True, text=True,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO)), timeout=300)
+from conftest import cli_subprocess, make_photo, run_cli
 
 
 def _one_line(result: subprocess.CompletedProcess) -> str:
@@ -52,7 +46,7 @@ def test_corrupt_database_pages_are_a_one_line_error(runner, tmp_path, photos, t
     # the file still opens as SQLite and the damage shows when the tables are read.
     data[page: len(data)] = os.urandom(len(data) - page)
     db.write_bytes(bytes(data))
-    line = _one_line(_cli(*args, "--reindex"))
+    line = _one_line(cli_subprocess(*args, "--reindex"))
     assert str(db) in line and "malformed" in line, line
     assert out.read_bytes() == index, "the index was rewritten from a corrupt database"
     assert db.read_bytes() == bytes(data), "the corrupt database was written to"
@@ -87,7 +81,7 @@ def test_database_on_a_read_only_file_system(runner, tmp_path, photos, tiny_mode
     shutil.copy2(built, mnt / "index.sqlite")
     before = (mnt / "index.sqlite").read_bytes()
     make_readonly()
-    result = _cli("-i", photos, "-o", out, "--state-db", mnt / "index.sqlite", "--model-name", tiny_model,
+    result = cli_subprocess("-i", photos, "-o", out, "--state-db", mnt / "index.sqlite", "--model-name", tiny_model,
                   "--reindex")
     line = _one_line(result)
     assert str(mnt) in line and "Read-only file system" in line, line
@@ -98,7 +92,7 @@ def test_output_folder_on_a_read_only_file_system_fails_before_the_model(tmp_pat
     mnt, make_readonly = readonly_fs
     make_readonly()
     # The model folder does not exist: an error about it would mean it was looked at first.
-    result = _cli("-i", photos, "-o", mnt / "index.jsonl", "--state-db", tmp_path / "state.sqlite",
+    result = cli_subprocess("-i", photos, "-o", mnt / "index.jsonl", "--state-db", tmp_path / "state.sqlite",
                   "--model-name", tmp_path / "no-model")
     line = _one_line(result)
     assert "not writable" in line and str(mnt / "index.jsonl") in line, line

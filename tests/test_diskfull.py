@@ -12,12 +12,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_photo, read_jsonl, run_cli
+from conftest import cli_subprocess, make_photo, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +54,6 @@ def _photos(folder: Path, start: int, n: int) -> None:
         make_photo(folder / f"p{i:03d}.jpg", seed=i, color=(i * 11 % 256, 80, 160))
 
 
-def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sqlindexer", *map(str, args)], capture_output=True, text=True,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO)), timeout=300)
-
-
 def _one_error_line(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
@@ -94,7 +88,7 @@ def test_disk_full_during_export(runner, tmp_path, small_fs, tiny_model):
 
     _photos(photos, 8, 32)  # the next index is about five times the size of this one
     filler = _fill(small_fs, leave=len(previous))
-    full = _cli(*args)
+    full = cli_subprocess(*args)
     line = _one_error_line(full)
     assert str(out) in line and "No space left on device" in line, line
     assert out.read_bytes() == previous and out.stat().st_mtime_ns == stat_before.st_mtime_ns
@@ -110,7 +104,7 @@ def test_disk_full_during_export(runner, tmp_path, small_fs, tiny_model):
     assert "No space left on device" in run["error"]
 
     filler.unlink()
-    again = _cli(*args)
+    again = cli_subprocess(*args)
     assert again.returncode == 0, again.stderr
     records = read_jsonl(out)
     assert sorted(Path(r["metadata"]["path"]).name for r in records) == [f"p{i:03d}.jpg" for i in range(40)]
@@ -135,7 +129,7 @@ def test_disk_full_during_a_commit(runner, tmp_path, small_fs, tiny_model):
     # Each commit of a batch appends a few 4 KiB pages to the -wal file; the scan's one
     # commit fits in this much, the thirty commits of the embedding do not.
     filler = _fill(small_fs, leave=224 * 1024)
-    full = _cli(*args)
+    full = cli_subprocess(*args)
     line = _one_error_line(full)
     assert str(state) in line and "database or disk is full" in line, line
     assert out.read_bytes() == previous
@@ -157,7 +151,7 @@ def test_disk_full_during_a_commit(runner, tmp_path, small_fs, tiny_model):
     assert len(ok_before) == 6 + failed_run["embedded"]
 
     filler.unlink()
-    again = _cli(*args)
+    again = cli_subprocess(*args)
     assert again.returncode == 0, again.stderr
     assert len(read_jsonl(out)) == 66
     _check_integrity(state)

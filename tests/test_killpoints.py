@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, make_photo, read_jsonl
+from conftest import REPO, live_in_group, make_photo, read_jsonl
 
 from sqlindexer.lock import RunLock
 
@@ -354,26 +354,11 @@ def _integrity(db: Path) -> None:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def _live_in_group(pgid: int) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            if fields[0] != "Z" and int(fields[2]) == pgid:
-                found.append(f"{entry.name} {(entry / 'cmdline').read_bytes()[:200]!r}")
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
-
-
 def _nothing_left_behind(run: Run, grace: float = 10) -> None:
     if not Path("/proc/self/stat").exists():
         return
     deadline = time.monotonic() + grace
-    while (left := _live_in_group(run.proc.pid)) and time.monotonic() < deadline:
+    while (left := live_in_group(run.proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not left, f"{run.label}: processes of the stopped run are still alive:\n" + "\n".join(left)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, make_photo, read_jsonl
+from conftest import REPO, live_in_group, make_photo, read_jsonl
 
 from sqlindexer.errors import LockedError
 from sqlindexer.lock import RunLock
@@ -184,30 +184,13 @@ def indexers():
 
 
 # -- checks ----------------------------------------------------------------------------
-def _live_in_group(pgid: int) -> list[str]:
-    """Processes (not zombies) still in process group pgid, as 'pid cmdline'."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            if fields[0] != "Z" and int(fields[2]) == pgid:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                found.append(f"{entry.name} {cmd[:200]}")
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
-
-
 def _nothing_left_behind(ix: Indexer, grace: float = 10) -> None:
     """A SIGKILLed run leaves no helper processes running (decoder workers and the like
     must notice that their parent is gone)."""
     if not Path("/proc/self/stat").exists():
         return
     deadline = time.monotonic() + grace
-    while (left := _live_in_group(ix.proc.pid)) and time.monotonic() < deadline:
+    while (left := live_in_group(ix.proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, "processes of the killed run are still alive:\n" + "\n".join(left)
 
