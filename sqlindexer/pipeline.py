@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -78,18 +79,19 @@ def usable_cpus() -> int:
 
 
 def _worker_init(parent: int) -> None:
-    import signal
-
     # Ctrl-C reaches the whole process group; the indexer handles it and stops its workers,
-    # which must not each print a KeyboardInterrupt traceback of their own.
+    # which must not each print a KeyboardInterrupt traceback of their own. The worker
+    # started with SIGINT blocked (_spawning): a Ctrl-C that came while it started is
+    # pending, and is dropped here, once ignored.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     images.register_plugins()
     # A worker must not outlive the indexer: if the indexer is killed (kill -9, the OOM
     # killer), the kernel kills its workers too (Linux), and a worker whose parent is already
     # gone leaves at once.
     try:
         import ctypes
-        import signal
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
@@ -179,7 +181,8 @@ class Decoder:
     def _submit(self, path: str) -> Future[Prepared]:
         assert self._pool is not None
         try:
-            return self._pool.submit(prepare, path, self.options)
+            with _spawning():
+                return self._pool.submit(prepare, path, self.options)
         except BrokenProcessPool as e:
             # The pool broke (a worker died) since the last wait: submit() refuses at once.
             # The wait on this future restarts the pool; the file itself never ran.
@@ -204,6 +207,27 @@ class Decoder:
             _close(self._pool, kill=True)
         self._pool = None
         self.__enter__()
+
+
+@contextlib.contextmanager
+def _spawning() -> Iterator[None]:
+    """Block SIGINT in this thread while the pool may start a worker (it does so inside
+    submit(), on demand).
+
+    The signal mask survives fork and exec, so the worker starts with SIGINT blocked until
+    its initializer ignores it: a Ctrl-C while a worker is still importing would otherwise
+    kill it with a traceback of its own. This process loses nothing: a Ctrl-C in the window
+    goes to another of its threads or waits for the mask to be restored, and Python raises
+    KeyboardInterrupt in the main thread either way.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _has_dead_worker(pool: ProcessPoolExecutor | None) -> bool:

@@ -176,6 +176,32 @@ def test_a_pool_that_broke_between_waits_is_restarted_not_raised(photos):
     assert all(error is None for _, error in results), results
 
 
+INTERRUPT_A_STARTING_WORKER = r"""
+import json, os, signal, sys
+from sqlindexer.pipeline import DecodeOptions, Decoder
+paths = json.loads(sys.argv[1])
+with Decoder(DecodeOptions(), workers=1, ahead=1) as decoder:
+    future = decoder._submit(paths[0])
+    # The worker was spawned inside submit() and is still starting (importing Python, well
+    # before its initializer): what Ctrl-C at that moment does to it.
+    for pid in decoder._pool._processes:
+        os.kill(pid, signal.SIGINT)
+    print(json.dumps(future.result(timeout=60).error))
+"""
+
+
+def test_ctrl_c_while_a_worker_starts_does_not_kill_it(photos):
+    """Workers are spawned with SIGINT blocked until their initializer ignores it; before,
+    a Ctrl-C during a worker's start-up killed it with a KeyboardInterrupt traceback (the
+    pool broke, every time in this test)."""
+    paths = sorted(str(p) for p in photos.glob("p*.jpg"))
+    done = subprocess.run([sys.executable, "-c", INTERRUPT_A_STARTING_WORKER, json.dumps(paths)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert json.loads(done.stdout) is None  # decoded, no error
+
+
 KILL_FIRST = r"""
 import json, os, signal, sys
 from sqlindexer.pipeline import DecodeOptions, Decoder
