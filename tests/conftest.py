@@ -3,10 +3,13 @@ generated images, and a hermetic environment."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -159,3 +162,31 @@ def cli_subprocess(*args, timeout: float = 300) -> subprocess.CompletedProcess[s
     the path; its output captured."""
     return subprocess.run([sys.executable, "-m", "sqlindexer", *map(str, args)], capture_output=True, text=True,
                           env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO)), timeout=timeout)
+
+
+@contextlib.contextmanager
+def open_db(path: Path) -> Iterator[sqlite3.Connection]:
+    """A working database opened as a user would with sqlite3, rows by column name."""
+    conn = sqlite3.connect(path, timeout=30)
+    conn.row_factory = sqlite3.Row
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at where (created here) with these mount options, unmounted at the
+    end; skips the test without root, or where mounting is not allowed."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)

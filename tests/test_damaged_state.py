@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_subprocess, make_photo, run_cli
+from conftest import cli_subprocess, make_photo, mounted_tmpfs, run_cli
 
 
 def _one_line(result: subprocess.CompletedProcess) -> str:
@@ -55,22 +55,12 @@ def test_corrupt_database_pages_are_a_one_line_error(runner, tmp_path, photos, t
 @pytest.fixture
 def readonly_fs(tmp_path):
     """A tmpfs to fill, then remounted read-only; unmounted at the end."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    with mounted_tmpfs(tmp_path / "ro", "size=8m") as mnt:
 
-    def make_readonly() -> None:
-        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True)
+        def make_readonly() -> None:
+            subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True)
 
-    try:
         yield mnt, make_readonly
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_database_on_a_read_only_file_system(runner, tmp_path, photos, tiny_model, readonly_fs):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_subprocess, make_photo, read_jsonl, run_cli
+from conftest import cli_subprocess, make_photo, mounted_tmpfs, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -24,19 +24,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def small_fs(tmp_path):
     """A 4 MiB tmpfs, unmounted at the end."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("mounting a size-limited tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(mnt)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "size=4m,mode=0755") as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def _fill(mnt: Path, leave: int) -> Path:

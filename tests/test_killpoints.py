@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, live_in_group, make_photo, read_jsonl
+from conftest import REPO, live_in_group, make_photo, open_db, read_jsonl
 
 from sqlindexer.lock import RunLock
 
@@ -322,35 +322,25 @@ def reader(world: World, tmp: Path):
 
 
 # -- checks -----------------------------------------------------------------------------
-@contextlib.contextmanager
-def _db(path: Path):
-    conn = sqlite3.connect(path, timeout=30)
-    conn.row_factory = sqlite3.Row
-    try:
-        yield conn
-    finally:
-        conn.close()
-
-
 def _runs(db: Path) -> list[sqlite3.Row]:
-    with _db(db) as conn:
+    with open_db(db) as conn:
         return conn.execute("SELECT * FROM runs ORDER BY id").fetchall()
 
 
 def _committed(db: Path, after_run: int) -> dict[str, bytes]:
     """path -> embedding of the vectors committed by runs after after_run."""
-    with _db(db) as conn:
+    with open_db(db) as conn:
         return {r["path"]: r["embedding"] for r in conn.execute(
             "SELECT path, embedding FROM files WHERE status = 'ok' AND changed_run > ?", (after_run,))}
 
 
 def _pending(db: Path) -> int:
-    with _db(db) as conn:
+    with open_db(db) as conn:
         return conn.execute("SELECT count(*) FROM files WHERE status = 'pending'").fetchone()[0]
 
 
 def _integrity(db: Path) -> None:
-    with _db(db) as conn:
+    with open_db(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, live_in_group, make_photo, read_jsonl
+from conftest import REPO, live_in_group, make_photo, open_db, read_jsonl
 
 from sqlindexer.errors import LockedError
 from sqlindexer.lock import RunLock
@@ -158,16 +158,6 @@ def _query(db: Path, sql: str, params=()) -> tuple | None:
         conn.close()
 
 
-@contextlib.contextmanager
-def _db(path: Path):
-    conn = sqlite3.connect(path, timeout=30)
-    conn.row_factory = sqlite3.Row
-    try:
-        yield conn
-    finally:
-        conn.close()
-
-
 @pytest.fixture
 def indexers():
     """Indexers started by a test; any still alive at the end are killed, with their group."""
@@ -196,18 +186,18 @@ def _nothing_left_behind(ix: Indexer, grace: float = 10) -> None:
 
 
 def _integrity(db: Path) -> None:
-    with _db(db) as conn:
+    with open_db(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
 def _runs(db: Path) -> list[sqlite3.Row]:
-    with _db(db) as conn:
+    with open_db(db) as conn:
         return conn.execute("SELECT * FROM runs ORDER BY id").fetchall()
 
 
 def _ok_rows(db: Path) -> dict[str, tuple]:
     """path -> (embedding, changed_run, build) of every committed vector."""
-    with _db(db) as conn:
+    with open_db(db) as conn:
         return {
             r["path"]: (r["embedding"], r["changed_run"], r["build"])
             for r in conn.execute("SELECT path, embedding, changed_run, build FROM files WHERE status = 'ok'")
@@ -421,7 +411,7 @@ def test_sigterm_then_sigint_then_complete(tree, baseline, tiny_model, tmp_path,
         assert run["pid"] == ix.proc.pid
         assert run["status"] == "interrupted" and signame in run["error"], dict(run)
         assert run["finished_at"] is not None
-        with _db(ix.state) as conn:
+        with open_db(ix.state) as conn:
             # A signal must never turn into a failed file (it would stay out of the index).
             assert conn.execute("SELECT count(*) FROM files WHERE status = 'failed'").fetchone()[0] == 0
             ok = conn.execute("SELECT count(*) FROM files WHERE status = 'ok'").fetchone()[0]
