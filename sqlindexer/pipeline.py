@@ -230,18 +230,24 @@ def _spawning() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _workers(pool: ProcessPoolExecutor | None) -> list[multiprocessing.Process]:
+    return list((getattr(pool, "_processes", None) or {}).values())
+
+
 def _has_dead_worker(pool: ProcessPoolExecutor | None) -> bool:
-    processes = getattr(pool, "_processes", None) or {}
-    return any(p.exitcode is not None for p in list(processes.values()))
+    return any(p.exitcode is not None for p in _workers(pool))
 
 
 def _close(pool: ProcessPoolExecutor, *, kill: bool) -> None:
     """Shut a pool down: let its workers finish and exit, or with kill=True (a broken pool)
     kill them. Either way, never wait forever on a dead worker's half-sent result."""
     # shutdown() lets go of these, so take them first.
-    processes = list((getattr(pool, "_processes", None) or {}).values())
+    processes = _workers(pool)
     writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
     thread = getattr(pool, "_executor_manager_thread", None)
+    if kill:
+        for p in processes:
+            p.kill()
     pool.shutdown(wait=False, cancel_futures=True)
     while thread is not None and thread.is_alive():
         # A worker killed while it was sending a result leaves half a message in the result
