@@ -71,8 +71,8 @@ def test_database_on_a_read_only_file_system(runner, tmp_path, photos, tiny_mode
     shutil.copy2(built, mnt / "index.sqlite")
     before = (mnt / "index.sqlite").read_bytes()
     make_readonly()
-    result = cli_subprocess("-i", photos, "-o", out, "--state-db", mnt / "index.sqlite", "--model-name", tiny_model,
-                  "--reindex")
+    result = cli_subprocess("-i", photos, "-o", out, "--state-db", mnt / "index.sqlite", "--model-name",
+                            tiny_model, "--reindex")
     line = _one_line(result)
     assert str(mnt) in line and "Read-only file system" in line, line
     assert (mnt / "index.sqlite").read_bytes() == before
@@ -83,7 +83,7 @@ def test_output_folder_on_a_read_only_file_system_fails_before_the_model(tmp_pat
     make_readonly()
     # The model folder does not exist: an error about it would mean it was looked at first.
     result = cli_subprocess("-i", photos, "-o", mnt / "index.jsonl", "--state-db", tmp_path / "state.sqlite",
-                  "--model-name", tmp_path / "no-model")
+                            "--model-name", tmp_path / "no-model")
     line = _one_line(result)
     assert "not writable" in line and str(mnt / "index.jsonl") in line, line
     assert not (tmp_path / "state.sqlite").exists()

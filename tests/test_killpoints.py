@@ -433,7 +433,6 @@ def _check_stopped(run: Run, moment: Moment, code: int) -> str:
     return landed
 
 
-
 # -- the test ---------------------------------------------------------------------------
 @pytest.mark.parametrize("signame", list(CHAINS))
 def test_stopped_at_random_moments_then_resumed(world, signame, tmp_path):

@@ -24,6 +24,13 @@ def photos(tmp_path) -> Path:
     return folder
 
 
+def _run_script(code: str, paths: list[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a Decoder scenario in its own interpreter (it kills and signals processes, and a
+    hang must fail the test, not the suite), with the image paths as its argument."""
+    return subprocess.run([sys.executable, "-c", code, json.dumps(paths)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def _vectors(path: Path) -> dict[str, np.ndarray]:
     return {Path(r["metadata"]["path"]).name: np.asarray(r["vector"], dtype="<f4") for r in read_jsonl(path)}
 
@@ -95,8 +102,8 @@ print(json.dumps(results))
 def test_a_worker_killed_mid_run_does_not_fail_the_rest(photos):
     # In a child process, so that the run's exit is checked too: it must not hang.
     paths = sorted(str(p) for p in photos.glob("p*.jpg"))
-    done = subprocess.run([sys.executable, "-c", KILL_A_WORKER, json.dumps(paths)], capture_output=True, text=True,
-                          timeout=120, check=True)
+    done = _run_script(KILL_A_WORKER, paths, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert [path for path, _ in results] == paths
     assert all(error is None for _, error in results), results
@@ -168,8 +175,7 @@ def test_a_pool_that_broke_between_waits_is_restarted_not_raised(photos):
     # broken before the next file is submitted: submit() then raises at once. That file
     # never ran, so it is submitted again to the new pool, and nothing fails.
     paths = sorted(str(p) for p in photos.glob("p*.jpg"))
-    done = subprocess.run([sys.executable, "-c", KILL_AND_LET_THE_POOL_BREAK, json.dumps(paths)],
-                          capture_output=True, text=True, timeout=120)
+    done = _run_script(KILL_AND_LET_THE_POOL_BREAK, paths, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert [path for path, _ in results] == paths
@@ -195,8 +201,7 @@ def test_ctrl_c_while_a_worker_starts_does_not_kill_it(photos):
     a Ctrl-C during a worker's start-up killed it with a KeyboardInterrupt traceback (the
     pool broke, every time in this test)."""
     paths = sorted(str(p) for p in photos.glob("p*.jpg"))
-    done = subprocess.run([sys.executable, "-c", INTERRUPT_A_STARTING_WORKER, json.dumps(paths)],
-                          capture_output=True, text=True, timeout=120)
+    done = _run_script(INTERRUPT_A_STARTING_WORKER, paths, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert json.loads(done.stdout) is None  # decoded, no error
@@ -231,8 +236,7 @@ def test_a_worker_killed_while_sending_does_not_hang_a_run_that_stops(photos):
     run in two before the fix)."""
     paths = sorted(str(p) for p in photos.glob("p*.jpg"))
     for attempt in range(4):
-        done = subprocess.run([sys.executable, "-c", KILL_AND_STOP, json.dumps(paths)], capture_output=True,
-                              text=True, timeout=60)
+        done = _run_script(KILL_AND_STOP, paths, timeout=60)
         assert done.returncode == 1 and "stopped" in done.stderr, (attempt, done.stderr[-2000:])
 
 
@@ -242,6 +246,5 @@ def test_a_worker_killed_while_sending_a_result_does_not_hang_the_exit(photos):
     waited for that thread forever at exit (about one run in two before the fix)."""
     paths = sorted(str(p) for p in photos.glob("p*.jpg"))
     for attempt in range(4):
-        done = subprocess.run([sys.executable, "-c", KILL_FIRST, json.dumps(paths)], capture_output=True, text=True,
-                              timeout=60)
+        done = _run_script(KILL_FIRST, paths, timeout=60)
         assert done.returncode == 0 and done.stdout.strip() == "done", (attempt, done.stderr[-2000:])
