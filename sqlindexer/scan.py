@@ -5,11 +5,13 @@ No SQL and no Click here: the caller decides what a file's state means.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
-import stat
+from stat import S_ISREG
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from operator import attrgetter
 from pathlib import Path
 from typing import NamedTuple
@@ -49,10 +51,12 @@ def is_under(path: str, root: str) -> bool:
 class Scanner:
     """Iterate once over FileRecords of all image files under roots, each file once.
 
-    Directories are walked in sorted name order, so the order is the same on every run.
-    Directories that could not be listed, and files that were listed but could not be
-    stat'ed, are collected in `unreadable`: they were not seen, which must not be taken to
-    mean they were deleted.
+    Files come in path order, the order of the working database's path index (a string
+    comparison, which for UTF-8 text is SQLite's BINARY order too): the same on every run,
+    and the caller can compare the walk with its rows range by range. Directories that
+    could not be listed, and files that were listed but could not be stat'ed, are
+    collected in `unreadable`: they were not seen, which must not be taken to mean they
+    were deleted.
     """
 
     roots: Iterable[str | os.PathLike[str]]
@@ -62,15 +66,34 @@ class Scanner:
     skipped: int = 0
 
     def __iter__(self) -> Iterator[FileRecord]:
+        return chain.from_iterable(self._runs())
+
+    def batches(self, size: int) -> Iterator[list[FileRecord]]:
+        """The same records in lists of `size` (the last one shorter): a folder's files
+        are handed over as one list, not one by one."""
+        buf: list[FileRecord] = []
+        for run in self._runs():
+            buf += run
+            if len(buf) >= size:
+                full = len(buf) - len(buf) % size
+                for i in range(0, full, size):
+                    yield buf[i : i + size]
+                buf = buf[full:]
+        if buf:
+            yield buf
+
+    def _runs(self) -> Iterator[list[FileRecord]]:
+        """Lists of consecutive records, in path order."""
         roots = _distinct_roots([os.path.abspath(os.fspath(r)) for r in self.roots])
         # Identities of the directories walked (loops and a folder reached twice through a
         # followed symlink) and of the files yielded (a file reached through a link as well).
         self._dirs: set[tuple[int, int]] = set()
-        self._files: set[tuple[int, int]] = set()
+        self._files: set[int | tuple[int, int]] = set()
+        self._dev: int | None = None  # files on this device are keyed by inode alone
         for root in roots:
             yield from self._walk(root)
 
-    def _walk(self, top: str) -> Iterator[FileRecord]:
+    def _walk(self, top: str) -> Iterator[list[FileRecord]]:
         try:
             st = os.stat(top)
         except OSError as e:
@@ -80,28 +103,36 @@ class Scanner:
         if key in self._dirs:
             return
         self._dirs.add(key)
+        if self._dev is None:
+            self._dev = st.st_dev
         try:
             with os.scandir(top) as it:
                 entries = sorted(it, key=_NAME)
         except OSError as e:
             self._unreadable(top, e)
             return
-        subdirs = []
+        # This loop runs once per file of the tree: a no-change re-index is mostly this
+        # walk, so the common case is kept to a few cheap tests.
+        top_utf8 = _utf8(top)
+        hidden, follow, seen, dev = self.include_hidden, self.follow_symlinks, self._files, self._dev
+        names: list[str] = []
+        records: list[FileRecord] = []
+        subdirs: list[tuple[str, str]] = []  # (name + "/", path): where the folder sorts among files
         denied = False
         for entry in entries:
-            if not self.include_hidden and entry.name.startswith("."):
+            name = entry.name
+            if name[0] == "." and not hidden:
                 continue
             try:
-                is_link = entry.is_symlink()
-                if entry.is_dir(follow_symlinks=False):
-                    subdirs.append(entry.path)
+                if entry.is_dir(follow_symlinks=False) or \
+                        (follow and entry.is_symlink() and entry.is_dir(follow_symlinks=True)):
+                    subdirs.append((name + "/", entry.path))
                     continue
-                if is_link and self.follow_symlinks and entry.is_dir(follow_symlinks=True):
-                    subdirs.append(entry.path)
+                dot = name.rfind(".")
+                if dot <= 0 or name[dot:].lower() not in IMAGE_EXTENSIONS or \
+                        (name[0] == "." and not is_image_name(name)):
                     continue
-                if not is_image_name(entry.name):
-                    continue
-                st = entry.stat(follow_symlinks=True)
+                st = entry.stat()  # through a link: a link to a photo is indexed
             except PermissionError as e:
                 # Listed but not looked at: the folder lacks search (x) permission, or a
                 # link points into one. Not seen is not deleted: keep what we had for it.
@@ -115,19 +146,37 @@ class Scanner:
                 # A dangling link or a file that vanished since listing: nothing to index.
                 log.debug("skipping %s: %s", entry.path, e.strerror or e)
                 continue
-            if not stat.S_ISREG(st.st_mode):
+            if not S_ISREG(st.st_mode):
                 continue
-            if not _utf8(entry.path):
+            if not (top_utf8 and (name.isascii() or _utf8(name))):
                 self.skipped += 1
                 log.warning("skipping %r: its name is not valid UTF-8", entry.path)
                 continue
-            key = (st.st_dev, st.st_ino)
-            if key in self._files:
+            # A file reached twice (a link to it, a hard link): the first path wins. Keyed
+            # by inode alone on the first root's device, which saves a tuple per file.
+            key = st.st_ino if st.st_dev == dev else (st.st_dev, st.st_ino)
+            if key in seen:
                 continue
-            self._files.add(key)
-            yield FileRecord(entry.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        for sub in subdirs:
-            yield from self._walk(sub)
+            seen.add(key)
+            names.append(name)
+            # tuple.__new__: a NamedTuple's own __new__ is a Python call, once per file.
+            records.append(_new_tuple(FileRecord, (entry.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)))
+        if not subdirs:
+            if records:
+                yield records
+            return
+        # A folder sorts as its name + "/" among the files ("a.jpg" < "a/" < "a0.jpg"):
+        # walking it at that place keeps the whole walk in path order.
+        subdirs.sort()  # "a-b/" < "a/", though "a" < "a-b"
+        start = 0
+        for sub_name, sub_path in subdirs:
+            end = bisect.bisect_left(names, sub_name, lo=start)
+            if end > start:
+                yield records[start:end]
+            start = end
+            yield from self._walk(sub_path)
+        if start < len(records):
+            yield records[start:]
 
     def _unreadable(self, path: str, error: OSError) -> None:
         self.unreadable.append(path)
@@ -135,6 +184,7 @@ class Scanner:
 
 
 _NAME = attrgetter("name")
+_new_tuple = tuple.__new__
 
 
 def _utf8(path: str) -> bool:
@@ -148,7 +198,8 @@ def _utf8(path: str) -> bool:
 def _distinct_roots(roots: list[str]) -> list[str]:
     """Drop repeated roots and roots inside another root (they are walked anyway)."""
     out: list[str] = []
-    for root in sorted(set(roots)):
+    # Sorted as their files' paths sort: "/a/b/x.jpg" comes after "/a/b-c/y.jpg".
+    for root in sorted(set(roots), key=lambda r: r.rstrip(os.sep) + os.sep):
         if not any(is_under(root, kept) for kept in out):
             out.append(root)
     return out

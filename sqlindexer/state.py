@@ -99,75 +99,96 @@ class ScanCounts:
     unchanged: int = 0
 
 
-def begin_scan(conn: sqlite3.Connection) -> None:
-    """Start tracking which rows this run's scan sees.
+# Whether an unchanged file's row still needs work: its vector is of another model, or
+# this full build has not processed it yet (a pending row is queued already).
+_REQUEUE = ("(status != 'pending' AND ((status = 'ok' AND model IS NOT :model) "
+            "OR (:full AND build IS NOT :build)))")
 
-    Seen rows are kept in a connection-private temporary table rather than marked in
-    `files`: marking would write every row, and its page, on every run, when the point of
-    a no-change re-index is to write nothing. `scanned` holds one batch of the walk while
-    it is compared with `files`.
+
+class Scan:
+    """One run's comparison of the walk with the rows of `files`.
+
+    The walk comes in batches in path order, the order of the covering index files_scan,
+    so each batch is compared with the rows of its path range, (end of the last batch,
+    end of this batch], by one indexed query, and every row is looked at once: the rows
+    of a range that the walk did not yield are files gone from disk. On a no-change
+    re-index that is one read per batch and a comparison of two lists in C; only a batch
+    with a difference is looked at file by file and written. Nothing is marked in `files`
+    to say a row was seen: that would write every row, and its page, on every run.
     """
-    conn.execute("PRAGMA temp_store = MEMORY")
-    conn.execute("CREATE TEMP TABLE IF NOT EXISTS seen (id INTEGER PRIMARY KEY)")
-    conn.execute("CREATE TEMP TABLE IF NOT EXISTS scanned "
-                 "(path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL)")
-    conn.execute("DELETE FROM temp.seen")
-    conn.execute("DELETE FROM temp.scanned")
 
+    def __init__(self, conn: sqlite3.Connection, run: Run) -> None:
+        self.conn, self.run = conn, run
+        self.counts = ScanCounts()
+        self._after = ""  # every path sorts after it
+        self._unsaved = ScanCounts()  # counted, not yet added to the run's row
+        self._params = {"model": run.model, "full": run.mode == "full", "build": run.build}
+        self._cursor = conn.cursor()
+        self._cursor.row_factory = None  # plain tuples, which compare equal to FileRecords
+        # Rows found missing wait here for sweep(): a scan that stops half-way deletes nothing.
+        conn.execute("PRAGMA temp_store = MEMORY")
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS missing (id INTEGER PRIMARY KEY, path TEXT NOT NULL)")
+        conn.execute("DELETE FROM temp.missing")
 
-def record_scanned(conn: sqlite3.Connection, records: Sequence[FileRecord], run: Run) -> ScanCounts:
-    """Compare one batch of scanned files with their rows and mark what needs embedding
-    'pending', in one transaction.
+    def record(self, records: Sequence[FileRecord]) -> None:
+        """Compare one batch of the walk (in path order, after the last batch) with its
+        rows; mark what needs embedding 'pending', in one transaction if anything changed.
 
-    A file is unchanged when path, size and mtime_ns match. Unchanged files need work
-    only if their vector is of another model, if they were never finished, or, in a full
-    build, if this build has not processed them yet. An unchanged file whose row needs
-    nothing is not written at all.
-
-    The comparison runs inside SQLite, on the covering index files_scan: the batch goes
-    into a temporary table, a join marks every known file seen, and only the files that
-    differ come back to Python. On a no-change re-index that is no row at all, where
-    fetching each row to compare it here cost more than the walk's own stat calls.
-    """
-    counts = ScanCounts(scanned=len(records))
-    if not records:
-        return counts
-    with transaction(conn):
-        conn.executemany("INSERT INTO temp.scanned (path, size, mtime_ns, ctime_ns) VALUES (?, ?, ?, ?)",
-                         records)
-        conn.execute("INSERT OR IGNORE INTO temp.seen (id) "
-                     "SELECT f.id FROM temp.scanned s JOIN files f ON f.path = s.path")
-        # requeue: the vector is of another model, or this full build has not processed
-        # the file yet (a pending row is queued already).
-        differ = conn.execute(
-            "SELECT * FROM ("
-            "  SELECT s.path, s.size, s.mtime_ns, s.ctime_ns, f.id, f.size AS old_size, "
-            "         f.mtime_ns AS old_mtime_ns, f.ctime_ns AS old_ctime_ns, "
-            "         (f.status != 'pending' AND ((f.status = 'ok' AND f.model IS NOT :model) "
-            "                                     OR (:full AND f.build IS NOT :build))) AS requeue "
-            "  FROM temp.scanned s LEFT JOIN files f ON f.path = s.path) "
-            "WHERE id IS NULL OR old_size != size OR old_mtime_ns != mtime_ns OR old_ctime_ns != ctime_ns OR requeue",
-            {"model": run.model, "full": run.mode == "full", "build": run.build},
+        A file is unchanged when path, size and mtime_ns match. Unchanged files need work
+        only if their vector is of another model, if they were never finished, or, in a
+        full build, if this build has not processed them yet. An unchanged file whose row
+        needs nothing is not written at all.
+        """
+        if not records:
+            return
+        last = records[-1].path
+        if records[0].path <= self._after or records != sorted(records):
+            raise ValueError("scan batches must come in path order")
+        params = {**self._params, "after": self._after, "last": last}
+        self._after = last
+        n = len(records)
+        self.counts.scanned += n
+        self._unsaved.scanned += n
+        # A row that needs work comes back with a NULL path, so it never equals its file.
+        rows = self._cursor.execute(
+            f"SELECT CASE WHEN {_REQUEUE} THEN NULL ELSE path END, size, mtime_ns, ctime_ns "
+            "FROM files WHERE path > :after AND path <= :last ORDER BY path",
+            params,
         ).fetchall()
-        conn.execute("DELETE FROM temp.scanned")
-        replaced, requeued, touched = [], [], []
-        for path, size, mtime_ns, ctime_ns, file_id, old_size, old_mtime_ns, _, requeue in differ:
-            if file_id is None:
-                counts.new += 1
-                cur = conn.execute(
-                    "INSERT INTO files (path, size, mtime_ns, ctime_ns, status, changed_run) "
-                    "VALUES (?, ?, ?, ?, 'pending', ?)",
-                    (path, size, mtime_ns, ctime_ns, run.id),
-                )
-                conn.execute("INSERT OR IGNORE INTO temp.seen (id) VALUES (?)", (cur.lastrowid,))
-            elif old_size != size or old_mtime_ns != mtime_ns:
-                counts.modified += 1
+        if rows == records:
+            self.counts.unchanged += n
+            self._unsaved.unchanged += n
+            return
+        with transaction(self.conn):
+            self._record_changes(records, params)
+
+    def _record_changes(self, records: Sequence[FileRecord], params: dict[str, Any]) -> None:
+        conn, run = self.conn, self.run
+        known = {
+            row[0]: row
+            for row in self._cursor.execute(
+                f"SELECT path, id, size, mtime_ns, ctime_ns, {_REQUEUE} FROM files "
+                "WHERE path > :after AND path <= :last",
+                params,
+            )
+        }
+        new, replaced, requeued, touched = [], [], [], []
+        for path, size, mtime_ns, ctime_ns in records:
+            row = known.pop(path, None)
+            if row is None:
+                new.append((path, size, mtime_ns, ctime_ns, run.id))
+                continue
+            _, file_id, old_size, old_mtime_ns, old_ctime_ns, requeue = row
+            if old_size != size or old_mtime_ns != mtime_ns:
                 replaced.append((size, mtime_ns, ctime_ns, run.id, file_id))
             elif requeue:
                 requeued.append((ctime_ns, file_id))
-            else:  # only its ctime changed (chmod, a new link): nothing to embed
+            elif old_ctime_ns != ctime_ns:  # only its ctime changed (chmod, a new link): nothing to embed
                 touched.append((ctime_ns, file_id))
-        counts.unchanged = counts.scanned - counts.new - counts.modified
+        conn.executemany(
+            "INSERT INTO files (path, size, mtime_ns, ctime_ns, status, changed_run) VALUES (?, ?, ?, ?, 'pending', ?)",
+            new,
+        )
         # A modified file's row is replaced in place: same id, everything derived from
         # the old content cleared.
         conn.executemany(
@@ -178,28 +199,40 @@ def record_scanned(conn: sqlite3.Connection, records: Sequence[FileRecord], run:
         )
         conn.executemany("UPDATE files SET ctime_ns = ?, status = 'pending' WHERE id = ?", requeued)
         conn.executemany("UPDATE files SET ctime_ns = ? WHERE id = ?", touched)
-        add_counts(conn, run.id, scanned=counts.scanned, new=counts.new, modified=counts.modified,
-                   unchanged=counts.unchanged)
-    return counts
+        # Rows in this range that the walk did not yield.
+        conn.executemany("INSERT INTO temp.missing (id, path) VALUES (?, ?)", [(row[1], row[0]) for row in known.values()])
+        changed = len(new) + len(replaced)
+        for counts in (self.counts, self._unsaved):
+            counts.new += len(new)
+            counts.modified += len(replaced)
+            counts.unchanged += len(records) - changed
+        self._save_counts()
 
+    def sweep(self, *, keep_under: Iterable[str] = ()) -> int:
+        """After the whole walk: delete the rows of files it did not see, except under
+        folders that could not be listed (not seen there does not mean deleted), and
+        record the scan's counts. Returns how many rows were deleted."""
+        keep = list(keep_under)
+        conn = self.conn
+        with transaction(conn):
+            conn.execute("INSERT INTO temp.missing (id, path) SELECT id, path FROM files WHERE path > ?",
+                         (self._after,))
+            gone = [file_id for file_id, path in conn.execute("SELECT id, path FROM temp.missing")
+                    if not any(is_under(path, k) for k in keep)]
+            for i in range(0, len(gone), SCAN_BATCH):
+                chunk = gone[i : i + SCAN_BATCH]
+                conn.execute(f"DELETE FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            conn.execute("DELETE FROM temp.missing")
+            self._save_counts()
+            add_counts(conn, self.run.id, deleted=len(gone))
+        return len(gone)
 
-def sweep_missing(conn: sqlite3.Connection, run: Run, *, keep_under: Iterable[str] = ()) -> int:
-    """Delete the rows of files this run's scan did not see, except under folders that
-    could not be listed (not seen there does not mean deleted)."""
-    keep = list(keep_under)
-    with transaction(conn):
-        gone = [
-            file_id
-            for file_id, path in conn.execute(
-                "SELECT id, path FROM files WHERE id NOT IN (SELECT id FROM temp.seen)"
-            )
-            if not any(is_under(path, k) for k in keep)
-        ]
-        for i in range(0, len(gone), SCAN_BATCH):
-            chunk = gone[i : i + SCAN_BATCH]
-            conn.execute(f"DELETE FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-        add_counts(conn, run.id, deleted=len(gone))
-    return len(gone)
+    def _save_counts(self) -> None:
+        # Inside the caller's transaction. The counts of unchanged batches wait for the
+        # next write: one transaction per batch would be most of a no-change re-index.
+        u = self._unsaved
+        add_counts(self.conn, self.run.id, scanned=u.scanned, new=u.new, modified=u.modified, unchanged=u.unchanged)
+        self._unsaved = ScanCounts()
 
 
 # -- embedding -------------------------------------------------------------------------

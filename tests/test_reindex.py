@@ -256,3 +256,64 @@ def test_runs_table_records_each_run(runner, tmp_path, tree, tiny_model):
         [(N, N, 0, 0, N, N), (N - 1, 0, N - 1, 1, 0, N - 1)]
     assert all(r["finished_at"] and r["error"] is None for r in runs)
     assert runs[1]["build"] == runs[0]["build"]  # a reindex continues the build it updates
+
+
+def test_changes_spread_over_many_scan_batches(runner, tmp_path, tiny_model, monkeypatch):
+    # The scan compares the walk with the database range by range, one batch of paths at a
+    # time: files deleted, added and renamed at the edges of those ranges, between folders
+    # that sort around each other ("a-b/" < "a.jpg" < "a/" < "a0.jpg"), must all be found.
+    from sqlindexer import state
+
+    monkeypatch.setattr(state, "SCAN_BATCH", 3)
+    photos, out, db = tmp_path / "photos", tmp_path / "index.jsonl", tmp_path / "index.sqlite"
+    names = ["a-b/1.jpg", "a.jpg", "a/2.jpg", "a/3.jpg", "a0.jpg", "b/c/4.jpg", "b/c/5.jpg", "b/d.jpg",
+             "m.jpg", "n/6.jpg", "z.jpg"]
+    for i, name in enumerate(names):
+        make_photo(photos / name, seed=i)
+    run_cli(runner, _args(photos, out, tiny_model))
+    before = {Path(r["path"]).relative_to(photos).as_posix(): dict(r) for r in _query(db, "SELECT * FROM files")}
+    assert sorted(before) == sorted(names)
+
+    (photos / "a-b" / "1.jpg").unlink()  # the first path
+    (photos / "b" / "c" / "5.jpg").unlink()  # one in the middle
+    (photos / "z.jpg").unlink()  # the last
+    (photos / "a" / "3.jpg").rename(photos / "a" / "3b.jpg")  # same size and mtime, new name
+    make_photo(photos / "0.jpg", seed=20)  # before everything
+    make_photo(photos / "b" / "c0.jpg", seed=21)  # between two folders
+    make_photo(photos / "zz" / "7.jpg", seed=22)  # after everything
+    make_photo(photos / "m.jpg", seed=23)
+    _bump_mtime(photos / "m.jpg")  # modified
+
+    result = run_cli(runner, _args(photos, out, tiny_model, "--reindex"))
+    assert _summary(result).startswith("scanned 11, new 4, modified 1, unchanged 6, deleted 4, failed 0, exported 11 "), \
+        result.stderr
+    after = {Path(r["path"]).relative_to(photos).as_posix(): dict(r) for r in _query(db, "SELECT * FROM files")}
+    on_disk = sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.jpg"))
+    assert sorted(after) == on_disk
+    assert all(row["status"] == "ok" for row in after.values())
+    assert sorted(_export_vectors(out)) == sorted(Path(p).name for p in on_disk)
+    for name in ("a.jpg", "a/2.jpg", "a0.jpg", "b/c/4.jpg", "b/d.jpg", "n/6.jpg"):
+        assert after[name] == before[name], f"unchanged {name} was written"
+
+    # Nothing changed: nothing is written, whatever the batches.
+    result = run_cli(runner, _args(photos, out, tiny_model, "--reindex"))
+    assert _summary(result).startswith("scanned 11, new 0, modified 0, unchanged 11, deleted 0, "), result.stderr
+    assert {r["path"]: dict(r) for r in _query(db, "SELECT * FROM files")} == \
+        {str(photos / name): row for name, row in after.items()}
+
+
+def test_scan_batches_out_of_path_order_are_refused(tmp_path):
+    # The range-by-range comparison is only right for a walk in path order: a batch that is
+    # not would make files look deleted, so it is an error, not a guess.
+    from sqlindexer import db as dbmod, state
+    from sqlindexer.scan import FileRecord
+
+    conn = dbmod.connect(tmp_path / "state.sqlite")
+    run = state.start_run(conn, mode="reindex", model="m", config={}, pid=os.getpid())
+    scan = state.Scan(conn, run)
+    scan.record([FileRecord("/p/b.jpg", 1, 1, 1), FileRecord("/p/c.jpg", 1, 1, 1)])
+    with pytest.raises(ValueError, match="path order"):
+        scan.record([FileRecord("/p/a.jpg", 1, 1, 1)])  # before the last batch
+    with pytest.raises(ValueError, match="path order"):
+        scan.record([FileRecord("/p/e.jpg", 1, 1, 1), FileRecord("/p/d.jpg", 1, 1, 1)])
+    conn.close()

@@ -122,15 +122,25 @@ def test_file_reached_twice_is_yielded_once(tmp_path):
     assert len(paths) == 2
 
 
-def test_order_is_sorted_and_deterministic(tmp_path):
+def test_order_is_path_order(tmp_path):
+    # The scan hands its files over in the order of the database's path index: the whole
+    # walk is sorted as strings, which puts a folder among the files by its name + "/"
+    # ("a-b/" before "a/", "a.jpg" before "a/" before "a0.jpg").
     root = tmp_path / "photos"
     # Created in an order unrelated to the names.
-    for name in ["m.jpg", "z/9.jpg", "a.jpg", "B.jpg", "z/1.jpg", "c/x.jpg", "c/a/y.jpg", "b.jpg"]:
+    for name in ["m.jpg", "z/9.jpg", "a.jpg", "B.jpg", "z/1.jpg", "c/x.jpg", "c/a/y.jpg", "b.jpg",
+                 "a/1.jpg", "a-b/2.jpg", "a0.jpg", "a b/3.jpg", "c/a.jpg", "c/a-/4.jpg"]:
         touch(root / name)
-    expected = ["B.jpg", "a.jpg", "b.jpg", "m.jpg", "c/x.jpg", "c/a/y.jpg", "z/1.jpg", "z/9.jpg"]
-    expected = [os.path.join(*e.split("/")) for e in expected]
-    assert names(root) == expected  # each folder's files by name, then its subfolders by name
-    assert names(root) == names(root)
+    scanned = names(root)
+    assert scanned == sorted(scanned)
+    assert scanned == ["B.jpg", "a b/3.jpg", "a-b/2.jpg", "a.jpg", "a/1.jpg", "a0.jpg", "b.jpg",
+                       "c/a-/4.jpg", "c/a.jpg", "c/a/y.jpg", "c/x.jpg", "m.jpg", "z/1.jpg", "z/9.jpg"]
+    assert names(root) == scanned
+    records = list(Scanner([root]))
+    for size in (1, 3, 5, 500):
+        batches = list(Scanner([root]).batches(size))
+        assert [r for batch in batches for r in batch] == records
+        assert all(len(batch) == size for batch in batches[:-1]) and 0 < len(batches[-1]) <= size
     # Several roots: in path order, whatever order they were given in.
     other = tmp_path / "a-first"
     touch(other / "o.jpg")

@@ -568,6 +568,7 @@ _SQL_FORMATTED = {
     "script": "a migration file shipped with the package",
     "number": "the migration's number, an int",
     "_TAKEN": "a constant SQL expression (state.py)",
+    "_REQUEUE": "a constant SQL expression (state.py)",
 }
 
 
