@@ -1,7 +1,9 @@
 """Write the index file from committed rows: jsonl or pkl, atomically.
 
 The file is written to <output>.tmp in the same folder, flushed, fsynced and renamed into
-place, so a reader sees the old index or the new one, never half of either. The .tmp is
+place, so a reader sees the old index or the new one, never half of either. A jsonl index
+can be written from the last one: the lines of records that did not change are copied
+from it, the others serialised. The .tmp is
 created fresh (O_EXCL | O_NOFOLLOW: a planted file or symlink there is never written
 through), and the rename replaces whatever is at the output path, a symlink included,
 without following it.
@@ -10,21 +12,29 @@ without following it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import orjson
 
 from .errors import ExportError
 from .state import ExportRow
 
+log = logging.getLogger(__name__)
+
 FORMATS = ("jsonl", "pkl")
+# The form of a jsonl line as _jsonl_line writes it. Lines are copied from an index only if
+# it was written in this form: bump it whenever a record is written differently.
+JSONL_LAYOUT = 1
 _WRITE_BUFFER = 1 << 20
+_PATH_KEY = b',"metadata":{"path":"'
 
 
 def iso_time(ns: int) -> str:
@@ -61,20 +71,65 @@ def record(row: ExportRow) -> dict[str, Any]:
 
 
 def _write_jsonl(rows: Iterable[ExportRow], f: BinaryIO, tick: Callable[[int], None]) -> int:
-    import orjson
-
     n = 0
     for row in rows:
-        # orjson writes the float32 array directly, each value in the shortest form that
-        # reads back to the same float32: about 25x faster than json.dumps of a list, and
-        # half the bytes. exif is already JSON in the database: spliced in, not re-parsed.
-        vec = orjson.dumps(np.frombuffer(row.embedding, dtype="<f4", count=row.dim), option=orjson.OPT_SERIALIZE_NUMPY)
-        meta = orjson.dumps(metadata(row, exif=None))
-        f.write(b'{"vector":' + vec + b',"metadata":' + meta[: -len(b"null}")] + (row.exif or "{}").encode("utf-8")
-                + b"}}\n")
+        f.write(_jsonl_line(row))
         n += 1
         tick(1)
     return n
+
+
+def _jsonl_line(row: ExportRow) -> bytes:
+    # orjson writes the float32 array directly, each value in the shortest form that reads
+    # back to the same float32: about 25x faster than json.dumps of a list, and half the
+    # bytes. exif is already JSON in the database: spliced in, not re-parsed.
+    vec = orjson.dumps(np.frombuffer(row.embedding, dtype="<f4", count=row.dim), option=orjson.OPT_SERIALIZE_NUMPY)
+    meta = orjson.dumps(metadata(row, exif=None))
+    return (b'{"vector":' + vec + b',"metadata":' + meta[: -len(b"null}")] + (row.exif or "{}").encode("utf-8")
+            + b"}}\n")
+
+
+def _write_jsonl_reusing(entries: Iterable[ExportRow | str], f: BinaryIO, tick: Callable[[int], None], *,
+                         previous: BinaryIO, load: Callable[[str], ExportRow]) -> int:
+    """Write entries, copying the line of each unchanged one (a path) from previous.
+
+    Both are in path order, so previous is read once, side by side: its lines for paths
+    that are no longer exported, or changed, are passed over. An unchanged path without a
+    line there (which the caller's bookkeeping rules out) is loaded and written afresh.
+    """
+    old = _lines_by_path(previous)
+    current = next(old, None)
+    n = copied = 0
+    for entry in entries:
+        if isinstance(entry, str):
+            while current is not None and current[0] < entry:
+                current = next(old, None)
+            if current is not None and current[0] == entry:
+                f.write(current[1])
+                copied += 1
+                current = next(old, None)
+                n += 1
+                tick(1)
+                continue
+            log.debug("no line for %s in the last export; writing it afresh", entry)
+            entry = load(entry)
+        f.write(_jsonl_line(entry))
+        n += 1
+        tick(1)
+    log.debug("copied %d of %d records from the last export", copied, n)
+    return n
+
+
+def _lines_by_path(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(path, line) of each line of a jsonl index that _jsonl_line wrote."""
+    for line in f:
+        start = line.find(_PATH_KEY)
+        if start < 0 or not line.endswith(b"\n"):
+            raise ValueError("not a line of this layout")
+        start += len(_PATH_KEY)
+        raw = line[start : line.find(b'"', start)]
+        # A path with a quote, a backslash or a control character is escaped: parse it.
+        yield (raw.decode("utf-8") if b"\\" not in raw else json.loads(line)["metadata"]["path"]), line
 
 
 def _write_pkl(rows: Iterable[ExportRow], f: BinaryIO, tick: Callable[[int], None]) -> int:
@@ -92,13 +147,20 @@ def tmp_path(output: Path) -> Path:
 
 
 def write_index(
-    rows: Iterable[ExportRow],
+    rows: Iterable[ExportRow | str],
     output: Path,
     fmt: str,
     *,
     tick: Callable[[int], None] = lambda n: None,
+    previous: Path | None = None,
+    load: Callable[[str], ExportRow] | None = None,
 ) -> int:
-    """Write rows to output atomically; return the number of records written."""
+    """Write rows to output atomically; return the number of records written.
+
+    With previous (jsonl only: an index this module wrote in JSONL_LAYOUT), rows may hold
+    paths instead of rows: records that did not change since previous was written, whose
+    lines are copied from it. load gives the row of such a path if previous lacks it.
+    """
     if fmt not in FORMATS:
         raise ExportError(f"unknown output format {fmt!r} (use jsonl or pkl)")
     output = Path(output)
@@ -113,8 +175,14 @@ def write_index(
     try:
         with os.fdopen(fd, "wb", buffering=_WRITE_BUFFER) as f:
             _keep_mode(f.fileno(), output)
-            writer = _write_jsonl if fmt == "jsonl" else _write_pkl
-            count = writer(rows, f, tick)
+            if previous is not None:
+                if fmt != "jsonl" or load is None:
+                    raise ValueError("only a jsonl index is written from the last one, and it needs load")
+                with open(previous, "rb", buffering=_WRITE_BUFFER) as old:
+                    count = _write_jsonl_reusing(rows, f, tick, previous=old, load=load)
+            else:
+                writer = _write_jsonl if fmt == "jsonl" else _write_pkl
+                count = writer(rows, f, tick)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, output)

@@ -112,9 +112,10 @@ class Scan:
     so each batch is compared with the rows of its path range, (end of the last batch,
     end of this batch], by one indexed query, and every row is looked at once: the rows
     of a range that the walk did not yield are files gone from disk. On a no-change
-    re-index that is one read per batch and a comparison of two lists in C; only a batch
-    with a difference is looked at file by file and written. Nothing is marked in `files`
-    to say a row was seen: that would write every row, and its page, on every run.
+    re-index that is one read per batch and a comparison of two lists in C. Nothing is
+    marked in `files` to say a row was seen: that would write every row, and its page, on
+    every run. What changed is written a few hundred rows at a time, one transaction each;
+    a scan that stops before a write leaves those files to the next run's scan.
     """
 
     def __init__(self, conn: sqlite3.Connection, run: Run) -> None:
@@ -125,14 +126,20 @@ class Scan:
         self._params = {"model": run.model, "full": run.mode == "full", "build": run.build}
         self._cursor = conn.cursor()
         self._cursor.row_factory = None  # plain tuples, which compare equal to FileRecords
+        self._new: list[tuple] = []
+        self._replaced: list[tuple] = []
+        self._requeued: list[tuple] = []
+        self._touched: list[tuple] = []
+        self._missing: list[tuple] = []
         # Rows found missing wait here for sweep(): a scan that stops half-way deletes nothing.
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS missing (id INTEGER PRIMARY KEY, path TEXT NOT NULL)")
         conn.execute("DELETE FROM temp.missing")
 
     def record(self, records: Sequence[FileRecord]) -> None:
-        """Compare one batch of the walk (in path order, after the last batch) with its
-        rows; mark what needs embedding 'pending', in one transaction if anything changed.
+        """Compare one batch of the walk (in path order, after the last batch) with the
+        rows of its range, and queue what must be written: new files and changed files
+        (as 'pending'), rows that need work again, and rows of files gone.
 
         A file is unchanged when path, size and mtime_ns match. Unchanged files need work
         only if their vector is of another model, if they were never finished, or, in a
@@ -141,77 +148,103 @@ class Scan:
         """
         if not records:
             return
-        last = records[-1].path
         if records[0].path <= self._after or records != sorted(records):
             raise ValueError("scan batches must come in path order")
-        params = {**self._params, "after": self._after, "last": last}
-        self._after = last
-        n = len(records)
-        self.counts.scanned += n
-        self._unsaved.scanned += n
+        params = {**self._params, "after": self._after, "last": records[-1].path}
+        self._after = records[-1].path
         # A row that needs work comes back with a NULL path, so it never equals its file.
         rows = self._cursor.execute(
             f"SELECT CASE WHEN {_REQUEUE} THEN NULL ELSE path END, size, mtime_ns, ctime_ns "
             "FROM files WHERE path > :after AND path <= :last ORDER BY path",
             params,
         ).fetchall()
-        if rows == records:
-            self.counts.unchanged += n
-            self._unsaved.unchanged += n
-            return
-        with transaction(self.conn):
-            self._record_changes(records, params)
+        new = modified = 0
+        if rows != records:
+            new, modified = self._compare(records, rows, params)
+        for counts in (self.counts, self._unsaved):
+            counts.scanned += len(records)
+            counts.new += new
+            counts.modified += modified
+            counts.unchanged += len(records) - new - modified
+        queued = len(self._new) + len(self._replaced) + len(self._requeued) + len(self._touched) + len(self._missing)
+        if queued >= SCAN_BATCH:
+            self._write()
 
-    def _record_changes(self, records: Sequence[FileRecord], params: dict[str, Any]) -> None:
-        conn, run = self.conn, self.run
-        known = {
-            row[0]: row
-            for row in self._cursor.execute(
+    def _compare(self, records: Sequence[FileRecord], rows: list[tuple], params: dict[str, Any]) -> tuple[int, int]:
+        """Queue the changes of one batch; return (new, modified)."""
+        matched, walked = set(rows), set(records)
+        differ = [r for r in records if r not in matched]
+        unmatched = [row for row in rows if row not in walked]
+        if any(row[0] is None for row in unmatched):
+            # Rows that need work again (after a change of model, all of them): their paths
+            # came back NULL, so read the whole range with ids and flags.
+            found = self._cursor.execute(
                 f"SELECT path, id, size, mtime_ns, ctime_ns, {_REQUEUE} FROM files "
                 "WHERE path > :after AND path <= :last",
                 params,
-            )
-        }
-        new, replaced, requeued, touched = [], [], [], []
-        for path, size, mtime_ns, ctime_ns in records:
+            ).fetchall()
+        else:
+            # A few files differ, and no row of the range needs work again (its path would
+            # have come back NULL): read the rows of just those paths.
+            paths = sorted({r.path for r in differ} | {row[0] for row in unmatched})
+            found = []
+            for i in range(0, len(paths), SCAN_BATCH):
+                chunk = paths[i : i + SCAN_BATCH]
+                found += self._cursor.execute(
+                    f"SELECT path, id, size, mtime_ns, ctime_ns, 0 FROM files WHERE path IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+        known = {row[0]: row for row in found}
+        new = modified = 0
+        run_id = self.run.id
+        for path, size, mtime_ns, ctime_ns in differ:
             row = known.pop(path, None)
             if row is None:
-                new.append((path, size, mtime_ns, ctime_ns, run.id))
+                self._new.append((path, size, mtime_ns, ctime_ns, run_id))
+                new += 1
                 continue
             _, file_id, old_size, old_mtime_ns, old_ctime_ns, requeue = row
             if old_size != size or old_mtime_ns != mtime_ns:
-                replaced.append((size, mtime_ns, ctime_ns, run.id, file_id))
+                self._replaced.append((size, mtime_ns, ctime_ns, run_id, file_id))
+                modified += 1
             elif requeue:
-                requeued.append((ctime_ns, file_id))
+                self._requeued.append((ctime_ns, file_id))
             elif old_ctime_ns != ctime_ns:  # only its ctime changed (chmod, a new link): nothing to embed
-                touched.append((ctime_ns, file_id))
-        conn.executemany(
-            "INSERT INTO files (path, size, mtime_ns, ctime_ns, status, changed_run) VALUES (?, ?, ?, ?, 'pending', ?)",
-            new,
-        )
-        # A modified file's row is replaced in place: same id, everything derived from
-        # the old content cleared.
-        conn.executemany(
-            "UPDATE files SET size = ?, mtime_ns = ?, ctime_ns = ?, status = 'pending', error = NULL, "
-            "width = NULL, height = NULL, exif = NULL, model = NULL, dim = NULL, embedding = NULL, "
-            "build = NULL, changed_run = ? WHERE id = ?",
-            replaced,
-        )
-        conn.executemany("UPDATE files SET ctime_ns = ?, status = 'pending' WHERE id = ?", requeued)
-        conn.executemany("UPDATE files SET ctime_ns = ? WHERE id = ?", touched)
-        # Rows in this range that the walk did not yield.
-        conn.executemany("INSERT INTO temp.missing (id, path) VALUES (?, ?)", [(row[1], row[0]) for row in known.values()])
-        changed = len(new) + len(replaced)
-        for counts in (self.counts, self._unsaved):
-            counts.new += len(new)
-            counts.modified += len(replaced)
-            counts.unchanged += len(records) - changed
-        self._save_counts()
+                self._touched.append((ctime_ns, file_id))
+        # Rows of this range that the walk did not yield.
+        paths = {r.path for r in records}
+        self._missing += [(row[1], path) for path, row in known.items() if path not in paths]
+        return new, modified
+
+    def _write(self) -> None:
+        conn = self.conn
+        with transaction(conn):
+            conn.executemany(
+                "INSERT INTO files (path, size, mtime_ns, ctime_ns, status, changed_run) "
+                "VALUES (?, ?, ?, ?, 'pending', ?)",
+                self._new,
+            )
+            # A modified file's row is replaced in place: same id, everything derived from
+            # the old content cleared.
+            conn.executemany(
+                "UPDATE files SET size = ?, mtime_ns = ?, ctime_ns = ?, status = 'pending', error = NULL, "
+                "width = NULL, height = NULL, exif = NULL, model = NULL, dim = NULL, embedding = NULL, "
+                "build = NULL, changed_run = ? WHERE id = ?",
+                self._replaced,
+            )
+            conn.executemany("UPDATE files SET ctime_ns = ?, status = 'pending' WHERE id = ?", self._requeued)
+            conn.executemany("UPDATE files SET ctime_ns = ? WHERE id = ?", self._touched)
+            conn.executemany("INSERT INTO temp.missing (id, path) VALUES (?, ?)", self._missing)
+            u = self._unsaved
+            add_counts(conn, self.run.id, scanned=u.scanned, new=u.new, modified=u.modified, unchanged=u.unchanged)
+        self._unsaved = ScanCounts()
+        self._new, self._replaced, self._requeued, self._touched, self._missing = [], [], [], [], []
 
     def sweep(self, *, keep_under: Iterable[str] = ()) -> int:
-        """After the whole walk: delete the rows of files it did not see, except under
-        folders that could not be listed (not seen there does not mean deleted), and
-        record the scan's counts. Returns how many rows were deleted."""
+        """After the whole walk: write what is queued, delete the rows of files the walk
+        did not see, except under folders that could not be listed (not seen there does
+        not mean deleted), and record the scan's counts. Returns how many were deleted."""
+        self._write()
         keep = list(keep_under)
         conn = self.conn
         with transaction(conn):
@@ -223,16 +256,8 @@ class Scan:
                 chunk = gone[i : i + SCAN_BATCH]
                 conn.execute(f"DELETE FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)
             conn.execute("DELETE FROM temp.missing")
-            self._save_counts()
             add_counts(conn, self.run.id, deleted=len(gone))
         return len(gone)
-
-    def _save_counts(self) -> None:
-        # Inside the caller's transaction. The counts of unchanged batches wait for the
-        # next write: one transaction per batch would be most of a no-change re-index.
-        u = self._unsaved
-        add_counts(self.conn, self.run.id, scanned=u.scanned, new=u.new, modified=u.modified, unchanged=u.unchanged)
-        self._unsaved = ScanCounts()
 
 
 # -- embedding -------------------------------------------------------------------------
@@ -396,15 +421,54 @@ def count_export_rows(conn: sqlite3.Connection, model: str) -> int:
     return conn.execute("SELECT count(*) FROM files WHERE status = 'ok' AND model = ?", (model,)).fetchone()[0]
 
 
+_EXPORT_COLUMNS = "path, size, mtime_ns, ctime_ns, width, height, exif, embedding, dim"
+
+
 def iter_export_rows(conn: sqlite3.Connection, model: str) -> Iterator[ExportRow]:
     """Committed vectors of one model, in path order, streamed from SQLite."""
     cur = conn.execute(
-        "SELECT path, size, mtime_ns, ctime_ns, width, height, exif, embedding, dim FROM files "
-        "WHERE status = 'ok' AND model = ? ORDER BY path",
+        f"SELECT {_EXPORT_COLUMNS} FROM files WHERE status = 'ok' AND model = ? ORDER BY path",
         (model,),
     )
     for row in cur:
         yield ExportRow(*row)
+
+
+RECORD_STAMP = "record_stamp"  # meta key kept by migrations/0003_export_stamp.sql
+
+
+def record_stamp(conn: sqlite3.Connection) -> int:
+    """The counter that every change to an exported record moves (and that stamps the row)."""
+    return int(get_meta(conn, RECORD_STAMP) or 0)
+
+
+def count_changed_export_rows(conn: sqlite3.Connection, model: str, since: int) -> int:
+    """How many rows the export holds that changed after the stamp `since`."""
+    return conn.execute(
+        "SELECT count(*) FROM files WHERE status = 'ok' AND model = ? AND stamp > ?", (model, since)
+    ).fetchone()[0]
+
+
+def iter_export_changes(conn: sqlite3.Connection, model: str, since: int) -> Iterator[ExportRow | str]:
+    """The export's rows in path order: the path alone for a row not changed after the
+    stamp `since` (its record is the one written then), the whole row for the others."""
+    cur = conn.cursor()
+    cur.row_factory = None
+    # The unary + keep the planner on files_scan, which holds every column read here and
+    # gives the path order; through files_status_model the rows would be read and sorted.
+    cur.execute("SELECT path, id, stamp FROM files WHERE +status = 'ok' AND +model = ? ORDER BY path", (model,))
+    for path, file_id, stamp in cur:
+        yield path if stamp <= since else export_row(conn, file_id)
+
+
+def export_row(conn: sqlite3.Connection, file_id: int) -> ExportRow:
+    row = conn.execute(f"SELECT {_EXPORT_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
+    return ExportRow(*row)
+
+
+def export_row_by_path(conn: sqlite3.Connection, path: str) -> ExportRow:
+    row = conn.execute(f"SELECT {_EXPORT_COLUMNS} FROM files WHERE path = ?", (path,)).fetchone()
+    return ExportRow(*row)
 
 
 # -- meta ------------------------------------------------------------------------------

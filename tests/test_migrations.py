@@ -25,7 +25,7 @@ MIGRATIONS = REPO / "migrations"
 EXPECTED = {
     "files": [
         "id", "path", "size", "mtime_ns", "ctime_ns", "status", "error", "width", "height",
-        "model", "dim", "build", "changed_run", "exif", "embedding",
+        "model", "dim", "build", "changed_run", "exif", "embedding", "stamp",
     ],
     "runs": [
         "id", "started_at", "finished_at", "status", "mode", "build", "model", "pid", "config", "error",

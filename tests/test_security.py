@@ -569,6 +569,7 @@ _SQL_FORMATTED = {
     "number": "the migration's number, an int",
     "_TAKEN": "a constant SQL expression (state.py)",
     "_REQUEUE": "a constant SQL expression (state.py)",
+    "_EXPORT_COLUMNS": "a constant list of column names (state.py)",
 }
 
 

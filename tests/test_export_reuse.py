@@ -1,0 +1,160 @@
+"""A jsonl index written from the last one: the lines of unchanged records are copied,
+the others serialised, and the result is byte for byte what a full export writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_photo, open_db, read_jsonl, run_cli
+
+NAMES = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", 'we"ird\\name\t.jpg', "sub/f.jpg", "g.jpg"]
+
+
+@pytest.fixture
+def indexed(runner, tmp_path, tiny_model):
+    photos = tmp_path / "photos"
+    for i, name in enumerate(NAMES):
+        make_photo(photos / name, seed=i)
+    out = tmp_path / "index.jsonl"
+    run_cli(runner, _args(photos, out, tiny_model))
+    return photos, out
+
+
+def _args(photos: Path, out: Path, model: Path, *extra) -> list:
+    return ["-i", photos, "-o", out, "--model-name", model, "--workers", "0", "--log-level", "DEBUG", *extra]
+
+
+def _copied(stderr: str) -> tuple[int, int] | None:
+    found = re.findall(r"copied (\d+) of (\d+) records from the last export", stderr)
+    return tuple(map(int, found[0])) if found else None
+
+
+def _full_export(runner, out: Path, tmp_path: Path) -> bytes:
+    """What the export command writes from the same database, every record serialised."""
+    fresh = tmp_path / "fresh.jsonl"
+    run_cli(runner, ["export", "--db", out.with_suffix(".sqlite"), "-o", fresh])
+    return fresh.read_bytes()
+
+
+def test_changed_records_are_written_and_the_rest_copied(runner, tmp_path, tiny_model, indexed):
+    photos, out = indexed
+    make_photo(photos / "b.jpg", seed=30)  # modified
+    st = (photos / "b.jpg").stat()
+    os.utime(photos / "b.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    make_photo(photos / "c0.jpg", seed=31)  # new, between two copied lines
+    (photos / "d.jpg").unlink()  # deleted: its line is passed over
+    (photos / "e.jpg").chmod(0o600)  # ctime only: its creation_time changes
+    (photos / "g.jpg").rename(photos / "h.jpg")  # same content, another path
+
+    result = run_cli(runner, _args(photos, out, tiny_model, "--reindex"))
+    assert _copied(result.stderr) == (4, 8), result.stderr  # a.jpg, c.jpg, the escaped name and sub/f.jpg
+    assert out.read_bytes() == _full_export(runner, out, tmp_path)
+    records = {Path(r["metadata"]["path"]).name: r for r in read_jsonl(out)}
+    assert sorted(records) == sorted(["a.jpg", "b.jpg", "c.jpg", "c0.jpg", "e.jpg", 'we"ird\\name\t.jpg', "f.jpg",
+                                      "h.jpg"])
+
+    # Nothing changed since: the file is left as it is.
+    before = out.stat()
+    result = run_cli(runner, _args(photos, out, tiny_model, "--reindex"))
+    assert "is up to date" in result.stderr and _copied(result.stderr) is None
+    assert (out.stat().st_ino, out.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_an_escaped_path_is_matched_to_its_line(runner, tmp_path, tiny_model, indexed):
+    # The path with a quote, a backslash and a tab is written escaped; its line is still
+    # recognised as its own and copied.
+    photos, out = indexed
+    make_photo(photos / "a.jpg", seed=40)
+    st = (photos / "a.jpg").stat()
+    os.utime(photos / "a.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    result = run_cli(runner, _args(photos, out, tiny_model, "--reindex"))
+    assert _copied(result.stderr) == (7, 8), result.stderr
+    assert out.read_bytes() == _full_export(runner, out, tmp_path)
+
+
+def test_a_hand_made_edit_of_a_row_is_exported(runner, tmp_path, tiny_model, indexed):
+    # Triggers stamp the row whatever wrote it, so a record changed with sqlite3 is not
+    # copied from the last export as it was.
+    photos, out = indexed
+    db = out.with_suffix(".sqlite")
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE files SET exif = ? WHERE path = ?", (json.dumps({"Make": "Hand"}), str(photos / "c.jpg")))
+    conn.close()
+    result = run_cli(runner, _args(photos, out, tiny_model, "--reindex"))
+    assert _copied(result.stderr) == (7, 8), result.stderr
+    records = {Path(r["metadata"]["path"]).name: r for r in read_jsonl(out)}
+    assert records["c.jpg"]["metadata"]["exif"] == {"Make": "Hand"}
+    assert out.read_bytes() == _full_export(runner, out, tmp_path)
+
+
+def test_lines_that_are_not_ours_are_not_copied(runner, tmp_path, tiny_model, indexed):
+    # The file at the output path is the same file (inode, size, mtime) but not what we
+    # wrote: every record is written afresh, with a warning.
+    photos, out = indexed
+    st = out.stat()
+    with open(out, "r+b") as f:
+        f.write(b"x" * st.st_size)
+    os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+    make_photo(photos / "b.jpg", seed=30)
+    os.utime(photos / "b.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    result = run_cli(runner, _args(photos, out, tiny_model, "--reindex"))
+    assert f"cannot copy records from {out}" in result.stderr and _copied(result.stderr) is None
+    assert out.read_bytes() == _full_export(runner, out, tmp_path)
+    assert len(read_jsonl(out)) == len(NAMES)
+
+
+def test_a_rebuild_and_a_pkl_index_are_written_afresh(runner, tmp_path, tiny_model, indexed):
+    photos, out = indexed
+    # A full build embeds every file again: nothing to copy, everything serialised.
+    result = run_cli(runner, _args(photos, out, tiny_model))
+    assert "changed since it was written" not in result.stderr and _copied(result.stderr) is None
+    assert out.read_bytes() == _full_export(runner, out, tmp_path)
+
+    pkl = tmp_path / "index.pkl"
+    run_cli(runner, _args(photos, pkl, tiny_model, "--state-db", out.with_suffix(".sqlite"), "--reindex"))
+    make_photo(photos / "z.jpg", seed=50)
+    result = run_cli(runner, _args(photos, pkl, tiny_model, "--state-db", out.with_suffix(".sqlite"), "--reindex"))
+    assert _copied(result.stderr) is None
+
+
+def test_the_stamp_moves_with_what_a_record_holds(tmp_path):
+    from sqlindexer import db, state
+
+    db.connect(tmp_path / "state.sqlite").close()  # the schema, as migrated
+    with open_db(tmp_path / "state.sqlite") as conn:
+        conn.isolation_level = None
+        conn.execute("INSERT INTO files (path, size, mtime_ns, ctime_ns, status) VALUES ('/p/a.jpg', 1, 1, 1, 'ok')")
+        stamp = state.record_stamp(conn)
+        assert conn.execute("SELECT stamp FROM files").fetchone()[0] == stamp > 0
+        for change in ("ctime_ns = 2", "width = 3", "exif = '{}'", "embedding = x'00'", "status = 'failed'"):
+            conn.execute(f"UPDATE files SET {change}")
+            assert state.record_stamp(conn) == stamp + 1, change
+            stamp += 1
+            assert conn.execute("SELECT stamp FROM files").fetchone()[0] == stamp, change
+        for unrelated in ("build = 5", "changed_run = 6", "error = 'x'"):
+            conn.execute(f"UPDATE files SET {unrelated}")
+            assert state.record_stamp(conn) == stamp, unrelated
+        conn.execute("DELETE FROM files")
+        assert state.record_stamp(conn) == stamp + 1
+
+
+def test_a_ctime_only_change_is_exported(runner, tmp_path, tiny_model, indexed):
+    # chmod changes only a file's ctime, which the record holds as creation_time: the
+    # index must follow, although no vector changed (it used to be taken as up to date).
+    photos, out = indexed
+    before = {Path(r["metadata"]["path"]).name: r for r in read_jsonl(out)}
+    time.sleep(0.01)
+    (photos / "c.jpg").chmod(0o600)
+    result = run_cli(runner, _args(photos, out, tiny_model, "--reindex"))
+    assert "is up to date" not in result.stderr and _copied(result.stderr) == (7, 8), result.stderr
+    after = {Path(r["metadata"]["path"]).name: r for r in read_jsonl(out)}
+    assert after["c.jpg"]["metadata"]["creation_time"] != before["c.jpg"]["metadata"]["creation_time"]
+    assert after["c.jpg"]["vector"] == before["c.jpg"]["vector"]
+    assert out.read_bytes() == _full_export(runner, out, tmp_path)
