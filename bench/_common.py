@@ -25,19 +25,30 @@ def child(cmd: list[str], *, env: dict[str, str] | None = None, check: bool = Tr
     """Run cmd in a fresh process; return (seconds, peak RSS of it and its children summed, stderr).
 
     RSS is sampled from /proc every 50 ms over the whole process tree, so worker
-    processes count too (ru_maxrss would only give the largest single process)."""
+    processes count too (ru_maxrss would only give the largest single process). The
+    sampling runs in a thread, so the time is taken when the process exits, not at the
+    next sample."""
+    import threading
+
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = 0
+    done = threading.Event()
     err_chunks: list[str] = []
-    import threading
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.05):
+            peak = max(peak, tree_rss(proc.pid))
 
     reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
+    sampler = threading.Thread(target=sample, daemon=True)
     reader.start()
-    while proc.poll() is None:
-        peak = max(peak, tree_rss(proc.pid))
-        time.sleep(0.05)
+    sampler.start()
+    proc.wait()
     seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
     reader.join()
     err = "".join(err_chunks)
     if check and proc.returncode != 0:

@@ -3,7 +3,7 @@
 
 Builds a tree of N small image files (they share content: the point is the file count),
 indexes it once without running the model (the vectors come from a --source-index in the
-original tool's layout), then times, each as a fresh process and best of --repeat:
+original tool's layout), then times, each as a fresh process:
 
   walk        os.scandir recursion with the stat it needs (the floor)
   reindex     image-indexer --reindex with nothing changed
@@ -12,6 +12,7 @@ original tool's layout), then times, each as a fresh process and best of --repea
   alone       image-indexer on a folder of copies of just the changed files (fresh
               database): the "time to embed the changed files" of the 1% target
 
+The four are run in turn, --repeat rounds of one each, and the best of each is kept.
 Prints a table with the ratios to the walk and writes JSON.
 """
 
@@ -102,13 +103,6 @@ def main() -> None:
         t_import, rss_import, err = cli(*base, "--source-index", src)
         print(err.strip().splitlines()[-1])
 
-        def best(fn):
-            runs = [fn() for _ in range(args.repeat)]
-            return min(runs, key=lambda r: r[0])
-
-        walk = best(lambda: child([sys.executable, "-c", WALK, str(tree)]))
-        nochange = best(lambda: cli(*base))
-        print(nochange[2].strip().splitlines()[-1])
         k = max(1, int(args.files * args.changed))
         step = max(1, args.files // k)
         touched = paths[::step][:k]
@@ -119,8 +113,6 @@ def main() -> None:
                 os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
             return cli(*base)
 
-        changed = best(changed_run)
-        print(changed[2].strip().splitlines()[-1])
         # The target for the changed run is "2x the walk plus the time to embed the changed
         # files": that time is a run on just those files (fresh process, fresh database,
         # model load and decode workers included, as in the changed run).
@@ -134,7 +126,27 @@ def main() -> None:
                 f.unlink()
             return cli("-i", alone, "-o", work / "changed-only.jsonl", "--model-name", model, "--log-level", "WARNING")
 
-        embed_k = best(alone_run)
+        # Interleaved, one of each per round, best of the rounds: this machine's speed
+        # drifts, and the ratios compare runs made side by side.
+        rounds = []
+        for _ in range(args.repeat):
+            rounds.append({
+                "walk": child([sys.executable, "-c", WALK, str(tree)]),
+                "nochange": cli(*base),
+                "changed": changed_run(),
+                "alone": alone_run(),
+            })
+
+        def best(name):
+            return min((r[name] for r in rounds), key=lambda r: r[0])
+
+        spread = {name: [round(r[name][0], 3) for r in rounds] for name in rounds[0]}
+        print("seconds per round:", spread)
+
+        walk, nochange, changed = best("walk"), best("nochange"), best("changed")
+        print(nochange[2].strip().splitlines()[-1])
+        print(changed[2].strip().splitlines()[-1])
+        embed_k = best("alone")
         budget = 2 * walk[0] + embed_k[0]
         rows = [
             {"what": "bare os.scandir walk + stat", "seconds": walk[0], "vs walk": 1.0, "peak RSS MB": walk[1] / 2**20},
@@ -153,7 +165,8 @@ def main() -> None:
         print(f"{k} changed: {changed[0]:.2f} s against 2 x walk + indexing them alone = {budget:.2f} s "
               f"(ratio {changed[0] / budget:.2f}, target <= 1)")
         save(args.json, {"files": args.files, "changed": k, "machine": machine(), "rows": rows,
-                         "nochange_vs_walk": nochange[0] / walk[0], "changed_vs_budget": changed[0] / budget})
+                         "nochange_vs_walk": nochange[0] / walk[0], "changed_vs_budget": changed[0] / budget,
+                         "rounds": spread})
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
