@@ -178,7 +178,11 @@ def write_index(
             if previous is not None:
                 if fmt != "jsonl" or load is None:
                     raise ValueError("only a jsonl index is written from the last one, and it needs load")
-                with open(previous, "rb", buffering=_WRITE_BUFFER) as old:
+                try:
+                    old = open(previous, "rb", buffering=_WRITE_BUFFER)
+                except OSError as e:
+                    raise ValueError(f"cannot read it: {e.strerror or e}") from None
+                with old:
                     count = _write_jsonl_reusing(rows, f, tick, previous=old, load=load)
             else:
                 writer = _write_jsonl if fmt == "jsonl" else _write_pkl

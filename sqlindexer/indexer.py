@@ -328,10 +328,8 @@ def _export(conn, config: Config, run: state.Run, progress: Progress) -> None:
     out = config.output_path
     fmt = config.resolved_output_format
     model = config.model_name
-    # The export reads the rows and the counter in one snapshot, so that the counter
-    # recorded with the file is exactly that of the rows it holds.
-    conn.execute("BEGIN")
-    try:
+    # One read transaction: the counter recorded with the file is that of the rows in it.
+    with db.transaction(conn, immediate=False):
         total = state.count_export_rows(conn, model)
         # The counter that every change to a record moves, not this run's counts, tells
         # whether the rows moved since the file was written: a run killed between its last
@@ -339,45 +337,48 @@ def _export(conn, config: Config, run: state.Run, progress: Progress) -> None:
         # Records hold local times: another time zone writes other records.
         mark = {"model": model, "format": fmt, "stamp": state.record_stamp(conn), "tz": _time_zone()}
         last = _last_export(conn, out)
-        if last is not None and all(last.get(k) == v for k, v in mark.items()):
-            # The file on disk is the one we wrote from these very rows: rewriting it
-            # would produce the same bytes, at the cost of serialising every vector again.
-            log.info("%s is up to date", out)
-            conn.execute("COMMIT")
-            with db.transaction(conn):
-                state.add_counts(conn, run.id, exported=total)
-            return
-        from . import export
+        # The file on disk is the one we wrote from these very rows: rewriting it would
+        # produce the same bytes, at the cost of serialising every vector again.
+        up_to_date = last is not None and all(last.get(k) == v for k, v in mark.items())
+        if not up_to_date:
+            n = _write_export(conn, config, total, last, mark, progress)
+    if up_to_date:
+        log.info("%s is up to date", out)
+        with db.transaction(conn):
+            state.add_counts(conn, run.id, exported=total)
+        return
+    from . import export
 
-        since, how = None, ""
-        if fmt == "jsonl" and last is not None and isinstance(last.get("stamp"), int) \
-                and last.get("layout") == export.JSONL_LAYOUT \
-                and all(last.get(k) == mark[k] for k in ("model", "format", "tz")):
-            changed = state.count_changed_export_rows(conn, model, last["stamp"])
-            # Copying lines pays when most records are unchanged; a rebuild is written afresh.
-            if changed <= total // 2:
-                since, how = last["stamp"], f", {changed} changed since it was written"
-        log.debug("exporting %d records to %s%s", total, out, how)
-        n = None
-        with progress("exporting", total) as tick:
-            if since is not None:
-                try:
-                    n = export.write_index(state.iter_export_changes(conn, model, since), out, fmt, tick=tick,
-                                           previous=out, load=lambda path: state.export_row_by_path(conn, path))
-                except ValueError as e:  # not lines we wrote after all: write every record
-                    log.warning("cannot copy records from %s (%s); writing them all", out, e)
-            if n is None:
-                n = export.write_index(state.iter_export_rows(conn, model), out, fmt, tick=tick)
-        conn.execute("COMMIT")
-    finally:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
     st = out.stat()
     with db.transaction(conn):
         state.add_counts(conn, run.id, exported=n)
     state.set_meta(conn, _LAST_EXPORT, json.dumps({
         "path": str(out), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, **mark,
         **({"layout": export.JSONL_LAYOUT} if fmt == "jsonl" else {})}))
+
+
+def _write_export(conn, config: Config, total: int, last: dict[str, Any] | None, mark: dict[str, Any],
+                  progress: Progress) -> int:
+    from . import export
+
+    out, fmt, model = config.output_path, config.resolved_output_format, config.model_name
+    since, how = None, ""
+    if fmt == "jsonl" and last is not None and isinstance(last.get("stamp"), int) \
+            and last.get("layout") == export.JSONL_LAYOUT \
+            and all(last.get(k) == mark[k] for k in ("model", "format", "tz")):
+        changed = state.count_changed_export_rows(conn, model, last["stamp"])
+        # Copying lines pays when most records are unchanged; a rebuild is written afresh.
+        if changed <= total // 2:
+            since, how = last["stamp"], f", {changed} changed since it was written"
+    log.debug("exporting %d records to %s%s", total, out, how)
+    with progress("exporting", total) as tick:
+        if since is not None:
+            try:
+                return export.write_index(state.iter_export_changes(conn, model, since), out, fmt, tick=tick,
+                                          previous=out, load=lambda path: state.export_row_by_path(conn, path))
+            except ValueError as e:  # not lines we wrote after all: write every record
+                log.warning("cannot copy records from %s (%s); writing them all", out, e)
+        return export.write_index(state.iter_export_rows(conn, model), out, fmt, tick=tick)
 
 
 def _time_zone() -> list[Any]:

@@ -158,3 +158,14 @@ def test_a_ctime_only_change_is_exported(runner, tmp_path, tiny_model, indexed):
     assert after["c.jpg"]["metadata"]["creation_time"] != before["c.jpg"]["metadata"]["creation_time"]
     assert after["c.jpg"]["vector"] == before["c.jpg"]["vector"]
     assert out.read_bytes() == _full_export(runner, out, tmp_path)
+
+
+def test_a_previous_index_that_cannot_be_read_is_a_value_error(tmp_path):
+    # The caller falls back to writing every record on ValueError: a last export deleted
+    # (or made unreadable) under the run must land there, not fail the run.
+    from sqlindexer.export import tmp_path as export_tmp_path, write_index
+
+    out = tmp_path / "index.jsonl"
+    with pytest.raises(ValueError, match="cannot read it"):
+        write_index(["/p/a.jpg"], out, "jsonl", previous=tmp_path / "gone.jsonl", load=lambda path: None)
+    assert not out.exists() and not export_tmp_path(out).exists()
