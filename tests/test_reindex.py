@@ -258,7 +258,7 @@ def test_runs_table_records_each_run(runner, tmp_path, tree, tiny_model):
     assert runs[1]["build"] == runs[0]["build"]  # a reindex continues the build it updates
 
 
-def test_changes_spread_over_many_scan_batches(runner, tmp_path, tiny_model, monkeypatch):
+def test_changes_spread_over_many_scan_batches(runner, tmp_path, tiny_model, other_tiny_model, monkeypatch):
     # The scan compares the walk with the database range by range, one batch of paths at a
     # time: files deleted, added and renamed at the edges of those ranges, between folders
     # that sort around each other ("a-b/" < "a.jpg" < "a/" < "a0.jpg"), must all be found.
@@ -300,6 +300,14 @@ def test_changes_spread_over_many_scan_batches(runner, tmp_path, tiny_model, mon
     assert _summary(result).startswith("scanned 11, new 0, modified 0, unchanged 11, deleted 0, "), result.stderr
     assert {r["path"]: dict(r) for r in _query(db, "SELECT * FROM files")} == \
         {str(photos / name): row for name, row in after.items()}
+
+    # Another model: every row needs work again, in every batch; one new file among them.
+    make_photo(photos / "a-b" / "8.jpg", seed=24)
+    result = run_cli(runner, _args(photos, out, other_tiny_model, "--reindex"))
+    assert _summary(result).startswith("scanned 12, new 1, modified 0, unchanged 11, deleted 0, failed 0, exported 12 "), \
+        result.stderr
+    rows = _query(db, "SELECT path, status, model FROM files")
+    assert len(rows) == 12 and {(r["status"], r["model"]) for r in rows} == {("ok", str(other_tiny_model))}
 
 
 def test_scan_batches_out_of_path_order_are_refused(tmp_path):
