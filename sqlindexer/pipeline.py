@@ -181,7 +181,7 @@ class Decoder:
     def _submit(self, path: str) -> Future[Prepared]:
         assert self._pool is not None
         try:
-            with _spawning():
+            with _spawning(), _interrupts_deferred():
                 return self._pool.submit(prepare, path, self.options)
         except BrokenProcessPool as e:
             # The pool broke (a worker died) since the last wait: submit() refuses at once.
@@ -197,7 +197,8 @@ class Decoder:
         # check the workers' pulse while waiting.
         while True:
             try:
-                return future.result(timeout=0.5)
+                with _interrupts_deferred():  # Ctrl-C waits for at most this half second
+                    return future.result(timeout=0.5)
             except TimeoutError:
                 if _has_dead_worker(self._pool):
                     raise BrokenProcessPool("a decoder process died") from None
@@ -207,6 +208,40 @@ class Decoder:
             _close(self._pool, kill=True)
         self._pool = None
         self.__enter__()
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold back SIGINT and SIGTERM in the main thread while it is inside the pool's code.
+
+    Python runs a signal handler between two bytecodes of the main thread, and the CLI's
+    handlers raise. Raised inside the pool's locking code (Queue.put in submit(), a future's
+    condition), the exception can come after a lock is taken and before the `with` that
+    releases it is entered (CPython's bpo-29988): the lock stays held, and the pool's
+    manager thread, which needs it, blocks for good, so the run hangs while closing the
+    pool. Found by the kill-point harness in CI (SIGTERM during the embedding). Here a
+    signal is only noted, and raised again once the pool's code has returned.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers only run in the main thread
+        return
+    caught: list[int] = []
+
+    def note(signum: int, frame: object) -> None:
+        caught.append(signum)
+
+    previous: dict[int, Any] = {}
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, note)
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)  # now to the real handler (or the default action)
 
 
 @contextlib.contextmanager
@@ -248,7 +283,8 @@ def _close(pool: ProcessPoolExecutor, *, kill: bool) -> None:
     if kill:
         for p in processes:
             p.kill()
-    pool.shutdown(wait=False, cancel_futures=True)
+    with _interrupts_deferred():
+        pool.shutdown(wait=False, cancel_futures=True)
     while thread is not None and thread.is_alive():
         # A worker killed while it was sending a result leaves half a message in the result
         # pipe, and the manager thread blocks reading the rest. The pipe reports EOF, which
