@@ -12,6 +12,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -222,8 +223,6 @@ def _interrupts_deferred() -> Iterator[None]:
     pool. Found by the kill-point harness in CI (SIGTERM during the embedding). Here a
     signal is only noted, and raised again once the pool's code has returned.
     """
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield  # handlers only run in the main thread
         return
