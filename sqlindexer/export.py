@@ -176,8 +176,8 @@ def write_index(
         with os.fdopen(fd, "wb", buffering=_WRITE_BUFFER) as f:
             _keep_mode(f.fileno(), output)
             if previous is not None:
-                if fmt != "jsonl" or load is None:
-                    raise ValueError("only a jsonl index is written from the last one, and it needs load")
+                if fmt != "jsonl" or load is None:  # a caller's mistake, not a file we cannot use
+                    raise TypeError("only a jsonl index is written from the last one, and it needs load")
                 try:
                     old = open(previous, "rb", buffering=_WRITE_BUFFER)
                 except OSError as e:

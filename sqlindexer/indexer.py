@@ -375,7 +375,7 @@ def _write_export(conn, config: Config, total: int, last: dict[str, Any] | None,
         if since is not None:
             try:
                 return export.write_index(state.iter_export_changes(conn, model, since), out, fmt, tick=tick,
-                                          previous=out, load=lambda path: state.export_row_by_path(conn, path))
+                                          previous=out, load=lambda path: state.export_row(conn, path))
             except ValueError as e:  # not lines we wrote after all: write every record
                 log.warning("cannot copy records from %s (%s); writing them all", out, e)
         return export.write_index(state.iter_export_rows(conn, model), out, fmt, tick=tick)

@@ -120,7 +120,6 @@ class Scan:
 
     def __init__(self, conn: sqlite3.Connection, run: Run) -> None:
         self.conn, self.run = conn, run
-        self.counts = ScanCounts()
         self._after = ""  # every path sorts after it
         self._unsaved = ScanCounts()  # counted, not yet added to the run's row
         self._params = {"model": run.model, "full": run.mode == "full", "build": run.build}
@@ -161,11 +160,11 @@ class Scan:
         new = modified = 0
         if rows != records:
             new, modified = self._compare(records, rows, params)
-        for counts in (self.counts, self._unsaved):
-            counts.scanned += len(records)
-            counts.new += new
-            counts.modified += modified
-            counts.unchanged += len(records) - new - modified
+        u = self._unsaved
+        u.scanned += len(records)
+        u.new += new
+        u.modified += modified
+        u.unchanged += len(records) - new - modified
         queued = len(self._new) + len(self._replaced) + len(self._requeued) + len(self._touched) + len(self._missing)
         if queued >= SCAN_BATCH:
             self._write()
@@ -212,8 +211,8 @@ class Scan:
             elif old_ctime_ns != ctime_ns:  # only its ctime changed (chmod, a new link): nothing to embed
                 self._touched.append((ctime_ns, file_id))
         # Rows of this range that the walk did not yield.
-        paths = {r.path for r in records}
-        self._missing += [(row[1], path) for path, row in known.items() if path not in paths]
+        walked_paths = {r.path for r in records}
+        self._missing += [(row[1], path) for path, row in known.items() if path not in walked_paths]
         return new, modified
 
     def _write(self) -> None:
@@ -456,17 +455,12 @@ def iter_export_changes(conn: sqlite3.Connection, model: str, since: int) -> Ite
     cur.row_factory = None
     # The unary + keep the planner on files_scan, which holds every column read here and
     # gives the path order; through files_status_model the rows would be read and sorted.
-    cur.execute("SELECT path, id, stamp FROM files WHERE +status = 'ok' AND +model = ? ORDER BY path", (model,))
-    for path, file_id, stamp in cur:
-        yield path if stamp <= since else export_row(conn, file_id)
+    cur.execute("SELECT path, stamp FROM files WHERE +status = 'ok' AND +model = ? ORDER BY path", (model,))
+    for path, stamp in cur:
+        yield path if stamp <= since else export_row(conn, path)
 
 
-def export_row(conn: sqlite3.Connection, file_id: int) -> ExportRow:
-    row = conn.execute(f"SELECT {_EXPORT_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
-    return ExportRow(*row)
-
-
-def export_row_by_path(conn: sqlite3.Connection, path: str) -> ExportRow:
+def export_row(conn: sqlite3.Connection, path: str) -> ExportRow:
     row = conn.execute(f"SELECT {_EXPORT_COLUMNS} FROM files WHERE path = ?", (path,)).fetchone()
     return ExportRow(*row)
 
