@@ -85,6 +85,12 @@ def make_photo(path: Path, size=(64, 48), color=(200, 30, 30), *, exif=None, fmt
     return path
 
 
+def bump_mtime(path: Path, seconds: float = 10.0) -> None:
+    """Move a file's mtime forward, as an edit would (same size: only the mtime tells)."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + int(seconds * 1e9)))
+
+
 def run_cli(runner: CliRunner, args: list[str], *, ok: bool = True):
     from sqlindexer.cli import cli
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_photo, open_db, read_jsonl, run_cli
+from conftest import bump_mtime, make_photo, open_db, read_jsonl, run_cli
 
 NAMES = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", 'we"ird\\name\t.jpg', "sub/f.jpg", "g.jpg"]
 
@@ -45,8 +45,7 @@ def _full_export(runner, out: Path, tmp_path: Path) -> bytes:
 def test_changed_records_are_written_and_the_rest_copied(runner, tmp_path, tiny_model, indexed):
     photos, out = indexed
     make_photo(photos / "b.jpg", seed=30)  # modified
-    st = (photos / "b.jpg").stat()
-    os.utime(photos / "b.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    bump_mtime(photos / "b.jpg", 1)
     make_photo(photos / "c0.jpg", seed=31)  # new, between two copied lines
     (photos / "d.jpg").unlink()  # deleted: its line is passed over
     (photos / "e.jpg").chmod(0o600)  # ctime only: its creation_time changes
@@ -71,8 +70,7 @@ def test_an_escaped_path_is_matched_to_its_line(runner, tmp_path, tiny_model, in
     # recognised as its own and copied.
     photos, out = indexed
     make_photo(photos / "a.jpg", seed=40)
-    st = (photos / "a.jpg").stat()
-    os.utime(photos / "a.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    bump_mtime(photos / "a.jpg", 1)
     result = run_cli(runner, _args(photos, out, tiny_model, "--reindex"))
     assert _copied(result.stderr) == (7, 8), result.stderr
     assert out.read_bytes() == _full_export(runner, out, tmp_path)
@@ -103,7 +101,7 @@ def test_lines_that_are_not_ours_are_not_copied(runner, tmp_path, tiny_model, in
         f.write(b"x" * st.st_size)
     os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
     make_photo(photos / "b.jpg", seed=30)
-    os.utime(photos / "b.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    bump_mtime(photos / "b.jpg", 1)
     result = run_cli(runner, _args(photos, out, tiny_model, "--reindex"))
     assert f"cannot copy records from {out}" in result.stderr and _copied(result.stderr) is None
     assert out.read_bytes() == _full_export(runner, out, tmp_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_photo, read_jsonl, run_cli
+from conftest import bump_mtime, make_photo, read_jsonl, run_cli
 
 N = 4
 
@@ -44,10 +44,6 @@ def _summary(result) -> str:
     assert len(lines) == 1, result.stderr
     return lines[0]
 
-
-def _bump_mtime(path: Path, seconds: float = 10.0) -> None:
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + int(seconds * 1e9)))
 
 
 @pytest.fixture
@@ -104,8 +100,8 @@ def test_reindex_new_modified_deleted_unchanged(runner, tmp_path, tree, tiny_mod
 
     make_photo(tree / "sub" / "p9.jpg", seed=9)  # new
     make_photo(tree / "p1.jpg", seed=21)  # modified: other content
-    _bump_mtime(tree / "p1.jpg")
-    _bump_mtime(tree / "p2.jpg")  # modified: only its mtime
+    bump_mtime(tree / "p1.jpg")
+    bump_mtime(tree / "p2.jpg")  # modified: only its mtime
     (tree / "p3.jpg").unlink()  # deleted
 
     result = run_cli(runner, _args(tree, out, tiny_model, "--reindex"))
@@ -282,7 +278,7 @@ def test_changes_spread_over_many_scan_batches(runner, tmp_path, tiny_model, oth
     make_photo(photos / "b" / "c0.jpg", seed=21)  # between two folders
     make_photo(photos / "zz" / "7.jpg", seed=22)  # after everything
     make_photo(photos / "m.jpg", seed=23)
-    _bump_mtime(photos / "m.jpg")  # modified
+    bump_mtime(photos / "m.jpg")  # modified
 
     result = run_cli(runner, _args(photos, out, tiny_model, "--reindex"))
     assert _summary(result).startswith("scanned 11, new 4, modified 1, unchanged 6, deleted 4, failed 0, exported 11 "), \

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import run_cli
+from conftest import bump_mtime, run_cli
 
 from sqlindexer import db, search, state
 from sqlindexer.errors import DatabaseError
@@ -288,8 +288,7 @@ def test_cache_is_reused_until_a_reindex_changes_vectors(runner, tmp_path, tiny_
 
     # New content for p1: another vector, so another cache; the stale one is removed.
     noise_photo(photos / "p1.jpg", 99)
-    st = (photos / "p1.jpg").stat()
-    os.utime(photos / "p1.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    bump_mtime(photos / "p1.jpg", 1)
     index(runner, photos, out, tiny_model, "--reindex")
     changed, err = query()
     assert "vectors cached now" in err

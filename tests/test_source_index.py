@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
-from conftest import make_photo, original_record, read_jsonl, read_pkl, run_cli
+from conftest import bump_mtime, make_photo, original_record, read_jsonl, read_pkl, run_cli
 
 DIM = 32  # the tiny model's vector size
 
@@ -28,10 +28,6 @@ def _query(db: Path, sql: str, *params) -> list[dict]:
 def _last_run(db: Path) -> dict:
     return _query(db, "SELECT * FROM runs ORDER BY id DESC LIMIT 1")[0]
 
-
-def _bump_mtime(path: Path, seconds: float = 10.0) -> None:
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + int(seconds * 1e9)))
 
 
 def same_f32(a: list[float], b: list[float]) -> bool:
@@ -82,7 +78,7 @@ def test_source_index_vectors_kept_for_unchanged_files(runner, tmp_path, photos,
     records.append(gone)
     source = tmp_path / f"old_index{suffix}"
     write_original_index(source, records, fmt)
-    _bump_mtime(photos / "p2.jpg")  # modified since the old index: its vector must not be kept
+    bump_mtime(photos / "p2.jpg")  # modified since the old index: its vector must not be kept
     out, db = tmp_path / "new.jsonl", tmp_path / "new.sqlite"
     assert not db.exists()
 
