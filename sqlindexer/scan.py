@@ -128,9 +128,7 @@ class Scanner:
                         (follow and entry.is_symlink() and entry.is_dir(follow_symlinks=True)):
                     subdirs.append((name + "/", entry.path))
                     continue
-                dot = name.rfind(".")
-                if dot <= 0 or name[dot:].lower() not in IMAGE_EXTENSIONS or \
-                        (name[0] == "." and not is_image_name(name)):
+                if not is_image_name(name):
                     continue
                 st = entry.stat()  # through a link: a link to a photo is indexed
             except PermissionError as e:
