@@ -41,6 +41,11 @@ class Interrupted(IndexerError):
         self.signum = signum
 
 
+class ProcessDiedError(IndexerError):
+    """The process that embeds and exports for a run died without saying how (killed, out
+    of memory)."""
+
+
 class LockedError(IndexerError):
     """Another run holds the working database."""
 

@@ -21,7 +21,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ContextManager
 
-from . import db, state
+from . import db, overlap, state
 from .config import Config
 from .errors import DatabaseError, EmbedError, Interrupted
 from .lock import RunLock
@@ -75,7 +75,7 @@ def run_index(config: Config, *, progress: Progress = no_progress, embedder_fact
 
         require_ray()
     db_path = config.state_db_path
-    with RunLock(db_path, wait=wait_for_lock):
+    with RunLock(db_path, wait=wait_for_lock), _helper(config, embedder_factory) as helper:
         conn = db.connect(db_path)
         try:
             state.mark_unfinished_runs(conn)
@@ -84,7 +84,7 @@ def run_index(config: Config, *, progress: Progress = no_progress, embedder_fact
             if run.resumed:
                 log.info("resuming the interrupted full build (run %d keeps what it committed)", run.build)
             try:
-                _run(conn, config, run, progress, embedder_factory)
+                _run(conn, config, run, progress, embedder_factory, helper)
             except (Interrupted, KeyboardInterrupt) as e:
                 # A signal can land between a BEGIN and its try (or in a ROLLBACK): close
                 # any transaction left open so that the run's status can still be written.
@@ -132,15 +132,58 @@ def _record_end(conn, run_id: int, *, status: str, error: str) -> None:
         log.debug("could not record the end of run %d: %s", run_id, e)
 
 
-def _run(conn, config: Config, run: state.Run, progress: Progress, embedder_factory) -> None:
+def _run(conn, config: Config, run: state.Run, progress: Progress, embedder_factory,
+         helper: overlap.Helper | None) -> None:
     if config.reindex:
         _import_source_index(conn, config, run)
     elif config.source_index:
         log.warning("--source-index %s is ignored without --reindex (a full build embeds every image)",
                     config.source_index)
-    _scan(conn, config, run, progress)
+    _scan(conn, config, run, progress, on_work=helper.prepare if helper else None)
+    if helper is not None and state.count_pending(conn):
+        helper.run(run, progress)  # _embed_and_export, in the child, with the model it loaded
+        return
     _embed_pending(conn, config, run, progress, embedder_factory)
     _export(conn, config, run, progress)
+
+
+@contextlib.contextmanager
+def _helper(config: Config, embedder_factory) -> Iterator[overlap.Helper | None]:
+    """The child that loads the model during the scan, then embeds and exports (see
+    overlap.py); forked before the database is opened. None with Ray (the model runs on
+    the cluster) or where fork is not available: then this process does it all."""
+    if config.engine != "local":
+        yield None
+        return
+
+    def prepare():
+        factory = embedder_factory
+        if factory is None:
+            from .embed import Embedder as factory  # noqa: N813 - deferred: imports torch
+        return factory(config.model_name, device=config.device, dtype=config.dtype).prepare().load()
+
+    def work(run: state.Run, prepared, progress: Progress) -> None:
+        _embed_and_export(config, run, progress, lambda *args, **kwargs: prepared())
+
+    helper = overlap.Helper.fork(prepare, work)
+    try:
+        yield helper
+    finally:
+        if helper is not None:
+            helper.close()
+
+
+def _embed_and_export(config: Config, run: state.Run, progress: Progress, embedder_factory) -> None:
+    """The child's part of a run, on its own connection."""
+    db_path = config.state_db_path
+    conn = db.connect(db_path)
+    try:
+        _embed_pending(conn, config, run, progress, embedder_factory)
+        _export(conn, config, run, progress)
+    except sqlite3.Error as e:
+        raise DatabaseError(f"cannot update working database {db_path}: {e}") from e
+    finally:
+        conn.close()
 
 
 # -- import ----------------------------------------------------------------------------
@@ -176,7 +219,9 @@ def _import_source_index(conn, config: Config, run: state.Run) -> None:
 
 
 # -- scan ------------------------------------------------------------------------------
-def _scan(conn, config: Config, run: state.Run, progress: Progress) -> None:
+def _scan(conn, config: Config, run: state.Run, progress: Progress, *,
+          on_work: Callable[[], None] | None = None) -> None:
+    """on_work: called once, after the first batch that has a file to embed."""
     scanner = Scanner(
         [str(p) for p in config.input_paths],
         include_hidden=config.include_hidden,
@@ -189,9 +234,13 @@ def _scan(conn, config: Config, run: state.Run, progress: Progress) -> None:
         for batch in scanner.batches(state.SCAN_BATCH):
             scan.record(batch)
             tick(len(batch))
+            if on_work is not None and scan.to_embed:
+                on_work()
+                on_work = None
     deleted = scan.sweep(keep_under=scanner.unreadable)
     if deleted:
         log.info("removed %d files that are gone from disk", deleted)
+    log.debug("scan committed")
 
 
 @contextlib.contextmanager

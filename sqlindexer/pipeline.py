@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from . import images
 from .errors import EmbedError
+from .overlap import die_with_parent
 
 # Pool restarts in a row, with no image decoded between them, before the run stops: workers
 # that die at start-up (memory, a broken install) would otherwise be restarted forever.
@@ -88,18 +89,8 @@ def _worker_init(parent: int) -> None:
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     images.register_plugins()
-    # A worker must not outlive the indexer: if the indexer is killed (kill -9, the OOM
-    # killer), the kernel kills its workers too (Linux), and a worker whose parent is already
-    # gone leaves at once.
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:
-        os._exit(1)
+    # A worker must not outlive the indexer (kill -9, the OOM killer).
+    die_with_parent(parent)
 
 
 class Decoder:

@@ -130,6 +130,7 @@ class Scan:
         self._requeued: list[tuple] = []
         self._touched: list[tuple] = []
         self._missing: list[tuple] = []
+        self.to_embed = 0  # files this scan queued for embedding so far
         # Rows found missing wait here for sweep(): a scan that stops half-way deletes nothing.
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS missing (id INTEGER PRIMARY KEY, path TEXT NOT NULL)")
@@ -208,11 +209,13 @@ class Scan:
                 modified += 1
             elif requeue:
                 self._requeued.append((ctime_ns, file_id))
+                self.to_embed += 1
             elif old_ctime_ns != ctime_ns:  # only its ctime changed (chmod, a new link): nothing to embed
                 self._touched.append((ctime_ns, file_id))
         # Rows of this range that the walk did not yield.
         walked_paths = {r.path for r in records}
         self._missing += [(row[1], path) for path, row in known.items() if path not in walked_paths]
+        self.to_embed += new + modified
         return new, modified
 
     def _write(self) -> None:

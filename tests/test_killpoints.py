@@ -78,7 +78,7 @@ MARKERS = {"scan": "DEBUG: scanning ", "embed": "INFO: loaded ", "commit": "INFO
            "export": "DEBUG: exporting "}
 # Phases the calibration run measures: from its marker to the next phase's marker (the
 # export: to the summary line, printed once the run is recorded as completed).
-NEXT = {"scan": "DEBUG: embedding ", "embed": "INFO: embedded ", "export": "scanned "}
+NEXT = {"scan": "DEBUG: scan committed", "embed": "INFO: embedded ", "export": "scanned "}
 
 
 def _env() -> dict[str, str]:
@@ -238,8 +238,14 @@ class Run:
         with contextlib.suppress(ProcessLookupError):
             if signame == "SIGINT":
                 os.killpg(self.proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole group
+            elif signame == "SIGKILL":
+                # The run's processes all at once, at this moment. (A kill -9 of the process
+                # you started reaches the child that embeds and exports a few milliseconds
+                # later, through the kernel, in which it may finish a commit or the export:
+                # tests/test_overlap.py.)
+                os.killpg(self.proc.pid, signal.SIGKILL)
             else:
-                self.proc.send_signal(getattr(signal, signame))
+                self.proc.send_signal(getattr(signal, signame))  # to the process you started
 
     def kill_group(self) -> None:
         if self.proc is not None:
