@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import pickle
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -233,6 +234,7 @@ class Embedder:
         self._model: Any = None
         self._processor: Any = None
         self._vision_only = False
+        self._loading = threading.Lock()
 
     # -- loading -----------------------------------------------------------------------
     def prepare(self) -> Embedder:
@@ -259,7 +261,12 @@ class Embedder:
         return self
 
     def load(self) -> Embedder:
-        """Load the weights (after prepare()); safe to call again."""
+        """Load the weights (after prepare()); safe to call again, from any thread: a call
+        while another thread loads waits for that load."""
+        with self._loading:
+            return self._load()
+
+    def _load(self) -> Embedder:
         if self._model is not None:
             return self
         self.prepare()

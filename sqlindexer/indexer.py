@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sqlite3
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
@@ -160,7 +161,12 @@ def _helper(config: Config, embedder_factory) -> Iterator[overlap.Helper | None]
         factory = embedder_factory
         if factory is None:
             from .embed import Embedder as factory  # noqa: N813 - deferred: imports torch
-        return factory(config.model_name, device=config.device, dtype=config.dtype).prepare().load()
+        embedder = factory(config.model_name, device=config.device, dtype=config.dtype).prepare()
+        # The weights load while the scan goes on, and go on loading while the decode
+        # workers start (_embed_locally's load() waits for this one). A failure here is
+        # met again, and raised, by that load().
+        threading.Thread(target=_quietly, args=(embedder.load,), daemon=True).start()
+        return embedder
 
     def work(run: state.Run, prepared, progress: Progress) -> None:
         _embed_and_export(config, run, progress, lambda *args, **kwargs: prepared())
@@ -171,6 +177,11 @@ def _helper(config: Config, embedder_factory) -> Iterator[overlap.Helper | None]
     finally:
         if helper is not None:
             helper.close()
+
+
+def _quietly(load: Callable[[], Any]) -> None:
+    with contextlib.suppress(Exception):
+        load()
 
 
 def _embed_and_export(config: Config, run: state.Run, progress: Progress, embedder_factory) -> None:

@@ -275,6 +275,7 @@ class _Child:
         self.stopping = False  # a signal was raised: the later ones are ignored
         self.sending = False  # a frame is half written: a signal waits for its end
         self.deferred: int | None = None
+        self._writing = threading.Lock()
 
     def main(self, prepare: Prepare, work: Work, blocked: Any) -> int:
         for signum in _SIGNALS:
@@ -319,12 +320,19 @@ class _Child:
         raise _Stop(signum)
 
     def _send(self, message: Any) -> None:
-        self.sending = True
+        # Other threads of the child (the weights loading in the background) log too: one
+        # frame at a time. Signal handlers run in the main thread only, so only its sends
+        # hold them back.
+        main = threading.current_thread() is threading.main_thread()
+        if main:
+            self.sending = True
         try:
-            _write_frame(self.results, message)
+            with self._writing:
+                _write_frame(self.results, message)
         finally:
-            self.sending = False
-        if self.deferred is not None and not self.stopping:
+            if main:
+                self.sending = False
+        if main and self.deferred is not None and not self.stopping:
             self.stopping = True
             raise _Stop(self.deferred)
 

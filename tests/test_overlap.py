@@ -68,6 +68,17 @@ SCRIPT = textwrap.dedent('''
             raise errors.ConfigError("config.yaml: unknown key 'x'")
         elif case == "crash":
             raise ValueError("boom")
+        elif case == "threads":
+            # Records larger than a pipe from a thread, while the main thread sends progress.
+            def talk():
+                for i in range(30):
+                    log.info("t %d %s", i, "t" * 200000)
+            other = threading.Thread(target=talk)
+            other.start()
+            while other.is_alive():
+                with progress("bar", 1):
+                    pass
+            other.join()
         elif case == "killed":
             os.kill(os.getpid(), signal.SIGKILL)
         elif case == "signal":
@@ -132,6 +143,14 @@ def test_logs_progress_and_the_prepared_value_reach_the_parent(tmp_path):
     assert events[0] == ["open", "embedding", 3] and events[-1] == ["close", "embedding"]
     assert sum(n for kind, n in (e[:2] for e in events) if kind == "tick") == 3
     assert marker.read_text() == "prepared\n"
+
+
+def test_records_larger_than_a_pipe_from_a_thread_arrive_whole_among_the_main_thread_s(tmp_path):
+    got, _ = _helper(tmp_path, "threads")
+    assert got["raised"] is None
+    assert [text for _, _, text in got["logs"][1:]] == [f"t {i} {'t' * 200000}" for i in range(30)]
+    events = got["progress"]
+    assert events and events == [["open", "bar", 1], ["close", "bar"]] * (len(events) // 2)
 
 
 @pytest.mark.parametrize("case, raised", [
