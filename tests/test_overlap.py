@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -363,3 +364,49 @@ def test_the_child_and_its_workers_die_with_the_parent(tmp_path, tiny_model):
         done = conn.execute("SELECT count(*) FROM files WHERE status = 'ok'").fetchone()[0]
     assert done < 300, "the embedding was over before the parent was killed: make it longer"
     _resumes(photos, out, tiny_model, 300)
+
+
+def test_ctrl_c_in_a_terminal_shows_the_child_s_bars_then_stops_in_one_line(tmp_path, tiny_model):
+    pty, termios, fcntl = (pytest.importorskip(m) for m in ("pty", "termios", "fcntl"))
+    import select
+    import struct
+
+    photos, out = tmp_path / "photos", tmp_path / "index.jsonl"
+    _photos(photos, 200)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child of pty.fork: becomes the run, in a terminal of its own
+        try:
+            os.environ.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+            os.execv(sys.executable, [sys.executable, "-m", "sqlindexer", "-i", str(photos), "-o", str(out),
+                                      "--model-name", str(tiny_model), "--batch-size", "2", "--workers", "1"])
+        finally:
+            os._exit(127)
+    # A terminal of 100 columns (a new one has none, and tqdm then draws nothing).
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    screen, deadline = b"", time.monotonic() + 120
+    pressed = False
+    while time.monotonic() < deadline:
+        if not select.select([fd], [], [], 1)[0]:
+            continue
+        try:
+            data = os.read(fd, 4096)
+        except OSError:  # the run has ended: the terminal is gone
+            break
+        if not data:
+            break
+        screen += data
+        # The child's embedding bar, drawn by the parent, past its first image.
+        if not pressed and re.search(rb"embedding: [^\r]*\| *[1-9][0-9]*/200 \[", screen):
+            os.write(fd, b"\x03")  # Ctrl-C: the terminal sends SIGINT to the run's process group
+            pressed = True
+    _, status = os.waitpid(pid, 0)
+    text = screen.decode("utf-8", "replace")
+    assert pressed, text
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGINT, text
+    assert "Traceback" not in text
+    errors = [line for line in text.replace("\r", "\n").splitlines() if line.startswith("Error")]
+    assert errors == ["Error: interrupted by SIGINT; committed work is kept, run the same command to resume"], text
+    with open_db(out.with_suffix(".sqlite")) as conn:
+        assert conn.execute("SELECT status FROM runs").fetchone()[0] == "interrupted"
+        done = conn.execute("SELECT count(*) FROM files WHERE status = 'ok'").fetchone()[0]
+    assert 0 < done < 200
