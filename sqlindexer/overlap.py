@@ -152,32 +152,24 @@ class Helper:
         what stopped it; a signal received meanwhile is passed on to the child, and raised
         here once the child has stopped."""
         self._prepared = True
-        noted: list[int] = []
 
-        def pass_on(signum: int, frame: object) -> None:
+        def pass_on(signum: int, noted: list[int]) -> None:
             # The first is passed on (the child stops as it would alone); a second, like a
             # second Ctrl-C, kills it.
             if not self._reaped:  # a reaped child's pid may be another process's by now
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, signum if not noted else signal.SIGKILL)
-            noted.append(signum)
 
-        previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in _SIGNALS:
-                previous[signum] = signal.signal(signum, pass_on)
         try:
-            # Sent once the signals are passed on: a signal before this point stops the
-            # run before the child has done anything.
-            self._send(("go", payload))
-            ended, outcome = self._relay(progress, noted)
-            status = self._reap()
+            # The signals are raised to the caller's handlers once the child has ended.
+            with signals_noted(pass_on) as noted:
+                # Sent once the signals are passed on: a signal before this point stops the
+                # run before the child has done anything.
+                self._send(("go", payload))
+                ended, outcome = self._relay(progress, noted)
+                status = self._reap()
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
             self.close()
-        for signum in dict.fromkeys(noted):
-            signal.raise_signal(signum)  # now to the caller's handler
         if not ended:
             raise ProcessDiedError(f"the process that embeds and exports for this run {_how_it_ended(status)}; "
                                    "committed work is kept, run the same command to resume")
@@ -211,15 +203,10 @@ class Helper:
             pass
 
     def _reap(self) -> int:
-        while True:
-            try:
-                _, status = os.waitpid(self.pid, 0)
-                break
-            except ChildProcessError:  # reaped by someone else (a SIGCHLD handler)
-                status = 0
-                break
-            except InterruptedError:
-                continue
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:  # reaped by someone else (a SIGCHLD handler)
+            status = 0
         self._reaped = True
         return status
 
@@ -367,6 +354,34 @@ class _Child:
             if pending:
                 self._send(("tick", pending))
             self._send(("close",))
+
+
+@contextlib.contextmanager
+def signals_noted(on_signal: Callable[[int, list[int]], None] | None = None) -> Iterator[list[int]]:
+    """Within: SIGINT and SIGTERM are only noted in the list yielded (after on_signal(signum,
+    the signals noted before it) has run), not handled. On the way out the handlers are put
+    back and each signal noted is raised to them once (or to the default action). Outside
+    the main thread, where handlers never run, nothing changes."""
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+
+    def note(signum: int, frame: object) -> None:
+        if on_signal is not None:
+            on_signal(signum, noted)
+        noted.append(signum)
+
+    previous: dict[int, Any] = {}
+    try:
+        for signum in _SIGNALS:
+            previous[signum] = signal.signal(signum, note)
+        yield noted
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        for signum in dict.fromkeys(noted):
+            signal.raise_signal(signum)
 
 
 def die_with_parent(parent: int) -> None:

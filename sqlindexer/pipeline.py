@@ -12,7 +12,6 @@ import contextlib
 import multiprocessing
 import os
 import signal
-import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -22,7 +21,7 @@ from typing import Any, TypeVar
 
 from . import images
 from .errors import EmbedError
-from .overlap import die_with_parent
+from .overlap import die_with_parent, signals_noted
 
 # Pool restarts in a row, with no image decoded between them, before the run stops: workers
 # that die at start-up (memory, a broken install) would otherwise be restarted forever.
@@ -214,24 +213,8 @@ def _interrupts_deferred() -> Iterator[None]:
     pool. Found by the kill-point harness in CI (SIGTERM during the embedding). Here a
     signal is only noted, and raised again once the pool's code has returned.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield  # handlers only run in the main thread
-        return
-    caught: list[int] = []
-
-    def note(signum: int, frame: object) -> None:
-        caught.append(signum)
-
-    previous: dict[int, Any] = {}
-    try:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, note)
+    with signals_noted():
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
-        for signum in dict.fromkeys(caught):
-            signal.raise_signal(signum)  # now to the real handler (or the default action)
 
 
 @contextlib.contextmanager
