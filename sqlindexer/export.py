@@ -105,15 +105,15 @@ def _write_jsonl_reusing(entries: Iterable[ExportRow | str], f: BinaryIO, tick: 
             while current is not None and current[0] < entry:
                 current = next(old, None)
             if current is not None and current[0] == entry:
-                f.write(current[1])
+                line = current[1]
                 copied += 1
                 current = next(old, None)
-                n += 1
-                tick(1)
-                continue
-            log.debug("no line for %s in the last export; writing it afresh", entry)
-            entry = load(entry)
-        f.write(_jsonl_line(entry))
+            else:
+                log.debug("no line for %s in the last export; writing it afresh", entry)
+                line = _jsonl_line(load(entry))
+        else:
+            line = _jsonl_line(entry)
+        f.write(line)
         n += 1
         tick(1)
     log.debug("copied %d of %d records from the last export", copied, n)
