@@ -16,7 +16,7 @@ import logging
 import os
 import pickle
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,6 +35,8 @@ FORMATS = ("jsonl", "pkl")
 JSONL_LAYOUT = 1
 _WRITE_BUFFER = 1 << 20
 _PATH_KEY = b',"metadata":{"path":"'
+_SCAN_READ = 1 << 22
+_ONE_BY_ONE = 4  # a run of this many paths or fewer that is not one block is copied line by line
 
 
 def iso_time(ns: int) -> str:
@@ -89,47 +91,112 @@ def _jsonl_line(row: ExportRow) -> bytes:
             + b"}}\n")
 
 
-def _write_jsonl_reusing(entries: Iterable[ExportRow | str], f: BinaryIO, tick: Callable[[int], None], *,
+def _write_jsonl_reusing(entries: Iterable[ExportRow | list[str]], f: BinaryIO, tick: Callable[[int], None], *,
                          previous: BinaryIO, load: Callable[[str], ExportRow]) -> int:
-    """Write entries, copying the line of each unchanged one (a path) from previous.
-
-    Both are in path order, so previous is read once, side by side: its lines for paths
-    that are no longer exported, or changed, are passed over. An unchanged path without a
-    line there (which the caller's bookkeeping rules out) is loaded and written afresh.
-    """
-    old = _lines_by_path(previous)
-    current = next(old, None)
+    """Write entries: rows serialised, and lists of the paths of records unchanged since
+    previous was written, whose lines are copied from it (see _Previous.copy)."""
+    old = _Previous(previous)
     n = copied = 0
     for entry in entries:
-        if isinstance(entry, str):
-            while current is not None and current[0] < entry:
-                current = next(old, None)
-            if current is not None and current[0] == entry:
-                line = current[1]
-                copied += 1
-                current = next(old, None)
-            else:
-                log.debug("no line for %s in the last export; writing it afresh", entry)
-                line = _jsonl_line(load(entry))
+        if isinstance(entry, list):
+            copied += old.copy(entry, f, load)
+            n += len(entry)
+            tick(len(entry))
         else:
-            line = _jsonl_line(entry)
-        f.write(line)
-        n += 1
-        tick(1)
-    log.debug("copied %d of %d records from the last export", copied, n)
+            f.write(_jsonl_line(entry))
+            n += 1
+            tick(1)
+    log.debug("copied %d of %d records from the last export (%d of them line by line)", copied, n, old.one_by_one)
     return n
 
 
-def _lines_by_path(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """(path, line) of each line of a jsonl index that _jsonl_line wrote."""
-    for line in f:
-        start = line.find(_PATH_KEY)
-        if start < 0 or not line.endswith(b"\n"):
+class _Previous:
+    """A jsonl index that _jsonl_line wrote, read by line number.
+
+    Where each line starts is found first, by numpy, in reads of a few megabytes (8 bytes
+    a line are kept, not the file); a line's path is parsed only where it is looked at.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._fd = f.fileno()
+        self._starts = _line_starts(self._fd)
+        self._count = len(self._starts) - 1
+        self._next = 0  # the first line not yet copied or passed over
+        self.one_by_one = 0  # lines copied alone, not in a run's block
+
+    def copy(self, paths: list[str], out: BinaryIO, load: Callable[[str], ExportRow]) -> int:
+        """Write the records of paths (unchanged since previous was written, in path
+        order, after those of earlier calls) to out; return how many were copied.
+
+        previous is in path order and holds each path once: it was written from the
+        ordered, unique paths of the database. Lines before the first path (records no
+        longer exported, or changed) are passed over. If the line k-1 after the first
+        path's is that of the last, the k lines between are those of the k paths, and are
+        copied as one block without being looked at. Otherwise (the line of a record
+        deleted since lies among them) each half is copied so, down to a few paths that
+        are looked for one by one; one without a line (which the caller's bookkeeping
+        rules out) is loaded and written afresh.
+        """
+        k = len(paths)
+        if self._seek(paths[0]) and self._next + k <= self._count and self._path(self._next + k - 1) == paths[-1]:
+            self._copy_lines(self._next, self._next + k, out)
+            self._next += k
+            return k
+        if k > _ONE_BY_ONE:
+            return self.copy(paths[: k // 2], out, load) + self.copy(paths[k // 2 :], out, load)
+        copied = 0
+        for path in paths:
+            if self._seek(path):
+                self._copy_lines(self._next, self._next + 1, out)
+                self._next += 1
+                copied += 1
+                self.one_by_one += 1
+            else:
+                log.debug("no line for %s in the last export; writing it afresh", path)
+                out.write(_jsonl_line(load(path)))
+        return copied
+
+    def _seek(self, path: str) -> bool:
+        """Pass over the lines of paths before path; whether the next line is path's."""
+        while self._next < self._count:
+            found = self._path(self._next)
+            if found >= path:
+                return found == path
+            self._next += 1
+        return False
+
+    def _path(self, i: int) -> str:
+        start, end = int(self._starts[i]), int(self._starts[i + 1])
+        line = os.pread(self._fd, end - start, start)
+        at = line.find(_PATH_KEY)
+        if at < 0:
             raise ValueError("not a line of this layout")
-        start += len(_PATH_KEY)
-        raw = line[start : line.find(b'"', start)]
+        at += len(_PATH_KEY)
+        raw = line[at : line.find(b'"', at)]
         # A path with a quote, a backslash or a control character is escaped: parse it.
-        yield (raw.decode("utf-8") if b"\\" not in raw else json.loads(line)["metadata"]["path"]), line
+        return raw.decode("utf-8") if b"\\" not in raw else json.loads(line)["metadata"]["path"]
+
+    def _copy_lines(self, first: int, end: int, out: BinaryIO) -> None:
+        pos, stop = int(self._starts[first]), int(self._starts[end])
+        while pos < stop:
+            data = os.pread(self._fd, min(stop - pos, _WRITE_BUFFER), pos)
+            if not data:
+                raise ValueError("it was truncated while it was read")
+            out.write(data)
+            pos += len(data)
+
+
+def _line_starts(fd: int) -> np.ndarray:
+    """The offset of each line's start, then that of the end of the file."""
+    parts = [np.zeros(1, dtype=np.int64)]
+    pos = 0
+    while chunk := os.pread(fd, _SCAN_READ, pos):
+        parts.append(np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == ord("\n")) + (pos + 1))
+        pos += len(chunk)
+    starts = np.concatenate(parts)
+    if starts[-1] != pos:
+        raise ValueError("not a line of this layout (its last line does not end)")
+    return starts
 
 
 def _write_pkl(rows: Iterable[ExportRow], f: BinaryIO, tick: Callable[[int], None]) -> int:
@@ -147,7 +214,7 @@ def tmp_path(output: Path) -> Path:
 
 
 def write_index(
-    rows: Iterable[ExportRow | str],
+    rows: Iterable[ExportRow | list[str]],
     output: Path,
     fmt: str,
     *,
@@ -158,8 +225,9 @@ def write_index(
     """Write rows to output atomically; return the number of records written.
 
     With previous (jsonl only: an index this module wrote in JSONL_LAYOUT), rows may hold
-    paths instead of rows: records that did not change since previous was written, whose
-    lines are copied from it. load gives the row of such a path if previous lacks it.
+    lists of paths instead of rows, in the same path order: records that did not change
+    since previous was written, whose lines are copied from it. load gives the row of such
+    a path if previous lacks it.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown output format {fmt!r} (use jsonl or pkl)")

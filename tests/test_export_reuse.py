@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import bump_mtime, make_photo, open_db, read_jsonl, run_cli
 
+from sqlindexer.export import _ONE_BY_ONE, write_index
+
 NAMES = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", 'we"ird\\name\t.jpg', "sub/f.jpg", "g.jpg"]
 
 
@@ -42,7 +44,13 @@ def _full_export(runner, out: Path, tmp_path: Path) -> bytes:
     return fresh.read_bytes()
 
 
-def test_changed_records_are_written_and_the_rest_copied(runner, tmp_path, tiny_model, indexed):
+@pytest.mark.parametrize("run_paths", [10_000, 1])
+def test_changed_records_are_written_and_the_rest_copied(runner, tmp_path, tiny_model, indexed, monkeypatch,
+                                                         run_paths):
+    # run_paths 1: every run of unchanged records is handed over in lists of one path.
+    from sqlindexer import state
+
+    monkeypatch.setattr(state, "_RUN_PATHS", run_paths)
     photos, out = indexed
     make_photo(photos / "b.jpg", seed=30)  # modified
     bump_mtime(photos / "b.jpg", 1)
@@ -161,9 +169,123 @@ def test_a_ctime_only_change_is_exported(runner, tmp_path, tiny_model, indexed):
 def test_a_previous_index_that_cannot_be_read_is_a_value_error(tmp_path):
     # The caller falls back to writing every record on ValueError: a last export deleted
     # (or made unreadable) under the run must land there, not fail the run.
-    from sqlindexer.export import tmp_path as export_tmp_path, write_index
+    from sqlindexer.export import tmp_path as export_tmp_path
 
     out = tmp_path / "index.jsonl"
     with pytest.raises(ValueError, match="cannot read it"):
-        write_index(["/p/a.jpg"], out, "jsonl", previous=tmp_path / "gone.jsonl", load=lambda path: None)
+        write_index([["/p/a.jpg"]], out, "jsonl", previous=tmp_path / "gone.jsonl", load=lambda path: None)
     assert not out.exists() and not export_tmp_path(out).exists()
+
+
+def _row(path: str, version: int):
+    import numpy as np
+
+    from sqlindexer.state import ExportRow
+
+    vec = np.random.default_rng([version, len(path), ord(path[-5])]).standard_normal(8).astype("<f4")
+    return ExportRow(path, 100 + version, 10**18 + version, 10**18, 4, 3, None, vec.tobytes(), 8)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_runs_of_unchanged_records_are_copied_whole_or_matched_line_by_line(tmp_path, caplog, seed):
+    # Random edits of an index of 300 records (records deleted inside and between runs of
+    # unchanged ones, changed and new records, a run to the end): the file written from
+    # the last one is the full export byte for byte, and every unchanged record is copied.
+    import random
+
+    rnd = random.Random(seed)
+    tails = ["", "x", 'y\\"z']  # the last is written escaped
+    paths = sorted(f"/p/{rnd.choice('abc')}/{i:04d}{rnd.choice(tails)}.jpg" for i in range(300))
+    before = {p: _row(p, 0) for p in paths}
+    previous = tmp_path / "previous.jsonl"
+    write_index(list(before.values()), previous, "jsonl")
+
+    after, entries = {}, []
+    for p in sorted(set(paths) | {f"/p/b/{i:04d}n.jpg" for i in rnd.sample(range(300), 10)}):
+        roll = rnd.random()
+        if p not in before:  # new
+            after[p] = _row(p, 1)
+            entries.append(after[p])
+        elif roll < 0.02:  # deleted
+            continue
+        elif roll < 0.08:  # changed
+            after[p] = _row(p, 2)
+            entries.append(after[p])
+        else:
+            after[p] = before[p]
+            if not entries or not isinstance(entries[-1], list):
+                entries.append([])
+            entries[-1].append(p)
+    out, full = tmp_path / "index.jsonl", tmp_path / "full.jsonl"
+    write_index(list(after.values()), full, "jsonl")
+    n, log = _write_logged(caplog, entries, out, previous, after.__getitem__)
+    assert n == len(after) and out.read_bytes() == full.read_bytes()
+    # A run of unchanged records is copied as one block unless the line of a deleted
+    # record lies among its lines; then its halves are, and so on down to a few lines:
+    # each such line costs at most _ONE_BY_ONE lines copied one by one.
+    runs = [e for e in entries if isinstance(e, list)]
+    deleted = sorted(set(before) - set(after))
+    inside = sum(1 for r in runs for d in deleted if r[0] < d < r[-1])
+    copied = sum(map(len, runs))
+    found = re.search(r"copied (\d+) of (\d+) records from the last export \((\d+) of them line by line\)", log)
+    assert found and int(found[1]) == copied and int(found[2]) == n, log
+    assert inside > 0 and int(found[3]) <= inside * _ONE_BY_ONE, (inside, found[3])
+
+
+def test_an_unchanged_path_the_last_index_lacks_is_written_afresh(tmp_path, caplog):
+    # The caller's bookkeeping rules it out; where a run shows it (its last path is not
+    # where its line should be), the record is loaded rather than a wrong line copied.
+    rows = {p: _row(p, 0) for p in ("/p/a.jpg", "/p/b.jpg", "/p/c.jpg", "/p/d.jpg")}
+    previous = tmp_path / "previous.jsonl"
+    write_index([rows["/p/a.jpg"], rows["/p/c.jpg"], rows["/p/d.jpg"]], previous, "jsonl")
+    rows["/p/c.jpg"] = _row("/p/c.jpg", 2)  # changed: its old line is passed over
+    out, full = tmp_path / "index.jsonl", tmp_path / "full.jsonl"
+    write_index(list(rows.values()), full, "jsonl")
+    n, log = _write_logged(caplog, [["/p/a.jpg", "/p/b.jpg"], rows["/p/c.jpg"], ["/p/d.jpg"]], out, previous,
+                           rows.__getitem__)
+    assert n == 4 and out.read_bytes() == full.read_bytes()
+    assert "no line for /p/b.jpg in the last export" in log and "copied 2 of 4 records" in log
+    assert "(1 of them line by line)" in log  # a.jpg; d.jpg, a run of its own, is a block
+
+
+def _row(path: str, version: int):
+    import numpy as np
+
+    from sqlindexer.state import ExportRow
+
+    vec = np.random.default_rng([version, len(path), ord(path[-5])]).standard_normal(8).astype("<f4")
+    return ExportRow(path, 100 + version, 10**18 + version, 10**18, 4, 3, None, vec.tobytes(), 8)
+
+
+def _write_logged(caplog, entries, out: Path, previous: Path, load) -> tuple[int, str]:
+    """write_index from previous, with the debug log it wrote."""
+    import logging
+
+    # The CLI's logging (set up by earlier tests) stops sqlindexer's records at its own
+    # handler: listen there.
+    logger = logging.getLogger("sqlindexer")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="sqlindexer"):
+            n = write_index(entries, out, "jsonl", previous=previous, load=load)
+    finally:
+        logger.removeHandler(caplog.handler)
+    return n, caplog.text
+
+
+def test_unchanged_rows_come_in_runs_of_bounded_length(tmp_path, monkeypatch):
+    # The export is handed the unchanged records as lists of paths, one list a run of
+    # them, none longer than _RUN_PATHS (a list is held whole: its length bounds memory).
+    from sqlindexer import db, state
+
+    monkeypatch.setattr(state, "_RUN_PATHS", 2)
+    db.connect(tmp_path / "state.sqlite").close()
+    with open_db(tmp_path / "state.sqlite") as conn:
+        conn.isolation_level = None
+        for name in "abcdef":
+            conn.execute("INSERT INTO files (path, size, mtime_ns, ctime_ns, status, model, dim, embedding) "
+                         "VALUES (?, 1, 1, 1, 'ok', 'm', 1, x'00000000')", (f"/p/{name}.jpg",))
+        since = state.record_stamp(conn)
+        conn.execute("UPDATE files SET ctime_ns = 2 WHERE path = '/p/d.jpg'")
+        got = [e if isinstance(e, list) else e.path for e in state.iter_export_changes(conn, "m", since)]
+    assert got == [["/p/a.jpg", "/p/b.jpg"], ["/p/c.jpg"], "/p/d.jpg", ["/p/e.jpg", "/p/f.jpg"]]
