@@ -94,71 +94,21 @@ class Scanner:
             yield from self._walk(root)
 
     def _walk(self, top: str) -> Iterator[list[FileRecord]]:
-        try:
-            st = os.stat(top)
-        except OSError as e:
-            self._unreadable(top, e)
-            return
-        key = (st.st_dev, st.st_ino)
-        if key in self._dirs:
-            return
-        self._dirs.add(key)
-        if self._dev is None:
-            self._dev = st.st_dev
-        try:
-            with os.scandir(top) as it:
-                entries = sorted(it, key=_NAME)
-        except OSError as e:
-            self._unreadable(top, e)
-            return
-        # This loop runs once per file of the tree: a no-change re-index is mostly this
-        # walk, so the common case is kept to a few cheap tests.
-        top_utf8 = _utf8(top)
-        hidden, follow, seen, dev = self.include_hidden, self.follow_symlinks, self._files, self._dev
-        names: list[str] = []
-        records: list[FileRecord] = []
-        subdirs: list[tuple[str, str]] = []  # (name + "/", path): where the folder sorts among files
-        denied = False
-        for entry in entries:
-            name = entry.name
-            if name[0] == "." and not hidden:
-                continue
+        if _SCANDIR_FD:
             try:
-                if entry.is_dir(follow_symlinks=False) or \
-                        (follow and entry.is_symlink() and entry.is_dir(follow_symlinks=True)):
-                    subdirs.append((name + "/", entry.path))
-                    continue
-                if not is_image_name(name):
-                    continue
-                st = entry.stat()  # through a link: a link to a photo is indexed
-            except PermissionError as e:
-                # Listed but not looked at: the folder lacks search (x) permission, or a
-                # link points into one. Not seen is not deleted: keep what we had for it.
-                self.unreadable.append(entry.path)
-                if not denied:
-                    log.warning("cannot read %s: %s (files that cannot be read are kept as they were)",
-                                entry.path, e.strerror or e)
-                denied = True
-                continue
+                fd = os.open(top, _DIR_FLAGS)
             except OSError as e:
-                # A dangling link or a file that vanished since listing: nothing to index.
-                log.debug("skipping %s: %s", entry.path, e.strerror or e)
-                continue
-            if not S_ISREG(st.st_mode):
-                continue
-            if not (top_utf8 and (name.isascii() or _utf8(name))):
-                self.skipped += 1
-                log.warning("skipping %r: its name is not valid UTF-8", entry.path)
-                continue
-            # A file reached twice (a link to it, a hard link): the first path wins. Keyed
-            # by inode alone on the first root's device, which saves a tuple per file.
-            key = st.st_ino if st.st_dev == dev else (st.st_dev, st.st_ino)
-            if key in seen:
-                continue
-            seen.add(key)
-            names.append(name)
-            # tuple.__new__: a NamedTuple's own __new__ is a Python call, once per file.
-            records.append(_new_tuple(FileRecord, (entry.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)))
+                self._unreadable(top, e)
+                return
+            try:
+                listed = self._list(top, fd)
+            finally:
+                os.close(fd)
+        else:
+            listed = self._list(top, None)
+        if listed is None:
+            return
+        names, records, subdirs = listed
         if not subdirs:
             if records:
                 yield records
@@ -176,12 +126,90 @@ class Scanner:
         if start < len(records):
             yield records[start:]
 
+    def _list(self, top: str, fd: int | None) -> tuple[list[str], list[FileRecord], list[tuple[str, str]]] | None:
+        """The names and records of the image files in folder top (open as fd, if not
+        None), in name order, and its subfolders as (name + "/", path); None if it was
+        walked already or cannot be listed."""
+        try:
+            st = os.stat(top) if fd is None else os.fstat(fd)
+        except OSError as e:
+            self._unreadable(top, e)
+            return None
+        key = (st.st_dev, st.st_ino)
+        if key in self._dirs:
+            return None
+        self._dirs.add(key)
+        if self._dev is None:
+            self._dev = st.st_dev
+        try:
+            # Listed through the folder's descriptor, an entry's stat() is an fstatat() of
+            # its bare name: the kernel does not look up every folder of the path again for
+            # each file (0.33 s against 0.39 s for 100,000 files 5 folders deep).
+            with os.scandir(top if fd is None else fd) as it:
+                entries = sorted(it, key=_NAME)
+        except OSError as e:
+            self._unreadable(top, e)
+            return None
+        prefix = top if top.endswith(os.sep) else top + os.sep
+        # This loop runs once per file of the tree: a no-change re-index is mostly this
+        # walk, so the common case is kept to a few cheap tests.
+        top_utf8 = _utf8(top)
+        hidden, follow, seen, dev = self.include_hidden, self.follow_symlinks, self._files, self._dev
+        names: list[str] = []
+        records: list[FileRecord] = []
+        subdirs: list[tuple[str, str]] = []  # (name + "/", path): where the folder sorts among files
+        denied = False
+        for entry in entries:
+            name = entry.name
+            if name[0] == "." and not hidden:
+                continue
+            path = prefix + name
+            try:
+                if entry.is_dir(follow_symlinks=False) or \
+                        (follow and entry.is_symlink() and entry.is_dir(follow_symlinks=True)):
+                    subdirs.append((name + "/", path))
+                    continue
+                if not is_image_name(name):
+                    continue
+                st = entry.stat()  # through a link: a link to a photo is indexed
+            except PermissionError as e:
+                # Listed but not looked at: the folder lacks search (x) permission, or a
+                # link points into one. Not seen is not deleted: keep what we had for it.
+                self.unreadable.append(path)
+                if not denied:
+                    log.warning("cannot read %s: %s (files that cannot be read are kept as they were)",
+                                path, e.strerror or e)
+                denied = True
+                continue
+            except OSError as e:
+                # A dangling link or a file that vanished since listing: nothing to index.
+                log.debug("skipping %s: %s", path, e.strerror or e)
+                continue
+            if not S_ISREG(st.st_mode):
+                continue
+            if not (top_utf8 and (name.isascii() or _utf8(name))):
+                self.skipped += 1
+                log.warning("skipping %r: its name is not valid UTF-8", path)
+                continue
+            # A file reached twice (a link to it, a hard link): the first path wins. Keyed
+            # by inode alone on the first root's device, which saves a tuple per file.
+            key = st.st_ino if st.st_dev == dev else (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+            names.append(name)
+            # tuple.__new__: a NamedTuple's own __new__ is a Python call, once per file.
+            records.append(_new_tuple(FileRecord, (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)))
+        return names, records, subdirs
+
     def _unreadable(self, path: str, error: OSError) -> None:
         self.unreadable.append(path)
         log.warning("cannot list %s: %s (its files are kept as they were)", path, error.strerror or error)
 
 
 _NAME = attrgetter("name")
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+_SCANDIR_FD = os.scandir in os.supports_fd  # not on Windows, whose listing gives each entry's stat
 _new_tuple = tuple.__new__
 
 
