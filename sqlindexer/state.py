@@ -10,9 +10,9 @@ import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from itertools import groupby, islice
 from operator import itemgetter
-from datetime import datetime, timezone
 from typing import Any
 
 from .db import transaction
@@ -463,7 +463,8 @@ def iter_export_changes(conn: sqlite3.Connection, model: str, since: int) -> Ite
     # gives the path order; through files_status_model the rows would be read and sorted.
     cur.execute("SELECT path, stamp > ? FROM files WHERE +status = 'ok' AND +model = ? ORDER BY path",
                 (since, model))
-    # Grouped in C: a changed run of 100,000 rows costs a few Python steps per run, not per row.
+    # Grouped in C: a run of 100,000 unchanged rows is ten list comprehensions, not 100,000
+    # steps of this generator.
     for changed, rows in groupby(cur, key=itemgetter(1)):
         if changed:
             for path, _ in rows:
