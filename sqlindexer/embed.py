@@ -32,18 +32,24 @@ _TEXT_ONLY = {"siglip2": "Siglip2TextModel", "siglip": "SiglipTextModel"}
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """Silence load reports (e.g. the table of unused text weights) and progress bars."""
+    """Silence load reports (e.g. the table of unused text weights), the hub client's
+    warnings (a line per retry of a download that then fails) and progress bars: what
+    goes wrong ends in our one line. Both libraries set their loggers' levels when they
+    are imported, after the CLI has set its own, so they are set here."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    levels = hf_logging.get_verbosity(), hub_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        hf_logging.set_verbosity(level)
+        hf_logging.set_verbosity(levels[0])
+        hub_logging.set_verbosity(levels[1])
         hf_logging.enable_progress_bar()
 
 

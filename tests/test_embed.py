@@ -4,6 +4,7 @@ transformers model (a tiny random SigLIP 2 saved with save_pretrained)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -237,6 +238,36 @@ def test_bogus_hub_id_offline_is_one_line_error(runner, tmp_path, monkeypatch):
     name = "nobody-here/siglip2-does-not-exist"
     result = run_cli(runner, ["-i", one_photo(tmp_path), "-o", tmp_path / "i.jsonl", "--model-name", name], ok=False)
     assert_one_line_error(result, name)
+
+
+def test_the_hub_client_s_warnings_stay_quiet_while_a_model_loads(tmp_path):
+    # Offline, the hub client logs each of its five retries (23 s) before the load fails,
+    # through a handler of its own that it sets up, with its level, when it is imported:
+    # after the CLI set its levels, since torch and transformers are imported only when a
+    # model is needed. Here, in a fresh process as in a run: the CLI's logging, then the
+    # import, then a retry warning of the hub client inside the load's quiet block (where
+    # every model load and download happens) and one after it.
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = (
+        "import logging\n"
+        "from sqlindexer.cli import _setup_logging\n"
+        "from sqlindexer.embed import _quiet_transformers\n"
+        "_setup_logging('INFO')\n"
+        "import huggingface_hub, transformers\n"
+        "http = logging.getLogger('huggingface_hub.utils._http')\n"
+        "with _quiet_transformers():\n"
+        "    http.warning('Retrying in 1s [Retry 1/5].')\n"
+        "http.warning('after the load')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert "Retrying" not in done.stderr
+    assert "after the load" in done.stderr  # the client's own level is given back
 
 
 def test_folder_without_a_model_is_one_line_error(runner, tmp_path):
