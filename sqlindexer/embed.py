@@ -31,7 +31,7 @@ _TEXT_ONLY = {"siglip2": "Siglip2TextModel", "siglip": "SiglipTextModel"}
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Silence load reports (e.g. the table of unused text weights), the hub client's
     warnings (a line per retry of a download that then fails) and progress bars: what
     goes wrong ends in our one line. Both libraries set their loggers' levels when they
@@ -40,6 +40,7 @@ def _quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     levels = hf_logging.get_verbosity(), hub_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hub_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -50,7 +51,8 @@ def _quiet_transformers() -> Iterator[None]:
     finally:
         hf_logging.set_verbosity(levels[0])
         hub_logging.set_verbosity(levels[1])
-        hf_logging.enable_progress_bar()
+        if bars:  # bars turned off before (HF_HUB_DISABLE_PROGRESS_BARS) stay off
+            hf_logging.enable_progress_bar()
 
 
 def resolve_device(requested: str) -> str:
@@ -253,7 +255,7 @@ class Embedder:
         name = self.model_name
         if _looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
             raise ModelLoadError(f"cannot load model {name!r}: no such folder")
-        with _quiet_transformers():
+        with quiet_transformers():
             try:
                 config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=False)
                 processor = transformers.AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
@@ -280,7 +282,7 @@ class Embedder:
         import transformers
 
         name, config = self.model_name, self._config
-        with _quiet_transformers():
+        with quiet_transformers():
             try:
                 options = _weights_options(name)
                 cls_name = _VISION_ONLY.get(getattr(config, "model_type", ""))
@@ -393,7 +395,7 @@ class Embedder:
         if _looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
             raise ModelLoadError(f"cannot load model {name!r}: no such folder")
         self.device = self.device or resolve_device(self.requested_device)
-        with _quiet_transformers():
+        with quiet_transformers():
             try:
                 config = self._config or transformers.AutoConfig.from_pretrained(name, trust_remote_code=False)
                 tokenizer = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=False)

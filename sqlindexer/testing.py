@@ -34,7 +34,8 @@ def build_random_siglip2(
     """save_pretrained a random SigLIP 2 (model, image processor, tokenizer) into folder."""
     import torch
     from transformers import Siglip2Config, Siglip2Model
-    from transformers.utils import logging
+
+    from .embed import quiet_transformers
 
     folder = Path(folder)
     vocab = _tokenizer_vocab()
@@ -46,15 +47,8 @@ def build_random_siglip2(
     # Saving compares the config with a default one, whose own bos/eos ids lie outside its
     # vocabulary: transformers warns about its defaults, not about this checkpoint. Nor is
     # a progress bar for writing one small file of use.
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
+    with quiet_transformers():
         model.save_pretrained(folder)
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
     _image_processor(max_num_patches=max_num_patches, patch_size=patch_size).save_pretrained(folder)
     if with_tokenizer:
         from transformers import Siglip2Tokenizer

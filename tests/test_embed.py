@@ -255,11 +255,11 @@ def test_the_hub_client_s_warnings_stay_quiet_while_a_model_loads(tmp_path):
     script = (
         "import logging\n"
         "from sqlindexer.cli import _setup_logging\n"
-        "from sqlindexer.embed import _quiet_transformers\n"
+        "from sqlindexer.embed import quiet_transformers\n"
         "_setup_logging('INFO')\n"
         "import huggingface_hub, transformers\n"
         "http = logging.getLogger('huggingface_hub.utils._http')\n"
-        "with _quiet_transformers():\n"
+        "with quiet_transformers():\n"
         "    http.warning('Retrying in 1s [Retry 1/5].')\n"
         "http.warning('after the load')\n"
     )
