@@ -32,8 +32,13 @@ def _args(photos: Path, out: Path, model: Path, *extra) -> list:
     return ["-i", photos, "-o", out, "--model-name", model, "--workers", "0", "--log-level", "DEBUG", *extra]
 
 
+# The export's debug line: records copied, records written, and how many of the copied were
+# matched line by line rather than in a run's block.
+_COPIED = re.compile(r"copied (\d+) of (\d+) records from the last export \((\d+) of them line by line\)")
+
+
 def _copied(stderr: str) -> tuple[int, int] | None:
-    found = re.findall(r"copied (\d+) of (\d+) records from the last export", stderr)
+    found = [m[:2] for m in _COPIED.findall(stderr)]
     return tuple(map(int, found[0])) if found else None
 
 
@@ -227,7 +232,7 @@ def test_runs_of_unchanged_records_are_copied_whole_or_matched_line_by_line(tmp_
     deleted = sorted(set(before) - set(after))
     inside = sum(1 for r in runs for d in deleted if r[0] < d < r[-1])
     copied = sum(map(len, runs))
-    found = re.search(r"copied (\d+) of (\d+) records from the last export \((\d+) of them line by line\)", log)
+    found = _COPIED.search(log)
     assert found and int(found[1]) == copied and int(found[2]) == n, log
     assert inside > 0 and int(found[3]) <= inside * _ONE_BY_ONE, (inside, found[3])
 
