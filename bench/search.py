@@ -78,11 +78,11 @@ def _ms(seconds: list[float]) -> float:
 def measure(step: str, db_path: Path, queries: int) -> dict:
     import numpy as np
 
-    from sqlindexer import search, state
+    from sqlindexer import db, search, state, vectors
 
     t0 = time.perf_counter()
-    conn = search.open_database(db_path)
-    model = search.choose_model(conn, MODEL, where=str(db_path))
+    conn = db.open_readonly(db_path)
+    model = vectors.choose_model(conn, MODEL, where=str(db_path))
     t_model = time.perf_counter() - t0
     if step == "scan":
         q = np.random.default_rng(1).standard_normal(model.dim).astype(np.float32)
@@ -98,7 +98,7 @@ def measure(step: str, db_path: Path, queries: int) -> dict:
         [paths[i] for i in best[np.argsort(-s[best])]]
         return {"scan_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    index = search.load_index(conn, db_path, model)
+    index = vectors.load_index(conn, db_path, model)
     loaded = time.perf_counter() - t0 + t_model
     if step == "build":
         assert index.origin == "built", index.origin

@@ -298,9 +298,9 @@ def _with_db(db_path: str, work: Callable[[Any], T]) -> T:
 
 
 def _open_db(db_path: str):
-    from .search import open_database
+    from .db import open_readonly
 
-    conn = open_database(db_path)
+    conn = open_readonly(db_path)
     click.get_current_context().call_on_close(conn.close)
     return conn
 
@@ -410,7 +410,7 @@ def duplicates(threshold: float, db_path: str, model_name: str | None, as_json: 
     """
     import json
 
-    from .search import find_duplicates
+    from .duplicates import find_duplicates
 
     _setup_logging("WARNING")
     model, compared, groups = _with_db(db_path, lambda conn: find_duplicates(
@@ -444,7 +444,7 @@ def status(db_path: str, as_json: bool | None) -> None:
     """
     import json
 
-    from .search import database_status
+    from .status import database_status
 
     _setup_logging("WARNING")
     info = _with_db(db_path, lambda conn: database_status(conn, db_path))
@@ -510,7 +510,7 @@ def export_command(db_path: str, output_file: str, output_format: str | None, mo
     import time
 
     from . import db, export, state
-    from .search import choose_model
+    from .vectors import choose_model
 
     _setup_logging("WARNING")
     out = cfg.absolute(output_file)

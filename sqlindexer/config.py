@@ -111,6 +111,12 @@ def absolute(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether a model name is a local folder: hub ids are "org/name"; anything absolute,
+    relative-dotted or home-based is a folder."""
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or os.sep + os.sep in name
+
+
 class _YamlRefused(Exception):
     """A YAML document that is valid but too large, too deep or self-referential."""
 

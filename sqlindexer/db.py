@@ -1,10 +1,13 @@
 """Open the working SQLite database and bring its schema up to date.
 
-Holds no table-specific SQL: that lives in migrations/*.sql and in state.py.
+Holds no table-specific SQL: that lives in migrations/*.sql and in state.py. The
+query commands open it read-only (open_readonly): never created, never migrated.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -12,7 +15,10 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
-from .errors import DatabaseError, SchemaTooNewError
+from .config import absolute
+from .errors import DatabaseError, SchemaTooNewError, SearchError
+
+log = logging.getLogger(__name__)
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[A-Za-z0-9_]+\.sql$")
 
@@ -58,13 +64,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.DatabaseError as e:
         raise DatabaseError(f"cannot open working database {path}: {e}") from e
-    latest = schema_version()
-    if version > latest:
-        conn.close()
-        raise SchemaTooNewError(
-            f"working database {path} has schema version {version}, this image-indexer knows "
-            f"up to {latest}: upgrade image-indexer (the database was left untouched)"
-        )
+    _refuse_newer(conn, path, version)
     if not readonly:
         try:
             conn.execute("PRAGMA journal_mode = WAL")
@@ -75,6 +75,74 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
         except sqlite3.DatabaseError as e:
             conn.close()
             raise DatabaseError(f"cannot use working database {path}: {e}") from e
+    return conn
+
+
+def _refuse_newer(conn: sqlite3.Connection, path: Path, version: int) -> None:
+    latest = schema_version()
+    if version > latest:
+        conn.close()
+        raise SchemaTooNewError(
+            f"working database {path} has schema version {version}, this image-indexer knows "
+            f"up to {latest}: upgrade image-indexer (the database was left untouched)"
+        )
+
+
+def open_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
+    """Open an existing working database read-only, for the query commands."""
+    p = absolute(path)
+    if not p.exists():
+        raise SearchError(f"working database {p} does not exist (index a folder first, or pass --db)")
+    if p.is_dir():
+        raise SearchError(f"working database {p} is a directory")
+    try:
+        conn = connect(p, readonly=True)
+    except DatabaseError as e:
+        if not _wal_needs_shm(e):
+            raise
+        conn = _connect_immutable(p)
+    try:
+        found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'files'").fetchone()
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise DatabaseError(f"cannot read working database {p}: {e}") from None
+    if found is None:
+        conn.close()
+        raise SearchError(f"{p} is not an image-indexer database (it has no files table)")
+    return conn
+
+
+def _wal_needs_shm(e: DatabaseError) -> bool:
+    # A read-only connection to a WAL database needs the -shm file; when it is missing and
+    # cannot be created (a folder we may not write to, a read-only mount), SQLite refuses
+    # with SQLITE_READONLY.
+    cause = e.__cause__
+    if not isinstance(cause, sqlite3.OperationalError):
+        return False
+    name = getattr(cause, "sqlite_errorname", "")
+    return name.startswith("SQLITE_READONLY") or "readonly" in str(cause)
+
+
+def _connect_immutable(path: Path) -> sqlite3.Connection:
+    """The fallback for a WAL database whose -shm cannot be created: with no -wal file
+    either, every committed transaction is in the main file (the last writer checkpointed
+    it when it closed), which can then be read as immutable, without the -shm."""
+    for suffix in ("-wal", "-journal"):  # (a rollback journal would need undoing first)
+        log_file = path.with_name(path.name + suffix)
+        if log_file.exists() and log_file.stat().st_size > 0:
+            raise SearchError(
+                f"cannot read working database {path}: {log_file.name} holds transactions not yet in the "
+                f"database, and SQLite cannot create the -shm file it needs to read them in {path.parent}; "
+                "let the running index finish, or run this with write access to that folder"
+            )
+    try:
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as e:
+        raise DatabaseError(f"cannot open working database {path}: {e}") from None
+    _refuse_newer(conn, path, version)
+    log.debug("%s opened as immutable: its folder is not writable", path)
     return conn
 
 

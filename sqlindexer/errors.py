@@ -1,6 +1,12 @@
 """Typed errors raised by the core; cli.py turns each into a one-line message."""
 
 
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's text (a library's message can run to a traceback)."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 class IndexerError(Exception):
     """Base class for every error the tool reports to the user."""
 
@@ -44,6 +50,10 @@ class Interrupted(IndexerError):
 class ProcessDiedError(IndexerError):
     """The process that embeds and exports for a run died without saying how (killed, out
     of memory)."""
+
+
+class SearchError(IndexerError):
+    """A query cannot be answered: no database, no vectors of the model, a bad query image."""
 
 
 class LockedError(IndexerError):

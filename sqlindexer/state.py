@@ -500,11 +500,6 @@ DATABASE_ID = "database_id"  # meta keys kept by migrations/0002_search.sql
 VECTORS_VERSION = "vectors_version"
 
 
-def has_files_table(conn: sqlite3.Connection) -> bool:
-    """Whether the database has our schema (an empty SQLite file has none)."""
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'files'").fetchone() is not None
-
-
 def vectors_version(conn: sqlite3.Connection) -> tuple[str, int] | None:
     """(database id, change counter) of what a search can see; None for a database whose
     schema predates the counter (a read-only connection cannot migrate it)."""

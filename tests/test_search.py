@@ -23,7 +23,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import bump_mtime, run_cli
 
-from sqlindexer import db, search, state
+from sqlindexer import db, duplicates, errors, search, state
+from sqlindexer import vectors as vectors_mod
 from sqlindexer.errors import DatabaseError
 
 CANON = "Canon PowerShot S40"
@@ -392,11 +393,11 @@ def test_upgrade_from_schema_1_keeps_rows_and_starts_the_counter(tmp_path, monke
                      "VALUES ('/p/a.jpg', 1, 1, 1, 'ok', 'm', 1, x'0000803f')")
         conn.close()
     # A read-only connection cannot migrate: the old schema is served without the cache.
-    ro = search.open_database(path)
+    ro = db.open_readonly(path)
     try:
         assert state.vectors_version(ro) is None
-        model = search.choose_model(ro, None, where="db")
-        idx = search.load_index(ro, path, model)
+        model = vectors_mod.choose_model(ro, None, where="db")
+        idx = vectors_mod.load_index(ro, path, model)
         assert idx.origin == "memory" and search.top_k(idx, np.ones(1), 1)[0].path == "/p/a.jpg"
     finally:
         ro.close()
@@ -504,26 +505,26 @@ def test_readonly_wal_database_without_shm_is_read_as_immutable(library, tmp_pat
         raise DatabaseError(f"cannot open working database {path}: {cause}") from cause
 
     monkeypatch.setattr(db, "connect", refuse)
-    conn = search.open_database(copy)
+    conn = db.open_readonly(copy)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # immutable
         assert state.vector_models(conn)[0].count == 10
     finally:
         conn.close()
     Path(str(copy) + "-wal").write_bytes(b"x" * 100)  # committed work only the -wal holds
-    with pytest.raises(search.SearchError, match="ro.sqlite-wal holds transactions not yet in the database"):
-        search.open_database(copy)
+    with pytest.raises(errors.SearchError, match="ro.sqlite-wal holds transactions not yet in the database"):
+        db.open_readonly(copy)
 
 
 # -- the core, on synthetic vectors ----------------------------------------------------
-def _index(vectors: np.ndarray, paths: list[str] | None = None) -> search.VectorIndex:
+def _index(vectors: np.ndarray, paths: list[str] | None = None) -> vectors_mod.VectorIndex:
     n = len(vectors)
     paths = paths or [f"/p/{i:05d}.jpg" for i in range(n)]
     blob = b"".join(p.encode() for p in paths)
     offsets = np.concatenate([[0], np.cumsum([len(p.encode()) for p in paths])]).astype(np.int64)
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
-    return search.VectorIndex("m", vectors.shape[1], vectors, np.arange(n), np.zeros(n, np.int64),
-                              np.full(n, -1, np.int32), [], search.PathTable(np.frombuffer(blob, np.uint8), offsets),
+    return vectors_mod.VectorIndex("m", vectors.shape[1], vectors, np.arange(n), np.zeros(n, np.int64),
+                              np.full(n, -1, np.int32), [], vectors_mod.PathTable(np.frombuffer(blob, np.uint8), offsets),
                               origin="memory")
 
 
@@ -548,7 +549,7 @@ def test_duplicate_groups_blockwise_equal_brute_force():
     expected = sorted((sorted(np.flatnonzero(label == lab).tolist()) for lab in set(label.tolist())
                        if (label == lab).sum() > 1), key=lambda g: (-len(g), g[0]))
     for block in (3, 7, 1000):
-        groups = search.duplicate_groups(idx, threshold, block=block)
+        groups = duplicates.duplicate_groups(idx, threshold, block=block)
         got = [[int(m[0].split("/")[-1][:5]) for m in g.members] for g in groups]
         assert got == expected, block
     assert any(sims[np.ix_(g, g)].min() < threshold for g in expected), "the test needs a chain: a~b~c, a!~c"
@@ -598,7 +599,7 @@ def test_vectors_of_one_model_with_two_lengths_are_refused(tmp_path):
         state.import_vectors(conn, [state.Imported(f"/p/{d}.jpg", 1, 1, 1, np.ones(d, "<f4").tobytes(), d, 1, 1, {})
                                     for d in (2, 3)], run)
         for requested in (None, "m"):
-            with pytest.raises(search.SearchError, match="several lengths"):
-                search.choose_model(conn, requested, where="db")
+            with pytest.raises(errors.SearchError, match="several lengths"):
+                vectors_mod.choose_model(conn, requested, where="db")
     finally:
         conn.close()

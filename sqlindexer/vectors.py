@@ -1,0 +1,331 @@
+"""The vectors of one model, as one matrix the queries read, and its cache on disk.
+
+The vectors of one model are read from SQLite once into a contiguous float32 matrix, in
+path order, kept in a cache folder beside the database
+
+    <db>.vectors-<model key>-<state key>/   vectors.npy ids.npy taken.npy camera.npy
+                                            path_offsets.npy paths.npy info.json
+
+and memory-mapped (np.load(mmap_mode="r")) by every later query, so a query costs one
+matrix-vector product and a partial sort, however many rows the database has. The state
+key is a hash of the database's id and change counter (migrations/0002_search.sql: triggers
+bump the counter on every change to a vector or to the metadata the filters read) and of the
+local time zone, so a change to the database names another folder: a stale cache is never
+read, only removed.
+Where the folder cannot be written (a read-only folder or mount), or the database predates
+the counter, the matrix is built in memory for the one command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import db, state
+from .config import absolute, looks_like_path
+from .errors import SearchError
+from .progress import Progress, no_progress
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+# Rows per fetch while the matrix is built.
+BUILD_PAGE = 4096
+# A stale temporary cache folder (its builder died) is removed after this long.
+STALE_TMP_SECONDS = 3600
+NO_DATE = np.iinfo(np.int64).min
+
+
+# -- which model -----------------------------------------------------------------------
+def choose_model(conn: sqlite3.Connection, requested: str | None, *, where: str) -> state.ModelVectors:
+    """The model whose vectors to query: the one asked for, else the database's only one.
+    (Its vectors are not counted here: that would read the whole index on every query.)"""
+    keys = state.vector_model_keys(conn)
+
+    def held() -> str:  # for the error messages only
+        return ", ".join(f"{m.model} ({m.count} x {m.dim}-d)" for m in state.vector_models(conn))
+
+    if requested is not None:
+        names = {requested}
+        if looks_like_path(requested):
+            names.add(str(absolute(requested)))
+        mine = [key for key in keys if key[0] in names]
+        if not mine:
+            holds = f"it holds {held()}" if keys else "it holds no vectors at all"
+            raise SearchError(f"no vectors of model {requested} in {where}: {holds}")
+    else:
+        if not keys:
+            raise SearchError(f"no indexed images in {where} (no file has been embedded yet)")
+        if len({model for model, _ in keys}) > 1:
+            raise SearchError(f"{where} holds vectors of several models ({held()}): choose one with --model-name")
+        mine = keys
+    if len(mine) > 1:
+        raise SearchError(f"the vectors of model {mine[0][0]} in {where} have several lengths ({held()}); "
+                          "run the index command again to re-embed them")
+    return state.ModelVectors(*mine[0])
+
+
+# -- the matrix ------------------------------------------------------------------------
+class PathTable:
+    """N paths (sorted, as SQLite's BINARY collation sorts them: by UTF-8 bytes) stored as
+    one byte array and N + 1 offsets, so that a cache of a million paths opens without
+    decoding any of them."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray) -> None:
+        self.blob = blob
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def raw(self, i: int) -> bytes:
+        return self.blob[int(self.offsets[i]) : int(self.offsets[i + 1])].tobytes()
+
+    def __getitem__(self, i: int) -> str:
+        return self.raw(i).decode("utf-8", "surrogateescape")
+
+    def bisect(self, key: bytes) -> int:
+        lo, hi = 0, len(self)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.raw(mid) < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def find(self, path: str) -> int | None:
+        key = path.encode("utf-8", "surrogateescape")
+        i = self.bisect(key)
+        return i if i < len(self) and self.raw(i) == key else None
+
+    def prefix_range(self, prefix: str) -> tuple[int, int]:
+        """Rows [lo, hi) whose path starts with prefix (no UTF-8 string holds a 0xff byte)."""
+        key = prefix.encode("utf-8", "surrogateescape")
+        return self.bisect(key), self.bisect(key + b"\xff")
+
+
+@dataclass
+class VectorIndex:
+    """The vectors of one model, in path order, with what the filters need."""
+
+    model: str
+    dim: int
+    vectors: np.ndarray  # (n, dim) float32, L2-normalised rows
+    ids: np.ndarray  # (n,) int64: files.id
+    taken: np.ndarray  # (n,) int64: local wall-clock seconds (EXIF DateTimeOriginal, else mtime)
+    camera: np.ndarray  # (n,) int32: index into cameras, -1 when the file has no EXIF Model
+    cameras: list[str]
+    paths: PathTable
+    origin: str  # "cache" (reused), "built" (cache written now) or "memory" (no cache)
+    folder: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _timezone() -> str:
+    # The dates of files without EXIF are their mtimes in local time, worked out when the
+    # cache is built: another time zone needs another cache.
+    return f"{os.environ.get('TZ', '')}/{'/'.join(time.tzname)}"
+
+
+def cache_folder(db_path: Path, model: state.ModelVectors, version: tuple[str, int]) -> Path:
+    model_key = hashlib.sha256(f"{model.model}\n{model.dim}".encode()).hexdigest()[:12]
+    state_key = hashlib.sha256(f"{version[0]}\n{version[1]}\n{_timezone()}".encode()).hexdigest()[:12]
+    return db_path.with_name(f"{db_path.name}.vectors-{model_key}-{state_key}")
+
+
+def load_index(
+    conn: sqlite3.Connection,
+    db_path: str | os.PathLike[str],
+    model: state.ModelVectors,
+    *,
+    progress: Progress = no_progress,
+) -> VectorIndex:
+    """The model's vectors: from the cache when it is current, else read from SQLite (and
+    cached when the folder is writable)."""
+    db_path = absolute(db_path)
+    # One read transaction: the counter that names the cache and the rows it is built
+    # from are the same snapshot, whatever an index run commits meanwhile.
+    with db.transaction(conn, immediate=False):
+        version = state.vectors_version(conn)
+        folder = cache_folder(db_path, model, version) if version else None
+        if folder is not None:
+            index = _open_cache(folder, model, version)
+            if index is not None:
+                return index
+        else:
+            log.warning("%s predates the vector cache: run the index command once to upgrade it", db_path)
+        count = state.count_vectors(conn, model.model, model.dim)
+        if not count:
+            raise SearchError(f"no vectors of model {model.model} in {db_path}")
+        tmp = _make_tmp(folder) if folder is not None else None
+        try:
+            index = _build(conn, model, count, tmp, progress)
+            if tmp is None:
+                return index
+            _write_info(tmp, model, version, index)
+            published = _publish(tmp, folder, model, version)
+            return published if published is not None else index
+        finally:
+            if tmp is not None and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_tmp(folder: Path) -> Path | None:
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        log.warning("cannot write the vector cache beside the database (%s); keeping it in memory", e.strerror or e)
+        return None
+    return tmp
+
+
+def _build(conn: sqlite3.Connection, model: state.ModelVectors, count: int, tmp: Path | None,
+           progress: Progress) -> VectorIndex:
+    dim = model.dim
+
+    def array(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        if tmp is None:
+            return np.empty(shape, dtype=dtype)
+        return np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+    vectors = array("vectors", (count, dim), np.float32)
+    ids = array("ids", (count,), np.int64)
+    taken = array("taken", (count,), np.int64)
+    camera = array("camera", (count,), np.int32)
+    offsets = array("path_offsets", (count + 1,), np.int64)
+    offsets[0] = 0
+    names: dict[str, int] = {}
+    blob = bytearray()
+    i = 0
+    with progress("reading vectors", count) as tick:
+        for rows in state.iter_search_rows(conn, model.model, dim, page=BUILD_PAGE):
+            k = len(rows)
+            if i + k > count:
+                raise SearchError("the database changed while its vectors were read")  # not in one snapshot
+            encoded = [row[1].encode("utf-8", "surrogateescape") for row in rows]
+            data = b"".join(row[2] for row in rows)
+            if len(data) != k * dim * 4:
+                bad = next(row[1] for row in rows if len(row[2]) != dim * 4)
+                raise SearchError(f"the vector of {bad} is not {dim} float32 values; run the index command again")
+            block = np.frombuffer(data, dtype="<f4").reshape(k, dim)
+            norms = np.linalg.norm(block, axis=1, keepdims=True)
+            # Stored vectors are normalised already; imported ones are checked here.
+            vectors[i : i + k] = block / np.where(norms > 0, norms, 1.0)
+            ids[i : i + k] = [row[0] for row in rows]
+            taken[i : i + k] = [NO_DATE if row[3] is None else row[3] for row in rows]
+            camera[i : i + k] = [-1 if row[4] is None else names.setdefault(str(row[4]), len(names)) for row in rows]
+            offsets[i + 1 : i + k + 1] = len(blob) + np.cumsum([len(e) for e in encoded])
+            blob += b"".join(encoded)
+            i += k
+            tick(k)
+    if i != count:
+        raise SearchError("the database changed while its vectors were read")
+    paths = np.frombuffer(bytes(blob), dtype=np.uint8)
+    if tmp is not None:
+        np.save(tmp / "paths.npy", paths)
+        for arr in (vectors, ids, taken, camera, offsets):
+            arr.flush()
+    return VectorIndex(model.model, dim, vectors, ids, taken, camera, list(names), PathTable(paths, offsets),
+                       origin="memory")
+
+
+def _info(model: state.ModelVectors, version: tuple[str, int], count: int, cameras: list[str]) -> dict[str, Any]:
+    return {"format": CACHE_FORMAT, "model": model.model, "dim": model.dim, "database_id": version[0],
+            "vectors_version": version[1], "timezone": _timezone(), "count": count, "cameras": cameras}
+
+
+def _write_info(tmp: Path, model: state.ModelVectors, version: tuple[str, int], index: VectorIndex) -> None:
+    # Written last, and every file fsynced before the folder is renamed into place: a
+    # folder under its final name is complete, even after a power loss.
+    (tmp / "info.json").write_text(json.dumps(_info(model, version, len(index), index.cameras)), encoding="utf-8")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _publish(tmp: Path, folder: Path, model: state.ModelVectors, version: tuple[str, int]) -> VectorIndex | None:
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        # Another query built the same cache meanwhile (or a broken one is in the way).
+        index = _open_cache(folder, model, version)
+        if index is not None:
+            return index
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.rename(tmp, folder)
+        except OSError as e:
+            log.warning("cannot put the vector cache in place (%s); keeping it in memory", e.strerror or e)
+            return None
+    _remove_stale(folder, version)
+    index = _open_cache(folder, model, version)
+    if index is not None:
+        index.origin = "built"
+    return index
+
+
+def _remove_stale(current: Path, version: tuple[str, int]) -> None:
+    """Remove the caches of the same model that are older than this one (or of another
+    database, or broken), and temporaries abandoned by a builder that died. A newer cache,
+    built meanwhile by a query that saw a later state, is left alone."""
+    prefix = current.name.rsplit("-", 1)[0] + "-"
+    now = time.time()
+    for entry in current.parent.iterdir():
+        if entry == current or not entry.name.startswith(prefix) or not entry.is_dir():
+            continue
+        try:
+            if ".tmp-" in entry.name:
+                if now - entry.stat().st_mtime < STALE_TMP_SECONDS:
+                    continue  # another query may be building it
+            else:
+                info = json.loads((entry / "info.json").read_text(encoding="utf-8"))
+                if info.get("database_id") == version[0] and info.get("vectors_version", -1) > version[1]:
+                    continue
+        except (OSError, ValueError, AttributeError):
+            if not entry.exists():
+                continue  # removed meanwhile by another query
+            # else: unreadable, so broken
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _open_cache(folder: Path, model: state.ModelVectors, version: tuple[str, int]) -> VectorIndex | None:
+    """The cached matrix, memory-mapped; None when it is missing or not what it should be."""
+    try:
+        info = json.loads((folder / "info.json").read_text(encoding="utf-8"))
+        count = info["count"]
+        if info != _info(model, version, count, info["cameras"]):
+            return None
+
+        def load(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+            arr = np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            if arr.shape != shape or arr.dtype != np.dtype(dtype):
+                raise ValueError(f"{name}.npy is {arr.shape} {arr.dtype}")
+            return arr
+
+        vectors = load("vectors", (count, model.dim), np.float32)
+        ids = load("ids", (count,), np.int64)
+        taken = load("taken", (count,), np.int64)
+        camera = load("camera", (count,), np.int32)
+        offsets = load("path_offsets", (count + 1,), np.int64)
+        paths = load("paths", (int(offsets[-1]),), np.uint8)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring the broken vector cache %s: %s", folder, e)
+        return None
+    return VectorIndex(model.model, model.dim, vectors, ids, taken, camera, list(info["cameras"]),
+                       PathTable(paths, offsets), origin="cache", folder=folder)
