@@ -153,7 +153,7 @@ warnings.simplefilter("ignore")
 from pathlib import Path
 from PIL import Image
 from sqlindexer.embed import Embedder
-from sqlindexer.pipeline import DecodeOptions, Decoder, prepare, usable_cpus
+from sqlindexer.decode import DecodeOptions, Decoder, prepare, usable_cpus
 model_dir, folder, bs, workers = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 emb = Embedder(model_dir, device="cpu").prepare()
 paths = [str(p) for p in sorted(folder.iterdir())]

@@ -178,14 +178,14 @@ class PatchSpec:
             std = [std] * 3
         if not (isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) and len(mean) == len(std) == 3):
             return None
-        if int(get("resample") if get("resample") is not None else 2) != 2:  # PIL BILINEAR, as pipeline.prepare
+        if int(get("resample") if get("resample") is not None else 2) != 2:  # PIL BILINEAR, as decode.prepare
             return None
         return cls(int(get("patch_size") or 16), int(get("max_num_patches") or 256), get("rescale_factor") or 1 / 255,
                    mean, std)
 
     def fits(self, pixels: np.ndarray) -> bool:
         """Whether pixels are at the size the processor resizes them to (its resize is then
-        the identity, which is what pipeline.prepare's output is)."""
+        the identity, which is what decode.prepare's output is)."""
         from .images import naflex_size
 
         if pixels.ndim != 3 or pixels.shape[2] != 3:
@@ -322,7 +322,7 @@ class Embedder:
             return dict(self._processor(images=list(images), return_tensors="pt"))
 
     def embed_resized(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        """Upright RGB uint8 arrays already at the processor's target size (pipeline.prepare
+        """Upright RGB uint8 arrays already at the processor's target size (decode.prepare
         makes them) -> (n, dim) vectors, the processor's last steps done by PatchSpec; any
         other processor, or an array not at a target size, goes through embed_images."""
         self.prepare()

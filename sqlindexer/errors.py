@@ -1,10 +1,13 @@
 """Typed errors raised by the core; cli.py turns each into a one-line message."""
 
 
-def one_line(e: BaseException) -> str:
-    """The first line of an exception's text (a library's message can run to a traceback)."""
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+def one_line(e: BaseException, *, named: bool = False) -> str:
+    """The first line of an exception's text (a library's message can run to a traceback),
+    after its type's name when named."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not named:
+        return lines[0] if lines else type(e).__name__
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 class IndexerError(Exception):

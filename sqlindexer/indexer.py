@@ -29,7 +29,7 @@ from .lock import RunLock
 from .scan import Scanner
 
 if TYPE_CHECKING:
-    from .pipeline import DecodeOptions, Prepared
+    from .decode import DecodeOptions, Prepared
 
 # Decoding, export and source-index reading (Pillow, numpy) are imported where they are
 # used: a re-index with nothing to do needs none of them, and their imports were a fifth
@@ -274,7 +274,7 @@ def _embed_pending(conn, config: Config, run: state.Run, progress: Progress, emb
     if not total:
         return
     log.debug("embedding %d images", total)
-    from .pipeline import DecodeOptions, usable_cpus
+    from .decode import DecodeOptions, usable_cpus
 
     if embedder_factory is None:
         from .embed import Embedder as embedder_factory  # noqa: N813 - deferred: imports torch
@@ -331,7 +331,7 @@ class _Clock:
 
 def _embed_locally(config: Config, options: DecodeOptions, pending: Iterator[state.Pending], embedder,
                    workers: int, *, started: Callable[[], None]) -> Iterator[list[state.Result]]:
-    from .pipeline import Decoder
+    from .decode import Decoder
 
     # The weights load in a thread while the first images decode in the workers.
     with ThreadPoolExecutor(1) as loader, Decoder(options, workers=workers,

@@ -1,7 +1,7 @@
 """--engine ray: decode and embed the work list on a Ray cluster.
 
 Only the work list (id, path, size, mtime of each pending file) goes to Ray Data: decoding
-runs as CPU tasks (pipeline.prepare, as the local decode workers run it), embedding in a
+runs as CPU tasks (decode.prepare, as the local decode workers run it), embedding in a
 pool of actors that each load the model once (embed.Embedder). Results stream back to the
 driver in whatever order they finish, and indexer.py checks and commits each batch as it
 arrives: the SQLite database is only ever written by the driver. A result that never comes
@@ -19,15 +19,14 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from . import state
+from . import signals, state
 from .config import Config
-from .errors import EmbedError, IndexerError, RayError
-from .pipeline import DecodeOptions, prepare
+from .errors import EmbedError, IndexerError, RayError, one_line
+from .decode import DecodeOptions, prepare
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +65,6 @@ def import_ray() -> Any:
     return ray
 
 
-def _one_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
 @contextlib.contextmanager
 def connected(address: str | None) -> Iterator[Any]:
     """ray.init(address) for the length of the block; a Ray already initialised in this
@@ -79,29 +73,20 @@ def connected(address: str | None) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
-    sigterm = signal.getsignal(signal.SIGTERM)
-    try:
-        # Worker output stays in the cluster's log files: the CLI's stderr is for our
-        # messages, and a failed task reaches the driver as an exception anyway.
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    except Exception as e:  # noqa: BLE001 - connection, auth and start-up errors alike
-        raise RayError(f"cannot start or join Ray at {address or 'this machine'}: {_one_line(e)}") from None
-    finally:
-        # ray.init installs its own SIGTERM handler in the driver; the caller's (the CLI's
-        # records the run as interrupted, then the generator's exit shuts Ray down) wins.
-        _restore_sigterm(sigterm)
+    # ray.init installs its own SIGTERM handler in the driver; the CLI's (it records the
+    # run as interrupted, then the generator's exit shuts Ray down) stays in charge.
+    with signals.keep_sigterm():
+        try:
+            # Worker output stays in the cluster's log files: the CLI's stderr is for our
+            # messages, and a failed task reaches the driver as an exception anyway.
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except Exception as e:  # noqa: BLE001 - connection, auth and start-up errors alike
+            raise RayError(f"cannot start or join Ray at {address or 'this machine'}: {one_line(e, named=True)}") from None
     try:
         yield ray
     finally:
-        ray.shutdown()
-        _restore_sigterm(sigterm)
-
-
-def _restore_sigterm(handler: Any) -> None:
-    if handler is None:  # not installed from Python
-        return
-    with contextlib.suppress(ValueError):  # not the main thread
-        signal.signal(signal.SIGTERM, handler)
+        with signals.keep_sigterm():
+            ray.shutdown()
 
 
 def _sizes(ray: Any, config: Config) -> tuple[float, int]:
@@ -186,7 +171,7 @@ def embed_on_ray(config: Config, options: DecodeOptions, pending: Iterable[state
 def _ray_cause(e: BaseException) -> str:
     # A RayTaskError wraps the worker's exception; its own text is a long traceback.
     cause = getattr(e, "cause", None)
-    return _one_line(cause if isinstance(cause, BaseException) else e)
+    return one_line(cause if isinstance(cause, BaseException) else e, named=True)
 
 
 def _result(row: dict[str, Any]) -> state.Result:

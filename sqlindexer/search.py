@@ -180,7 +180,7 @@ def search_image(conn: sqlite3.Connection, db_path: str | os.PathLike[str], imag
                  model_name: str | None = None, filters: Filters = Filters(), progress: Progress = no_progress,
                  embedder_factory: Callable[..., Embedder] | None = None) -> Results:
     """The images most like an image: its stored vector when it is indexed, else the image
-    embedded now, decoded exactly as the indexer decodes (pipeline.prepare)."""
+    embedded now, decoded exactly as the indexer decodes (decode.prepare)."""
     model = choose_model(conn, model_name, where=str(absolute(db_path)))
     index = load_index(conn, db_path, model, progress=progress)
     path = str(absolute(image))
@@ -199,10 +199,10 @@ def search_image(conn: sqlite3.Connection, db_path: str | os.PathLike[str], imag
 
 def embed_image_file(embedder: Embedder, path: str) -> np.ndarray:
     """One image file -> its vector, by the indexer's own path: decoded upright and resized
-    to the model's input size in pipeline.prepare, then Embedder.embed_images."""
+    to the model's input size in decode.prepare, then Embedder.embed_images."""
     from PIL import Image
 
-    from .pipeline import DecodeOptions, prepare
+    from .decode import DecodeOptions, prepare
 
     embedder.prepare()
     prepared = prepare(path, DecodeOptions(patch_size=embedder.patch_size, max_num_patches=embedder.max_num_patches))

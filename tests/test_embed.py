@@ -254,7 +254,7 @@ def test_the_hub_client_s_warnings_stay_quiet_while_a_model_loads(tmp_path):
 
     script = (
         "import logging\n"
-        "from sqlindexer.cli import _setup_logging\n"
+        "from sqlindexer.cli_common import setup_logging as _setup_logging\n"
         "from sqlindexer.embed import quiet_transformers\n"
         "_setup_logging('INFO')\n"
         "import huggingface_hub, transformers\n"
@@ -295,7 +295,7 @@ def test_packed_patches_equal_processor_output(embedder, size):
     processor and we may round x/255 and (x-0.5)/0.5 in another order; one uint8 step is
     0.0078, so 1e-6 cannot hide a wrong pixel, channel or patch)."""
     from sqlindexer.embed import PatchSpec
-    from sqlindexer.pipeline import DecodeOptions, prepare
+    from sqlindexer.decode import DecodeOptions, prepare
 
     rng = np.random.default_rng(sum(size))
     src = Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))

@@ -436,7 +436,7 @@ def test_signal_during_decode_is_not_swallowed(tmp_path):
     exception must get through it, or a Ctrl-C would mark a good file failed and the run
     would go on."""
     from sqlindexer import images
-    from sqlindexer.cli import _signals_as_interrupts
+    from sqlindexer.signals import as_interrupts as _signals_as_interrupts
 
     big = make_photo(tmp_path / "big.png", size=(4000, 3000), seed=5)
     start = time.perf_counter()

@@ -725,9 +725,9 @@ def test_pixel_limit_reaches_the_decoders(runner, tmp_path, tiny_model):
 # child's own memory map.
 _MEASURE = """
 import resource, sys
-from sqlindexer import pipeline
+from sqlindexer import decode
 path, draft, limit = sys.argv[1], sys.argv[2] == "draft", int(sys.argv[3])
-p = pipeline.prepare(path, pipeline.DecodeOptions(draft=draft, max_image_pixels=limit))
+p = decode.prepare(path, decode.DecodeOptions(draft=draft, max_image_pixels=limit))
 try:
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) // 1024
@@ -769,13 +769,13 @@ def test_a_100_megapixel_jpeg_decodes_in_bounded_memory(tmp_path):
 def test_a_large_png_beyond_the_limit_is_refused_unread(tmp_path, limit):
     from PIL import Image
 
-    from sqlindexer import pipeline
+    from sqlindexer import decode
 
     bomb = tmp_path / "bomb.png"
     Image.new("1", (12000, 9000), 1).save(bomb)  # 108 megapixels in a few kB
     assert bomb.stat().st_size < 100_000
     started = time.monotonic()
-    p = pipeline.prepare(str(bomb), pipeline.DecodeOptions(max_image_pixels=limit))
+    p = decode.prepare(str(bomb), decode.DecodeOptions(max_image_pixels=limit))
     assert time.monotonic() - started < 2
     assert p.pixels is None
     assert p.error == f"refused as a decompression bomb: 108000000 pixels, more than max_image_pixels ({limit})"

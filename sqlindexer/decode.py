@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -19,9 +18,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from . import images
+from . import images, signals
 from .errors import EmbedError
-from .overlap import die_with_parent, signals_noted
 
 # Pool restarts in a row, with no image decoded between them, before the run stops: workers
 # that die at start-up (memory, a broken install) would otherwise be restarted forever.
@@ -80,16 +78,12 @@ def usable_cpus() -> int:
 
 
 def _worker_init(parent: int) -> None:
-    # Ctrl-C reaches the whole process group; the indexer handles it and stops its workers,
-    # which must not each print a KeyboardInterrupt traceback of their own. The worker
-    # started with SIGINT blocked (_spawning): a Ctrl-C that came while it started is
-    # pending, and is dropped here, once ignored.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    # The indexer stops its workers on Ctrl-C; they must not each print a KeyboardInterrupt
+    # traceback of their own. They start with SIGINT blocked (see _submit).
+    signals.ignore_sigint()
     images.register_plugins()
     # A worker must not outlive the indexer (kill -9, the OOM killer).
-    die_with_parent(parent)
+    signals.die_with_parent(parent)
 
 
 class Decoder:
@@ -172,7 +166,14 @@ class Decoder:
     def _submit(self, path: str) -> Future[Prepared]:
         assert self._pool is not None
         try:
-            with _spawning(), _interrupts_deferred():
+            # The pool starts workers inside submit(), on demand: with SIGINT blocked, a
+            # Ctrl-C while a worker still imports does not kill it with a traceback.
+            # Signals are held back while in the pool's locking code: Python runs a handler
+            # between two bytecodes, and ours raise; raised after a lock is taken and
+            # before the `with` that releases it is entered (CPython's bpo-29988), the lock
+            # stays held, the pool's manager thread blocks on it for good, and the run hangs
+            # while closing the pool (found by the kill-point harness in CI).
+            with signals.sigint_blocked(), signals.deferred():
                 return self._pool.submit(prepare, path, self.options)
         except BrokenProcessPool as e:
             # The pool broke (a worker died) since the last wait: submit() refuses at once.
@@ -188,7 +189,7 @@ class Decoder:
         # check the workers' pulse while waiting.
         while True:
             try:
-                with _interrupts_deferred():  # Ctrl-C waits for at most this half second
+                with signals.deferred():  # Ctrl-C waits for at most this half second
                     return future.result(timeout=0.5)
             except TimeoutError:
                 if _has_dead_worker(self._pool):
@@ -199,43 +200,6 @@ class Decoder:
             _close(self._pool, kill=True)
         self._pool = None
         self.__enter__()
-
-
-@contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Hold back SIGINT and SIGTERM in the main thread while it is inside the pool's code.
-
-    Python runs a signal handler between two bytecodes of the main thread, and the CLI's
-    handlers raise. Raised inside the pool's locking code (Queue.put in submit(), a future's
-    condition), the exception can come after a lock is taken and before the `with` that
-    releases it is entered (CPython's bpo-29988): the lock stays held, and the pool's
-    manager thread, which needs it, blocks for good, so the run hangs while closing the
-    pool. Found by the kill-point harness in CI (SIGTERM during the embedding). Here a
-    signal is only noted, and raised again once the pool's code has returned.
-    """
-    with signals_noted():
-        yield
-
-
-@contextlib.contextmanager
-def _spawning() -> Iterator[None]:
-    """Block SIGINT in this thread while the pool may start a worker (it does so inside
-    submit(), on demand).
-
-    The signal mask survives fork and exec, so the worker starts with SIGINT blocked until
-    its initializer ignores it: a Ctrl-C while a worker is still importing would otherwise
-    kill it with a traceback of its own. This process loses nothing: a Ctrl-C in the window
-    goes to another of its threads or waits for the mask to be restored, and Python raises
-    KeyboardInterrupt in the main thread either way.
-    """
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _workers(pool: ProcessPoolExecutor | None) -> list[multiprocessing.Process]:
@@ -256,7 +220,7 @@ def _close(pool: ProcessPoolExecutor, *, kill: bool) -> None:
     if kill:
         for p in processes:
             p.kill()
-    with _interrupts_deferred():
+    with signals.deferred():
         pool.shutdown(wait=False, cancel_futures=True)
     while thread is not None and thread.is_alive():
         # A worker killed while it was sending a result leaves half a message in the result

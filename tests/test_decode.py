@@ -1,4 +1,4 @@
-"""The decode pipeline: worker processes, bounded read-ahead, crash recovery, lazy imports."""
+"""The decode pool: worker processes, bounded read-ahead, crash recovery, lazy imports."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import make_photo, read_jsonl, run_cli
 
-from sqlindexer.pipeline import DecodeOptions, Decoder, prepare
+from sqlindexer.decode import DecodeOptions, Decoder, prepare
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_decoder_keeps_order_and_bounds_read_ahead(photos):
 
 KILL_A_WORKER = r"""
 import json, os, signal, sys
-from sqlindexer.pipeline import DecodeOptions, Decoder
+from sqlindexer.decode import DecodeOptions, Decoder
 paths = json.loads(sys.argv[1])
 with Decoder(DecodeOptions(), workers=2, ahead=4) as decoder:
     results = []
@@ -151,7 +151,7 @@ def test_no_change_reindex_imports_neither_torch_transformers_numpy_nor_pillow(t
 
 KILL_AND_LET_THE_POOL_BREAK = r"""
 import json, os, signal, sys, time
-from sqlindexer.pipeline import DecodeOptions, Decoder
+from sqlindexer.decode import DecodeOptions, Decoder
 paths = json.loads(sys.argv[1])
 # ahead=1: when a result is handed out no file is in flight, so the worker killed is idle,
 # not sending, and the pool notices its death at once.
@@ -184,7 +184,7 @@ def test_a_pool_that_broke_between_waits_is_restarted_not_raised(photos):
 
 INTERRUPT_A_STARTING_WORKER = r"""
 import json, os, signal, sys
-from sqlindexer.pipeline import DecodeOptions, Decoder
+from sqlindexer.decode import DecodeOptions, Decoder
 paths = json.loads(sys.argv[1])
 with Decoder(DecodeOptions(), workers=1, ahead=1) as decoder:
     future = decoder._submit(paths[0])
@@ -209,7 +209,7 @@ def test_ctrl_c_while_a_worker_starts_does_not_kill_it(photos):
 
 KILL_FIRST = r"""
 import json, os, signal, sys
-from sqlindexer.pipeline import DecodeOptions, Decoder
+from sqlindexer.decode import DecodeOptions, Decoder
 paths = json.loads(sys.argv[1])
 with Decoder(DecodeOptions(), workers=2, ahead=4) as decoder:
     for i, (item, prepared) in enumerate(decoder.map(paths, lambda p: p)):
@@ -221,7 +221,7 @@ print("done", flush=True)
 
 KILL_AND_STOP = r"""
 import json, os, signal, sys
-from sqlindexer.pipeline import DecodeOptions, Decoder
+from sqlindexer.decode import DecodeOptions, Decoder
 paths = json.loads(sys.argv[1])
 with Decoder(DecodeOptions(), workers=2, ahead=4) as decoder:
     for item, prepared in decoder.map(paths, lambda p: p):
@@ -252,7 +252,7 @@ def test_a_worker_killed_while_sending_a_result_does_not_hang_the_exit(photos):
 
 HOLD_BACK = r"""
 import json, os, signal, sys
-from sqlindexer.pipeline import DecodeOptions, Decoder
+from sqlindexer.decode import DecodeOptions, Decoder
 
 class Stop(Exception):
     pass
