@@ -81,8 +81,8 @@ def _value(value: Any, *, depth: int) -> Any:
         return _finite(float(value.numerator) / value.denominator if value.denominator else math.nan)
     if isinstance(value, float):
         return _finite(value)
-    if isinstance(value, str):
-        return _text(value)
+    if isinstance(value, str):  # Pillow gives str for the ASCII type only
+        return _text(_until_nul(value))
     if isinstance(value, bytes):
         return _bytes(value)
     if isinstance(value, (tuple, list)):
@@ -105,6 +105,12 @@ def _value(value: Any, *, depth: int) -> Any:
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+def _until_nul(s: str) -> str:
+    """EXIF text ends at its first NUL; what follows is padding or stale bytes, not text.
+    A Nokia file's Make is "Nokia\\x002": exiftool reads "Nokia", and so do we."""
+    return s.split("\x00", 1)[0]
 
 
 def _text(s: str) -> Any:
@@ -134,10 +140,12 @@ def _bytes(b: bytes) -> Any:
                 # in the ASCII range has its zero bytes second in little-endian order.
                 le = body[1::2].count(0) > body[0::2].count(0)
                 try:
-                    return _text(body.decode("utf-16-le" if le else "utf-16-be"))
+                    return _text(_until_nul(body.decode("utf-16-le" if le else "utf-16-be")))
                 except UnicodeDecodeError:
                     return _SKIP
-            b = body
+            # Cut before decoding: the charset prefix says the body is text, ending at a NUL.
+            # Unprefixed bytes (XPTitle's UCS-2) keep their NULs until _text drops them.
+            b = body.split(b"\x00", 1)[0]
             break
     stripped = b.rstrip(b"\x00")
     if not stripped:

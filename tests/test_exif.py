@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from PIL.TiffImagePlugin import IFDRational
 
+from conftest import make_photo, read_jsonl, run_cli
 from sqlindexer import exif as exif_reader
 from sqlindexer import images
 
@@ -127,13 +128,66 @@ def test_unicode_user_comment_in_either_byte_order(tmp_path):
         assert read_file(p)["ExifOffset"] == {"UserComment": "Grüße aus Köln"}, order
 
 
+def nul_exif() -> Image.Exif:
+    """ASCII values with bytes after their terminating NUL, in each IFD: a real Nokia file
+    has Make = b"Nokia\\x002" (exiftool 12.57 reads every one of these up to the NUL)."""
+    e = Image.Exif()
+    e[0x010F] = "Nokia\x002"  # Make
+    e[0x0110] = "N70-1\x00\x00stale"  # Model
+    e[0x9C9B] = "Title".encode("utf-16-le") + b"\x00\x00"  # XPTitle: BYTE, UCS-2 without a prefix
+    sub = e.get_ifd(EXIF_IFD)
+    sub[0xA434] = "EF50mm f/1.8\x00old lens"  # LensModel
+    sub[0x9286] = b"ASCII\x00\x00\x00Hi\x00there\x00"  # UserComment: UNDEFINED, charset prefix
+    gps = e.get_ifd(GPS_IFD)
+    gps[0x0012] = "WGS-84\x00\x00xx"  # GPSMapDatum
+    return e
+
+
+NUL_EXPECTED = {"Make": "Nokia", "Model": "N70-1", "XPTitle": "Title",
+                "ExifOffset": {"LensModel": "EF50mm f/1.8", "UserComment": "Hi"},
+                "GPSInfo": {"GPSMapDatum": "WGS-84"}}
+
+
+def test_ascii_text_ends_at_its_first_nul(tmp_path):
+    p = tmp_path / "nokia.jpg"
+    Image.new("RGB", (16, 16)).save(p, exif=nul_exif().tobytes())
+    # The file really holds the bytes after the NUL; the reader is what must drop them.
+    raw = p.read_bytes()
+    assert b"Nokia\x002\x00" in raw and b"EF50mm f/1.8\x00old lens\x00" in raw and b"WGS-84\x00\x00xx\x00" in raw
+    got = read_file(p)
+    assert got == NUL_EXPECTED
+    assert images.decode(str(p)).exif == got
+
+
+def test_charset_prefixed_text_ends_at_its_first_nul(tmp_path):
+    unicode = [b"UNICODE\x00" + "Hi\x00there".encode(order) for order in ("utf-16-le", "utf-16-be")]
+    for body in (b"ASCII\x00\x00\x00Hi\x00there", b"\x00" * 8 + b"Hi\x00there", *unicode):
+        e = Image.Exif()
+        e.get_ifd(EXIF_IFD)[0x9286] = body
+        p = tmp_path / "comment.jpg"
+        Image.new("RGB", (16, 16)).save(p, exif=e.tobytes())
+        assert read_file(p)["ExifOffset"] == {"UserComment": "Hi"}, body
+
+
+def test_nul_terminated_text_through_the_index(runner, tmp_path, tiny_model):
+    photos = tmp_path / "photos"
+    make_photo(photos / "nokia.jpg", exif=nul_exif().tobytes())
+    out = tmp_path / "index.jsonl"
+    run_cli(runner, ["-i", photos, "-o", out, "--model-name", tiny_model, "--workers", "0"])
+    [record] = read_jsonl(out)
+    exif = record["metadata"]["exif"]
+    assert {k: exif[k] for k in NUL_EXPECTED} == NUL_EXPECTED
+
+
 def test_values_converted_directly():
     v = exif_reader._value
     assert v(IFDRational(1, 3), depth=0) == pytest.approx(1 / 3)
     assert v(IFDRational(1, 0), depth=0) is None
     assert v(float("inf"), depth=0) is None
     assert v("abc\x00\x00", depth=0) == "abc"
+    assert v("Nokia\x002", depth=0) == "Nokia"
     assert v(b"ASCII\x00\x00\x00text\x00", depth=0) == "text"
+    assert v(b"ASCII\x00\x00\x00text\x00more", depth=0) == "text"
     assert v(b"\x00", depth=0) == 0  # GPSAltitudeRef above sea level
     assert v((1, IFDRational(1, 2)), depth=0) == [1, 0.5]
     # Binary that is not text is left out, never a Python repr.

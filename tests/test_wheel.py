@@ -4,6 +4,7 @@ from outside the repository; the migrations must travel inside the package."""
 from __future__ import annotations
 
 import os
+import site
 import sqlite3
 import subprocess
 import sys
@@ -43,16 +44,38 @@ def wheel(tmp_path_factory) -> Path:
     return whl
 
 
+def _running_site_dirs() -> list[str]:
+    """The site-packages of the interpreter running the tests, minus anything inside the repository.
+
+    ``venv --system-site-packages`` run from inside a virtualenv links the *base* interpreter's
+    site-packages, not the virtualenv's, so the wheel's venv would miss everything installed in
+    it (Pillow, torch, transformers). Listing these directories in a ``.pth`` file adds them as
+    plain paths; the ``.pth`` files inside them are not processed, so an editable install's
+    pointer back at the checkout stays out as well."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    repo = REPO.resolve()
+    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir() and not Path(d).resolve().is_relative_to(repo)]
+
+
 @pytest.fixture(scope="module")
 def venv(wheel, tmp_path_factory) -> Path:
-    """A fresh virtualenv that sees the installed torch/transformers (system site-packages)
-    and has the wheel, and only the wheel, installed into it."""
+    """A fresh virtualenv that sees the packages of the running environment (torch,
+    transformers, Pillow) and has the wheel, and only the wheel, installed into it."""
     root = tmp_path_factory.mktemp("venv") / "env"
     work = root.parent
-    result = _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", root], cwd=work)
+    result = _run([sys.executable, "-m", "venv", "--without-pip", root], cwd=work)
     assert result.returncode == 0, result.stderr
     python = root / "bin" / "python"
-    # pip comes from the system site-packages and installs into the venv (its sys.prefix).
+    purelib = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    venv_site = _run([python, "-c", purelib], cwd=work, env=_clean_env())
+    assert venv_site.returncode == 0, venv_site.stderr
+    # Paths from a .pth file go after the venv's own site-packages on sys.path, so the wheel's
+    # copy of sqlindexer is the one imported even where the running environment has one too.
+    pth = Path(venv_site.stdout.strip()) / "running_env.pth"
+    pth.write_text("".join(f"{d}\n" for d in _running_site_dirs()))
+    # pip comes from the running environment's site-packages and installs into the venv (its sys.prefix).
     result = _run([python, "-m", "pip", "install", "--no-deps", "--no-index", wheel], cwd=work, env=_clean_env())
     assert result.returncode == 0, result.stdout + result.stderr
     return root
@@ -74,10 +97,12 @@ def test_wheel_ships_the_migrations(wheel):
 
 def test_installed_wheel_indexes_from_outside_the_repo(venv, tiny_model, tmp_path):
     python = venv / "bin" / "python"
-    where = _run([python, "-c", "import sqlindexer, sqlindexer.db as db; print(sqlindexer.__file__); "
-                  "print(db._migrations_dir())"], cwd=tmp_path, env=_clean_env())
+    where = _run([python, "-c", "import sys, sqlindexer, sqlindexer.db as db; print(sqlindexer.__file__); "
+                  "print(db._migrations_dir()); print(*sys.path, sep='\\n')"], cwd=tmp_path, env=_clean_env())
     assert where.returncode == 0, where.stderr
-    module_file, migrations_dir = (Path(line) for line in where.stdout.split())
+    module_file, migrations_dir, *sys_path = (Path(line) for line in where.stdout.splitlines() if line)
+    leaked = [p for p in sys_path if p.resolve().is_relative_to(REPO.resolve())]
+    assert not leaked, f"the checkout is on the wheel venv's sys.path: {leaked}"
     assert module_file.resolve().is_relative_to(venv.resolve()), module_file
     assert not module_file.resolve().is_relative_to(REPO.resolve()), module_file
     assert migrations_dir.resolve().is_relative_to(venv.resolve()), migrations_dir
