@@ -4,7 +4,7 @@
 Fills a working database with --rows rows of 768-d float32 vectors (and a little EXIF),
 then times, each in a fresh process:
 
-  ours jsonl / ours pkl       sqlindexer.export.write_index streaming from SQLite
+  ours jsonl / ours pkl       sqlindexer.index_file.write_index streaming from SQLite
   json.dumps / pickle.dump    the same rows turned into record dicts and written with the
                               standard library, one record at a time
 
@@ -50,24 +50,24 @@ def fill(db_path: Path, rows: int, dim: int) -> None:
 
 
 def export_variant(variant: str, db_path: Path, out: Path) -> None:
-    from sqlindexer import db, export, state
+    from sqlindexer import db, index_file, state
 
     conn = db.connect(db_path)
     rows = state.iter_export_rows(conn, "bench")
     t0 = time.perf_counter()
     if variant in ("ours-jsonl", "ours-pkl"):
-        n = export.write_index(rows, out, variant.split("-")[1])
+        n = index_file.write_index(rows, out, variant.split("-")[1])
     elif variant == "json.dumps":
         with open(out, "w") as f:
             n = 0
             for row in rows:
-                f.write(json.dumps(export.record(row)) + "\n")
+                f.write(json.dumps(index_file.record(row)) + "\n")
                 n += 1
     elif variant == "pickle.dump":
         with open(out, "wb") as f:
             n = 0
             for row in rows:
-                pickle.dump(export.record(row), f)
+                pickle.dump(index_file.record(row), f)
                 n += 1
     else:
         raise SystemExit(f"unknown variant {variant}")

@@ -137,7 +137,7 @@ def index(config_file: str | None, wait: bool, **options: Any) -> None:
         raise click.ClickException(str(e)) from None
     setup_logging(config.log_level)
 
-    from .indexer import run_index
+    from .run import run_index
 
     try:
         with signals.as_interrupts():
@@ -173,30 +173,22 @@ def export_command(db_path: str, output_file: str, output_format: str | None, mo
     """
     import time
 
-    from . import db, export, state
+    from . import export, state
     from .vectors import choose_model
 
     setup_logging("WARNING")
-    out = cfg.absolute(output_file)
-    if out.is_dir():
-        raise click.ClickException(f"output file {output_file} is a directory")
-    if not out.parent.is_dir():
-        raise click.ClickException(f"folder of output file {output_file} does not exist")
-    database = cfg.absolute(db_path)
-    if out in (database, database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")):
-        raise click.ClickException(f"the output file {output_file} is the working database")
-    fmt = cfg.Config(output_file=output_file, output_format=output_format).resolved_output_format
     started = time.monotonic()
     try:
+        out = export.check_target(output_file, db_path)
+        fmt = cfg.Config(output_file=output_file, output_format=output_format).resolved_output_format
         conn = open_readonly(db_path)
-        model = choose_model(conn, model_name, where=str(database))
-        # One read transaction: the file is one snapshot, whatever a running index commits.
-        with db.transaction(conn, immediate=False):
-            with tqdm_progress("exporting", state.count_export_rows(conn, model.model)) as tick:
-                n = export.write_index(state.iter_export_rows(conn, model.model), out, fmt, tick=tick)
+        model = choose_model(conn, model_name, where=str(cfg.absolute(db_path)))
+        done = export.export_index(conn, model=model.model, out=out, fmt=fmt, progress=tqdm_progress,
+                                   last=state.export_mark(conn))
     except IndexerError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"exported {n} images ({model.model}) to {out} in {time.monotonic() - started:.1f} s", err=True)
+    click.echo(f"exported {done.count} images ({model.model}) to {out} in {time.monotonic() - started:.1f} s",
+               err=True)
 
 
 for _command in (cli_query.search, cli_query.similar, cli_query.duplicates, cli_query.status):

@@ -50,11 +50,6 @@ class Interrupted(IndexerError):
         self.signum = signum
 
 
-class ProcessDiedError(IndexerError):
-    """The process that embeds and exports for a run died without saying how (killed, out
-    of memory)."""
-
-
 class SearchError(IndexerError):
     """A query cannot be answered: no database, no vectors of the model, a bad query image."""
 

@@ -3,7 +3,7 @@
 Only the work list (id, path, size, mtime of each pending file) goes to Ray Data: decoding
 runs as CPU tasks (decode.prepare, as the local decode workers run it), embedding in a
 pool of actors that each load the model once (embed.Embedder). Results stream back to the
-driver in whatever order they finish, and indexer.py checks and commits each batch as it
+driver in whatever order they finish, and run.py checks and commits each batch as it
 arrives: the SQLite database is only ever written by the driver. A result that never comes
 back (a driver killed, a job that failed) leaves its file pending, and the next run with
 the same command embeds it.
@@ -25,7 +25,7 @@ from typing import Any
 
 from . import signals, state
 from .config import Config
-from .errors import EmbedError, IndexerError, RayError, one_line
+from .errors import IndexerError, RayError, one_line
 from .decode import DecodeOptions, prepare
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,13 @@ def _missing_dirs(paths: list[str]) -> tuple[str, list[str]]:
     return socket.gethostname(), [p for p in paths if not os.path.isdir(p)]
 
 
-def embed_on_ray(config: Config, options: DecodeOptions, pending: Iterable[state.Pending], *,
-                 dim: int, started: Callable[[], None] = lambda: None) -> Iterator[list[state.Result]]:
+def describe(config: Config) -> str:
+    """How the images/s figure was reached, for the run's log line."""
+    return "on Ray, actor start-up included"
+
+
+def embed(config: Config, options: DecodeOptions, pending: Iterable[state.Pending], embedder: Any, *,
+          started: Callable[[], None] = lambda: None) -> Iterator[list[state.Result]]:
     """Yield the results of the pending files, a batch at a time, as the cluster finishes
     them (in no particular order). Vectors are set; the driver re-checks each file."""
     work = [{"id": p.id, "path": p.path, "size": p.size, "mtime_ns": p.mtime_ns} for p in pending]
@@ -153,7 +158,7 @@ def embed_on_ray(config: Config, options: DecodeOptions, pending: Iterable[state
         # core, so the decode tasks never take them all.
         ds = ds.map_batches(_EmbedActor, batch_size=config.batch_size, batch_format="pyarrow",
                             fn_constructor_kwargs={"model_name": config.model_name, "device": config.device,
-                                                   "dtype": config.dtype, "dim": dim},
+                                                   "dtype": config.dtype, "dim": embedder.dim},
                             compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=per_worker,
                             num_cpus=1 if not per_worker else None)
         started()
@@ -211,16 +216,12 @@ def _decode_batch(batch: Any, options: DecodeOptions) -> Any:
         ok = p is not None and p.error is None
         out["width"].append(p.width if p is not None else None)
         out["height"].append(p.height if p is not None else None)
-        out["exif"].append(_exif_text(p.exif) if p is not None else None)
+        # Plain JSON: it crosses the cluster as text, not as a pickle.
+        out["exif"].append(state.exif_json(p.exif) if p is not None else None)
         out["error"].append(error)
         out["pixels"].append(p.pixels.tobytes() if ok else None)
         out["shape"].append(list(p.pixels.shape) if ok else None)
     return pa.table(out, schema=_schema(_DECODED))
-
-
-def _exif_text(exif: dict[str, Any] | None) -> str | None:
-    # Plain JSON (exif.py makes it so): it crosses the cluster as text, not as a pickle.
-    return None if exif is None else json.dumps(exif, ensure_ascii=False, separators=(",", ":"))
 
 
 def _schema(columns: dict[str, str]) -> Any:
@@ -254,12 +255,11 @@ class _EmbedActor:
         if ready:
             # The same path as the local engine: decoded at target size, packed into patches.
             found = self.embedder.embed_resized([pixels for _, pixels in ready])
-            if found.shape[1] != self.dim:
-                raise EmbedError(f"model {self.embedder.model_name!r} gave {found.shape[1]}-d vectors on "
-                                 f"{socket.gethostname()}, {self.dim}-d on the driver")
             # A whole vector or none: the bytes of one row of the batch's result.
-            for (i, _), vec in zip(ready, found):
-                vectors[i] = vec.astype("<f4").tobytes()
+            blobs = state.vector_blobs(found, dim=self.dim, model=self.embedder.model_name,
+                                       where=f" on {socket.gethostname()}")
+            for (i, _), blob in zip(ready, blobs):
+                vectors[i] = blob
         out = {k: [r[k] for r in rows] for k in _EMBEDDED if k != "vector"}
         out["vector"] = vectors
         return pa.table(out, schema=_schema(_EMBEDDED))

@@ -6,6 +6,7 @@ that writes commits its own transaction, so whatever it returned is durable.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -16,6 +17,7 @@ from operator import itemgetter
 from typing import Any
 
 from .db import transaction
+from .errors import EmbedError
 from .scan import FileRecord, is_under
 
 # Rows fetched or written per statement; SQLite's default limit on host parameters is
@@ -312,13 +314,13 @@ class Result:
 def store_results(conn: sqlite3.Connection, results: Sequence[Result], run: Run, *, model: str, dim: int | None) -> None:
     """Commit one batch of results, and the run's counters with them, in one transaction."""
     ok = [
-        (r.width, r.height, _exif_json(r.exif), model, dim, r.vector, run.build, run.id, r.file.id,
+        (r.width, r.height, exif_json(r.exif), model, dim, r.vector, run.build, run.id, r.file.id,
          r.file.size, r.file.mtime_ns)
         for r in results
         if r.vector is not None and not r.changed
     ]
     failed = [
-        (r.error, r.width, r.height, _exif_json(r.exif), run.build, run.id, r.file.id, r.file.size, r.file.mtime_ns)
+        (r.error, r.width, r.height, exif_json(r.exif), run.build, run.id, r.file.id, r.file.size, r.file.mtime_ns)
         for r in results
         if r.error is not None and not r.changed
     ]
@@ -337,7 +339,16 @@ def store_results(conn: sqlite3.Connection, results: Sequence[Result], run: Run,
         add_counts(conn, run.id, embedded=len(ok), failed=len(failed), decoded=sum(r.decoded for r in results))
 
 
-def _exif_json(exif: dict[str, Any] | None) -> str | None:
+def vector_blobs(vectors: Any, *, dim: int, model: str, where: str = "") -> list[bytes]:
+    """A batch of vectors, (n, dim) floats from the model, as the blobs the database stores
+    (little-endian float32): the one place both engines turn vectors into rows."""
+    if vectors.shape[1] != dim:
+        raise EmbedError(f"model {model!r} gave {vectors.shape[1]}-d vectors{where}, its config says {dim}")
+    return [vec.astype("<f4").tobytes() for vec in vectors]
+
+
+def exif_json(exif: dict[str, Any] | None) -> str | None:
+    """EXIF (plain JSON values, exif.py makes it so) as the text the database stores."""
     if exif is None:
         return None
     return json.dumps(exif, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
@@ -387,7 +398,7 @@ def import_vectors(conn: sqlite3.Connection, records: Iterable[Imported], run: R
             if row is not None and row["status"] == "ok" and row["model"] == run.model \
                     and row["size"] == rec.size and row["mtime_ns"] == rec.mtime_ns:
                 continue
-            values = (rec.size, rec.mtime_ns, rec.ctime_ns, rec.width, rec.height, _exif_json(rec.exif),
+            values = (rec.size, rec.mtime_ns, rec.ctime_ns, rec.width, rec.height, exif_json(rec.exif),
                       run.model, rec.dim, rec.vector, run.build, run.id)
             if row is None:
                 conn.execute(
@@ -492,6 +503,48 @@ def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
     with transaction(conn):
         conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                      (key, value))
+
+
+LAST_EXPORT = "last_export"
+
+
+@dataclass(frozen=True)
+class ExportMark:
+    """What the last export wrote: which file (to tell that the file on disk is still that
+    one) and from which rows (the record stamp, and what else shapes a record)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    ino: int
+    model: str
+    format: str
+    stamp: int
+    tz: tuple[Any, ...]  # records hold local times: another time zone writes other records
+    layout: int | None = None  # jsonl only: the form of its lines (index_file.JSONL_LAYOUT)
+
+    def names_file(self, path: str, st: Any, *, same_inode: bool = True) -> bool:
+        """Whether the file at path, of stat result st, is the one this mark describes."""
+        return (self.path, self.size, self.mtime_ns) == (path, st.st_size, st.st_mtime_ns) \
+            and (not same_inode or self.ino == st.st_ino)
+
+
+def export_mark(conn: sqlite3.Connection) -> ExportMark | None:
+    """The mark of the last export, or None (never exported, or a mark of another version)."""
+    text = get_meta(conn, LAST_EXPORT)
+    if not text:
+        return None
+    try:
+        raw = json.loads(text)
+        return ExportMark(raw["path"], int(raw["size"]), int(raw["mtime_ns"]), int(raw["ino"]), raw["model"],
+                          raw["format"], int(raw["stamp"]), tuple(raw["tz"]), raw.get("layout"))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def set_export_mark(conn: sqlite3.Connection, mark: ExportMark) -> None:
+    raw = {k: v for k, v in dataclasses.asdict(mark).items() if v is not None}
+    set_meta(conn, LAST_EXPORT, json.dumps({**raw, "tz": list(mark.tz)}))
 
 
 # -- queries (search, similar, duplicates, status) -------------------------------------

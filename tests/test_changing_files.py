@@ -18,7 +18,7 @@ import numpy as np
 from conftest import make_photo, read_jsonl
 
 from sqlindexer import config as cfg
-from sqlindexer.indexer import run_index
+from sqlindexer.run import run_index
 
 
 def _config(photos: Path, out: Path, model: Path, **extra) -> cfg.Config:

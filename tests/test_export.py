@@ -15,7 +15,7 @@ import pytest
 from conftest import make_photo, read_jsonl, read_pkl, run_cli
 
 from sqlindexer.errors import ExportError
-from sqlindexer.export import record, tmp_path as export_tmp_path, write_index
+from sqlindexer.index_file import record, tmp_path as export_tmp_path, write_index
 from sqlindexer.state import ExportRow
 
 META_KEYS = ["path", "filename", "size_bytes", "creation_time", "modification_time", "width", "height", "exif"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import bump_mtime, make_photo, open_db, read_jsonl, run_cli
 
-from sqlindexer.export import _ONE_BY_ONE, write_index
+from sqlindexer.index_file import _ONE_BY_ONE, write_index
 
 NAMES = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", 'we"ird\\name\t.jpg', "sub/f.jpg", "g.jpg"]
 
@@ -174,7 +174,7 @@ def test_a_ctime_only_change_is_exported(runner, tmp_path, tiny_model, indexed):
 def test_a_previous_index_that_cannot_be_read_is_a_value_error(tmp_path):
     # The caller falls back to writing every record on ValueError: a last export deleted
     # (or made unreadable) under the run must land there, not fail the run.
-    from sqlindexer.export import tmp_path as export_tmp_path
+    from sqlindexer.index_file import tmp_path as export_tmp_path
 
     out = tmp_path / "index.jsonl"
     with pytest.raises(ValueError, match="cannot read it"):

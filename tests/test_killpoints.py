@@ -239,10 +239,7 @@ class Run:
             if signame == "SIGINT":
                 os.killpg(self.proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole group
             elif signame == "SIGKILL":
-                # The run's processes all at once, at this moment. (A kill -9 of the process
-                # you started reaches the child that embeds and exports a few milliseconds
-                # later, through the kernel, in which it may finish a commit or the export:
-                # tests/test_overlap.py.)
+                # The run's processes (the indexer and its decode workers) all at once.
                 os.killpg(self.proc.pid, signal.SIGKILL)
             else:
                 self.proc.send_signal(getattr(signal, signame))  # to the process you started

@@ -505,7 +505,7 @@ def test_links_at_output_and_tmp_are_not_followed(runner, tmp_path, photos, tiny
 
 
 def test_pkl_export_replaces_a_link_at_the_output(tmp_path):
-    from sqlindexer.export import write_index
+    from sqlindexer.index_file import write_index
     from sqlindexer.state import ExportRow
 
     victim = tmp_path / "victim.pkl"
