@@ -24,30 +24,87 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 @dataclass(frozen=True)
-class Config:
-    """Everything a run needs to know. Field names are the YAML keys."""
+class Field:
+    """One setting, declared once: the Config field and YAML key `name`, the command-line
+    option --name-with-dashes (and `short`), its type, bounds, default and help. Config,
+    check() and the Click options (cli_options.py) are all made from FIELDS."""
 
-    input_dirs: tuple[str, ...] = ()
-    output_file: str | None = None
-    model_name: str = DEFAULT_MODEL
-    batch_size: int = 32
-    device: str = "auto"
-    output_format: str | None = None  # None: from the output file's suffix, else jsonl
-    log_level: str = "INFO"
-    reindex: bool = False
-    source_index: str | None = None  # None: the output file
-    state_db: str | None = None  # None: next to the output file, suffix .sqlite
-    include_hidden: bool = False
-    follow_symlinks: bool = False
-    workers: int | None = None  # None: the number of usable CPU cores; 0: decode in-process
-    dtype: str = "auto"  # auto: bfloat16/float16 on CUDA, float32 elsewhere
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images fail as decompression bombs
-    engine: str = "local"  # ray: decode and embed on a Ray cluster (the ray extra)
-    ray_address: str | None = None  # None: join the local Ray instance, or start one
-    ray_workers: int | None = None  # model actors; None: one per GPU of the cluster, or 1 without GPUs
-    ray_gpus_per_worker: float | None = None  # None: 1 if the cluster has GPUs, else 0
+    name: str
+    kind: type  # bool, int, float, str, or list: a list of strings, kept as a tuple
+    default: Any  # None: worked out during the run (default_text says how)
+    help: str
+    short: str | None = None  # a one-letter flag besides --name-with-dashes
+    choices: tuple[str, ...] = ()  # for str; matched case-insensitively, kept as spelled here
+    min: int | float | None = None  # for int and float, inclusive
+    max: int | float | None = None
+    metavar: str | None = None
+    default_text: str | None = None  # what --help says for a default of None
+    noun: str = ""  # for messages: what a list holds ("a list of directory paths"), what a number counts
 
-    # Derived values, after validate().
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def annotation(self) -> Any:
+        base: Any = tuple[str, ...] if self.kind is list else self.kind
+        return base | None if self.default is None else base
+
+    @property
+    def range_text(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"between {self.min} and {self.max}"
+        if self.min is not None:
+            if self.min == 1 and self.kind is int:
+                return f"a positive number of {self.noun}" if self.noun else "a positive integer"
+            return f"at least {self.min}"
+        return f"at most {self.max}"
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("input_dirs", list, (), "Directories to scan recursively; repeat -i or list several after it.",
+          short="-i", metavar="DIR...", noun="directory paths"),
+    Field("output_file", str, None, "Index file to write (jsonl or pkl).", short="-o", metavar="FILE"),
+    Field("model_name", str, DEFAULT_MODEL, "Hugging Face model id or local folder of a SigLIP 2 checkpoint.",
+          metavar="NAME"),
+    Field("batch_size", int, 32, "Images per model batch.", min=1, max=65536, metavar="N"),
+    Field("device", str, "auto", "Where to run the model; auto picks CUDA, then MPS, then CPU.", choices=DEVICES),
+    Field("output_format", str, None, "Index file format.", choices=OUTPUT_FORMATS,
+          default_text="from the output suffix: .pkl -> pkl, else jsonl"),
+    Field("log_level", str, "INFO", "Logging level (to stderr).", choices=LOG_LEVELS),
+    Field("reindex", bool, False,
+          "Only process new or modified files and drop deleted ones; unchanged files keep their vectors."),
+    Field("source_index", str, None,
+          "Existing index (ours or the original tool's, jsonl or pkl) whose vectors --reindex keeps.",
+          metavar="FILE", default_text="the output file"),
+    Field("state_db", str, None, "Working SQLite database of file state and vectors.", metavar="FILE",
+          default_text="output file with suffix .sqlite"),
+    Field("include_hidden", bool, False, "Also index hidden files and folders (names starting with '.')."),
+    Field("follow_symlinks", bool, False, "Follow symlinks to directories (loops are detected)."),
+    Field("workers", int, None, "Processes that decode and resize images ahead of the model; 0 decodes in-process.",
+          min=0, max=256, metavar="N", default_text="number of usable CPU cores"),
+    Field("dtype", str, "auto", "Model precision; auto is bfloat16 (or float16) on CUDA and float32 elsewhere.",
+          choices=DTYPES),
+    # No maximum and no "unlimited": that would let one file take all the memory there is.
+    Field("max_image_pixels", int, DEFAULT_MAX_IMAGE_PIXELS,
+          "Larger images fail as decompression bombs (Pillow's limit).", min=1, metavar="N", noun="pixels"),
+    Field("engine", str, "local",
+          "Where to decode and embed: this machine, or a Ray cluster (pip install 'image-indexer[ray]').",
+          choices=ENGINES),
+    Field("ray_address", str, None, "Ray cluster for --engine ray: ray://host:10001, host:6379 or auto.",
+          metavar="ADDRESS", default_text="the local Ray instance, started if none"),
+    Field("ray_workers", int, None, "Model actors for --engine ray.", min=1, max=4096, metavar="N",
+          default_text="one per GPU of the cluster, 1 without GPUs"),
+    # A float: a fraction packs several model actors on one GPU.
+    Field("ray_gpus_per_worker", float, None, "GPUs each model actor reserves (--engine ray).", min=0, max=64,
+          metavar="G", default_text="1 if the cluster has GPUs, else 0"),
+)
+FIELDS_BY_NAME = {f.name: f for f in FIELDS}
+
+
+class _Derived:
+    """What Config works out from its fields, once validate() has passed."""
+
     @property
     def output_path(self) -> Path:
         assert self.output_file is not None
@@ -77,10 +134,16 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-
-_CHOICES = {"device": DEVICES, "output_format": OUTPUT_FORMATS, "log_level": LOG_LEVELS, "dtype": DTYPES,
-            "engine": ENGINES}
+# A frozen dataclass with one field per Field, in FIELDS order, so that a new setting is
+# one line in FIELDS. __module__ is set so that pickle (worker processes, Ray) finds it.
+Config = dataclasses.make_dataclass(
+    "Config",
+    [(f.name, f.annotation, dataclasses.field(default=f.default)) for f in FIELDS],
+    bases=(_Derived,),
+    frozen=True,
+    namespace={"__module__": __name__,
+               "__doc__": "Everything a run needs to know: one field per entry of FIELDS, named as the YAML key."},
+)
 
 
 def absolute(path: str | os.PathLike[str]) -> Path:
@@ -92,87 +155,72 @@ def absolute(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
-def _check_value(key: str, value: Any, source: str) -> Any:
-    """Type-check and normalise one value; source names where it came from for the error."""
-    where = f"{key} in {source}" if source != "command line" else f"--{key.replace('_', '-')}"
+class InvalidValue(ValueError):
+    """A value that does not fit its Field. The message says what is wrong ("must be ...,
+    got ..."), not where the value came from: build() and the Click options add that."""
 
-    def wrong(expected: str) -> ConfigError:
-        return ConfigError(f"{where} must be {expected}, got {type(value).__name__} {_short(value)}")
 
-    if key == "input_dirs":
+def _wrong(expected: str, value: Any) -> InvalidValue:
+    return InvalidValue(f"must be {expected}, got {type(value).__name__} {_short(value)}")
+
+
+def check(field: Field, value: Any) -> Any:
+    """The value type-checked against field and normalised: a list (or one string) to a
+    tuple, an int to float for a float field, a choice to its spelling in field.choices."""
+    if value is None and field.default is None:
+        return None
+    if field.kind is list:
         if isinstance(value, (str, os.PathLike)):
             value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, os.PathLike)) for v in value):
-            raise wrong("a list of directory paths")
+            raise _wrong(f"a list of {field.noun or 'strings'}", value)
+        if not all(os.fspath(v) for v in value):
+            raise InvalidValue("must not hold an empty string")
         return tuple(os.fspath(v) for v in value)
-    if key in ("reindex", "include_hidden", "follow_symlinks"):
+    if field.kind is bool:
         if not isinstance(value, bool):
-            raise wrong("true or false")
+            raise _wrong("true or false", value)
         return value
-    if key == "workers":
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong("an integer")
-        if not 0 <= value <= 256:
-            raise ConfigError(f"{where} must be between 0 and 256, got {value}")
-        return value
-    if key == "ray_workers":
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong("an integer")
-        if not 1 <= value <= 4096:
-            raise ConfigError(f"{where} must be between 1 and 4096, got {value}")
-        return value
-    if key == "ray_gpus_per_worker":
-        # A fraction packs several model actors on one GPU.
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise wrong("a number")
-        if not 0 <= value <= 64:
-            raise ConfigError(f"{where} must be between 0 and 64, got {value}")
-        return float(value)
-    if key == "batch_size":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong("an integer")
-        if not 1 <= value <= 65536:
-            raise ConfigError(f"{where} must be between 1 and 65536, got {value}")
-        return value
-    if key == "max_image_pixels":
-        # No "unlimited": that would let one file take all the memory there is.
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong("an integer")
-        if value < 1:
-            raise ConfigError(f"{where} must be a positive number of pixels, got {value}")
-        return value
-    # The remaining keys are strings (or null for the optional ones).
-    if value is None and _FIELDS[key].default is None:
-        return None
+    if field.kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int if field.kind is int else (int, float)):
+            raise _wrong("an integer" if field.kind is int else "a number", value)
+        # Written so that NaN, which compares false with everything, is out of range.
+        if not ((field.min is None or value >= field.min) and (field.max is None or value <= field.max)):
+            raise InvalidValue(f"must be {field.range_text}, got {_short(value)}")
+        return field.kind(value)
     if not isinstance(value, str) or not value:
-        raise wrong("a non-empty string")
-    if key in _CHOICES:
-        choices = _CHOICES[key]
-        normalised = value.upper() if key == "log_level" else value.lower()
-        if normalised not in choices:
-            raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {_short(value)}")
+        raise _wrong("a non-empty string", value)
+    if field.choices:
+        # Log levels are spelled in capitals, everything else in lower case.
+        normalised = value.upper() if all(c.isupper() for c in field.choices) else value.lower()
+        if normalised not in field.choices:
+            raise InvalidValue(f"must be one of {', '.join(field.choices)}, got {_short(value)}")
         return normalised
     return value
 
 
+def _checked(field: Field, value: Any, where: str) -> Any:
+    try:
+        return check(field, value)
+    except InvalidValue as e:
+        raise ConfigError(f"{where} {e}") from None
+
+
 def build(yaml_values: dict[str, Any] | None, cli_values: dict[str, Any], *, source: str = "config file") -> Config:
-    """Merge YAML values and command-line overrides (None = not given) into a valid Config."""
+    """Merge YAML values and command-line overrides (None or an empty list = not given)
+    into a valid Config."""
     merged: dict[str, Any] = {}
     for key, value in (yaml_values or {}).items():
-        if key not in _FIELDS:
-            known = ", ".join(sorted(_FIELDS))
+        field = FIELDS_BY_NAME.get(key)
+        if field is None:
+            known = ", ".join(sorted(FIELDS_BY_NAME))
             raise ConfigError(f"unknown key {_short(key)} in {source} (known keys: {known})")
-        merged[key] = _check_value(key, value, source)
+        merged[key] = _checked(field, value, f"{key} in {source}")
     for key, value in cli_values.items():
-        if value is None or (key == "input_dirs" and not value):
+        field = FIELDS_BY_NAME[key]
+        if value is None or (field.kind is list and not value):
             continue
-        merged[key] = _check_value(key, value, "command line")
+        merged[key] = _checked(field, value, field.flag)
     config = Config(**merged)
     validate(config)
     return config
