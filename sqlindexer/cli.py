@@ -15,9 +15,10 @@ import click
 from . import __version__, cli_query, signals
 from . import config as cfg
 from .cli_common import db_option, model_option, open_readonly, setup_logging, tqdm_progress
+from .cli_options import field_option, index_options
 from .errors import IndexerError, Interrupted
 
-_INPUT_FLAGS = ("-i", "--input-dirs")
+_INPUT_FLAGS = (cfg.FIELDS_BY_NAME["input_dirs"].short, cfg.FIELDS_BY_NAME["input_dirs"].flag)
 
 
 class DefaultGroup(click.Group):
@@ -67,47 +68,9 @@ def cli() -> None:
     """Index folders of photos as SigLIP 2 vectors, with a SQLite working database."""
 
 
-def _choice(values: tuple[str, ...]) -> click.Choice:
-    return click.Choice(values, case_sensitive=False)
-
-
 @cli.command(cls=IndexCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-c", "--config-file", type=click.Path(dir_okay=False), help="YAML configuration file.")
-@click.option("-i", "--input-dirs", multiple=True, metavar="DIR...",
-              help="Directories to scan recursively; repeat -i or list several after it.")
-@click.option("-o", "--output-file", metavar="FILE", help="Index file to write (jsonl or pkl).")
-@click.option("--model-name", metavar="NAME", default=cfg.DEFAULT_MODEL, show_default=True,
-              help="Hugging Face model id or local folder of a SigLIP 2 checkpoint.")
-@click.option("--batch-size", type=int, metavar="N", default=32, show_default=True, help="Images per model batch.")
-@click.option("--device", type=_choice(cfg.DEVICES), default="auto", show_default=True,
-              help="Where to run the model; auto picks CUDA, then MPS, then CPU.")
-@click.option("--output-format", type=_choice(cfg.OUTPUT_FORMATS),
-              show_default="from the output suffix: .pkl -> pkl, else jsonl", help="Index file format.")
-@click.option("--log-level", type=_choice(cfg.LOG_LEVELS), default="INFO", show_default=True, help="Logging level (to stderr).")
-@click.option("--reindex/--no-reindex", default=False, show_default=True,
-              help="Only process new or modified files and drop deleted ones; unchanged files keep their vectors.")
-@click.option("--source-index", metavar="FILE", show_default="the output file",
-              help="Existing index (ours or the original tool's, jsonl or pkl) whose vectors --reindex keeps.")
-@click.option("--state-db", metavar="FILE", show_default="output file with suffix .sqlite",
-              help="Working SQLite database of file state and vectors.")
-@click.option("--include-hidden/--no-include-hidden", default=False, show_default=True,
-              help="Also index hidden files and folders (names starting with '.').")
-@click.option("--follow-symlinks/--no-follow-symlinks", default=False, show_default=True,
-              help="Follow symlinks to directories (loops are detected).")
-@click.option("--workers", type=click.IntRange(0, 256), metavar="N", show_default="number of usable CPU cores",
-              help="Processes that decode and resize images ahead of the model; 0 decodes in-process.")
-@click.option("--dtype", type=_choice(cfg.DTYPES), default="auto", show_default=True,
-              help="Model precision; auto is bfloat16 (or float16) on CUDA and float32 elsewhere.")
-@click.option("--max-image-pixels", type=click.IntRange(min=1), metavar="N", default=cfg.DEFAULT_MAX_IMAGE_PIXELS,
-              show_default=True, help="Larger images fail as decompression bombs (Pillow's limit).")
-@click.option("--engine", type=_choice(cfg.ENGINES), default="local", show_default=True,
-              help="Where to decode and embed: this machine, or a Ray cluster (pip install 'image-indexer[ray]').")
-@click.option("--ray-address", metavar="ADDRESS", show_default="the local Ray instance, started if none",
-              help="Ray cluster for --engine ray: ray://host:10001, host:6379 or auto.")
-@click.option("--ray-workers", type=click.IntRange(1, 4096), metavar="N",
-              show_default="one per GPU of the cluster, 1 without GPUs", help="Model actors for --engine ray.")
-@click.option("--ray-gpus-per-worker", type=click.FloatRange(0, 64), metavar="G",
-              show_default="1 if the cluster has GPUs, else 0", help="GPUs each model actor reserves (--engine ray).")
+@index_options
 @click.option("--wait", is_flag=True, help="If another run holds the working database, wait for it to finish "
               "instead of stopping at once.")
 def index(config_file: str | None, wait: bool, **options: Any) -> None:
@@ -158,8 +121,7 @@ def index(config_file: str | None, wait: bool, **options: Any) -> None:
 @cli.command("export", context_settings={"help_option_names": ["-h", "--help"]})
 @db_option
 @click.option("-o", "--output-file", required=True, metavar="FILE", help="Index file to write (jsonl or pkl).")
-@click.option("--output-format", type=_choice(cfg.OUTPUT_FORMATS),
-              show_default="from the output suffix: .pkl -> pkl, else jsonl", help="Index file format.")
+@field_option("output_format")
 @model_option
 def export_command(db_path: str, output_file: str, output_format: str | None, model_name: str | None) -> None:
     """Write the index file from the working database alone: no scan, no model.

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .yaml_file import read_yaml  # noqa: F401 - part of this module's API (cli.py)
+from .yaml_file import short_repr as _short
 
 DEFAULT_MODEL = "google/siglip2-base-patch16-naflex"
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -18,45 +18,93 @@ OUTPUT_FORMATS = ("jsonl", "pkl")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ENGINES = ("local", "ray")
-# A config file is a handful of keys; anything bigger is a mistake or an attack.
-MAX_CONFIG_BYTES = 1 << 20
-# Bounds on the YAML document, checked while it is composed, before any value is built.
-# An alias repeats a node without repeating its text, so a few hundred bytes can stand for
-# billions of values (a "billion laughs"); PyYAML shares aliased values, but its merge key
-# (<<) copies them, and anything that walks the values expands them. Values are counted as
-# if every alias were expanded. Deep nesting would exhaust Python's stack in the composer.
-MAX_YAML_VALUES = 100_000
-MAX_YAML_DEPTH = 32
 # Pillow's own default (Image.MAX_IMAGE_PIXELS), written out so that reading the config
 # does not import Pillow.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 @dataclass(frozen=True)
-class Config:
-    """Everything a run needs to know. Field names are the YAML keys."""
+class Field:
+    """One setting, declared once: the Config field and YAML key `name`, the command-line
+    option --name-with-dashes (and `short`), its type, bounds, default and help. Config,
+    check() and the Click options (cli_options.py) are all made from FIELDS."""
 
-    input_dirs: tuple[str, ...] = ()
-    output_file: str | None = None
-    model_name: str = DEFAULT_MODEL
-    batch_size: int = 32
-    device: str = "auto"
-    output_format: str | None = None  # None: from the output file's suffix, else jsonl
-    log_level: str = "INFO"
-    reindex: bool = False
-    source_index: str | None = None  # None: the output file
-    state_db: str | None = None  # None: next to the output file, suffix .sqlite
-    include_hidden: bool = False
-    follow_symlinks: bool = False
-    workers: int | None = None  # None: the number of usable CPU cores; 0: decode in-process
-    dtype: str = "auto"  # auto: bfloat16/float16 on CUDA, float32 elsewhere
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images fail as decompression bombs
-    engine: str = "local"  # ray: decode and embed on a Ray cluster (the ray extra)
-    ray_address: str | None = None  # None: join the local Ray instance, or start one
-    ray_workers: int | None = None  # model actors; None: one per GPU of the cluster, or 1 without GPUs
-    ray_gpus_per_worker: float | None = None  # None: 1 if the cluster has GPUs, else 0
+    name: str
+    kind: type  # bool, int, float, str, or list: a list of strings, kept as a tuple
+    default: Any  # None: worked out during the run (default_text says how)
+    help: str
+    short: str | None = None  # a one-letter flag besides --name-with-dashes
+    choices: tuple[str, ...] = ()  # for str; matched case-insensitively, kept as spelled here
+    min: int | float | None = None  # for int and float, inclusive
+    max: int | float | None = None
+    metavar: str | None = None
+    default_text: str | None = None  # what --help says for a default of None
+    noun: str = ""  # for messages: what a list holds ("a list of directory paths"), what a number counts
 
-    # Derived values, after validate().
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def annotation(self) -> Any:
+        base: Any = tuple[str, ...] if self.kind is list else self.kind
+        return base | None if self.default is None else base
+
+    @property
+    def range_text(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"between {self.min} and {self.max}"
+        if self.min is not None:
+            if self.min == 1 and self.kind is int:
+                return f"a positive number of {self.noun}" if self.noun else "a positive integer"
+            return f"at least {self.min}"
+        return f"at most {self.max}"
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("input_dirs", list, (), "Directories to scan recursively; repeat -i or list several after it.",
+          short="-i", metavar="DIR...", noun="directory paths"),
+    Field("output_file", str, None, "Index file to write (jsonl or pkl).", short="-o", metavar="FILE"),
+    Field("model_name", str, DEFAULT_MODEL, "Hugging Face model id or local folder of a SigLIP 2 checkpoint.",
+          metavar="NAME"),
+    Field("batch_size", int, 32, "Images per model batch.", min=1, max=65536, metavar="N"),
+    Field("device", str, "auto", "Where to run the model; auto picks CUDA, then MPS, then CPU.", choices=DEVICES),
+    Field("output_format", str, None, "Index file format.", choices=OUTPUT_FORMATS,
+          default_text="from the output suffix: .pkl -> pkl, else jsonl"),
+    Field("log_level", str, "INFO", "Logging level (to stderr).", choices=LOG_LEVELS),
+    Field("reindex", bool, False,
+          "Only process new or modified files and drop deleted ones; unchanged files keep their vectors."),
+    Field("source_index", str, None,
+          "Existing index (ours or the original tool's, jsonl or pkl) whose vectors --reindex keeps.",
+          metavar="FILE", default_text="the output file"),
+    Field("state_db", str, None, "Working SQLite database of file state and vectors.", metavar="FILE",
+          default_text="output file with suffix .sqlite"),
+    Field("include_hidden", bool, False, "Also index hidden files and folders (names starting with '.')."),
+    Field("follow_symlinks", bool, False, "Follow symlinks to directories (loops are detected)."),
+    Field("workers", int, None, "Processes that decode and resize images ahead of the model; 0 decodes in-process.",
+          min=0, max=256, metavar="N", default_text="number of usable CPU cores"),
+    Field("dtype", str, "auto", "Model precision; auto is bfloat16 (or float16) on CUDA and float32 elsewhere.",
+          choices=DTYPES),
+    # No maximum and no "unlimited": that would let one file take all the memory there is.
+    Field("max_image_pixels", int, DEFAULT_MAX_IMAGE_PIXELS,
+          "Larger images fail as decompression bombs (Pillow's limit).", min=1, metavar="N", noun="pixels"),
+    Field("engine", str, "local",
+          "Where to decode and embed: this machine, or a Ray cluster (pip install 'image-indexer[ray]').",
+          choices=ENGINES),
+    Field("ray_address", str, None, "Ray cluster for --engine ray: ray://host:10001, host:6379 or auto.",
+          metavar="ADDRESS", default_text="the local Ray instance, started if none"),
+    Field("ray_workers", int, None, "Model actors for --engine ray.", min=1, max=4096, metavar="N",
+          default_text="one per GPU of the cluster, 1 without GPUs"),
+    # A float: a fraction packs several model actors on one GPU.
+    Field("ray_gpus_per_worker", float, None, "GPUs each model actor reserves (--engine ray).", min=0, max=64,
+          metavar="G", default_text="1 if the cluster has GPUs, else 0"),
+)
+FIELDS_BY_NAME = {f.name: f for f in FIELDS}
+
+
+class _Derived:
+    """What Config works out from its fields, once validate() has passed."""
+
     @property
     def output_path(self) -> Path:
         assert self.output_file is not None
@@ -86,20 +134,16 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-
-# Values are quoted in error messages through a bounded repr: a YAML alias bomb (billion
-# laughs) is a small object graph whose full repr() would be exponentially large.
-_SHORT = reprlib.Repr()
-_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
-
-
-def _short(value: Any) -> str:
-    return _SHORT.repr(value)
-
-
-_CHOICES = {"device": DEVICES, "output_format": OUTPUT_FORMATS, "log_level": LOG_LEVELS, "dtype": DTYPES,
-            "engine": ENGINES}
+# A frozen dataclass with one field per Field, in FIELDS order, so that a new setting is
+# one line in FIELDS. __module__ is set so that pickle (worker processes, Ray) finds it.
+Config = dataclasses.make_dataclass(
+    "Config",
+    [(f.name, f.annotation, dataclasses.field(default=f.default)) for f in FIELDS],
+    bases=(_Derived,),
+    frozen=True,
+    namespace={"__module__": __name__,
+               "__doc__": "Everything a run needs to know: one field per entry of FIELDS, named as the YAML key."},
+)
 
 
 def absolute(path: str | os.PathLike[str]) -> Path:
@@ -117,193 +161,87 @@ def looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or os.sep + os.sep in name
 
 
-class _YamlRefused(Exception):
-    """A YAML document that is valid but too large, too deep or self-referential."""
-
-    def __init__(self, problem: str, line: int, key: str | None) -> None:
-        where = f"the value of {_short(key)}" if key is not None else "the document"
-        super().__init__(f"{where} {problem}")
-        self.line = line
+class InvalidValue(ValueError):
+    """A value that does not fit its Field. The message says what is wrong ("must be ...,
+    got ..."), not where the value came from: build() and the Click options add that."""
 
 
-@functools.lru_cache(maxsize=None)
-def _bounded_loader() -> type:
-    """yaml.SafeLoader (plain values only: no python/ tags) that refuses documents that
-    expand past MAX_YAML_VALUES values or nest past MAX_YAML_DEPTH levels."""
-    import yaml
-
-    class BoundedSafeLoader(yaml.SafeLoader):
-        def __init__(self, stream: Any) -> None:
-            super().__init__(stream)
-            self._depth = 0
-            self._key: str | None = None  # the top-level key being read, for messages
-            # id(node) -> (node, its value count with aliases expanded); the node is kept
-            # so that its id is not reused.
-            self._weights: dict[int, tuple[Any, int]] = {}
-
-        def compose_node(self, parent: Any, index: Any) -> Any:
-            if self._depth == 1 and parent is not None and isinstance(index, yaml.ScalarNode):
-                self._key = str(index.value)
-            event = self.peek_event()
-            line = event.start_mark.line + 1
-            alias = isinstance(event, yaml.AliasEvent)
-            if self._depth >= MAX_YAML_DEPTH:
-                raise _YamlRefused(f"is nested more than {MAX_YAML_DEPTH} levels deep", line, self._key)
-            self._depth += 1
-            try:
-                node = super().compose_node(parent, index)
-            finally:
-                self._depth -= 1
-            known = self._weights.get(id(node))
-            if alias:
-                # An alias to a node that is still being composed: a structure that
-                # contains itself, which no config value is.
-                if known is None:
-                    raise _YamlRefused("refers to itself through an alias", line, self._key)
-                return node
-            weight = 1
-            if isinstance(node, yaml.SequenceNode):
-                weight += sum(self._weights[id(item)][1] for item in node.value)
-            elif isinstance(node, yaml.MappingNode):
-                weight += sum(self._weights[id(k)][1] + self._weights[id(v)][1] for k, v in node.value)
-            if weight > MAX_YAML_VALUES:
-                raise _YamlRefused(
-                    f"expands to more than {MAX_YAML_VALUES} values through aliases (a billion-laughs bomb?)",
-                    line, self._key,
-                )
-            self._weights[id(node)] = (node, weight)
-            return node
-
-        def construct_undefined(self, node: Any) -> Any:
-            tag = str(node.tag)
-            if tag.startswith("tag:yaml.org,2002:"):
-                tag = "!!" + tag[len("tag:yaml.org,2002:"):]
-            raise yaml.constructor.ConstructorError(
-                None, None, f"the tag {_short(tag)} is not allowed (a config file holds plain values only)",
-                node.start_mark,
-            )
-
-    BoundedSafeLoader.add_constructor(None, BoundedSafeLoader.construct_undefined)
-    return BoundedSafeLoader
+def _wrong(expected: str, value: Any) -> InvalidValue:
+    return InvalidValue(f"must be {expected}, got {type(value).__name__} {_short(value)}")
 
 
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse a YAML config file with the safe loader (bounded: see MAX_YAML_VALUES) into a
-    plain dict."""
-    import yaml
-
-    p = Path(path)
-    try:
-        if p.is_dir():
-            raise ConfigError(f"config file {p} is a directory")
-        with open(p, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {p} does not exist") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        loaded = yaml.load(data, Loader=_bounded_loader())  # noqa: S506 - a SafeLoader subclass
-    except _YamlRefused as e:
-        raise ConfigError(f"config file {p} is refused (line {e.line}): {e}") from None
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"config file {p} is not valid YAML{line}: {problem}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of keys to values, not a {type(loaded).__name__}")
-    return loaded
-
-
-def _check_value(key: str, value: Any, source: str) -> Any:
-    """Type-check and normalise one value; source names where it came from for the error."""
-    where = f"{key} in {source}" if source != "command line" else f"--{key.replace('_', '-')}"
-
-    def wrong(expected: str) -> ConfigError:
-        return ConfigError(f"{where} must be {expected}, got {type(value).__name__} {_short(value)}")
-
-    if key == "input_dirs":
+def check(field: Field, value: Any) -> Any:
+    """The value type-checked against field and normalised: a list (or one string) to a
+    tuple, an int to float for a float field, a choice to its spelling in field.choices."""
+    if value is None and field.default is None:
+        return None
+    if field.kind is list:
         if isinstance(value, (str, os.PathLike)):
             value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, os.PathLike)) for v in value):
-            raise wrong("a list of directory paths")
+            raise _wrong(f"a list of {field.noun or 'strings'}", value)
+        if not all(os.fspath(v) for v in value):
+            raise InvalidValue("must not hold an empty string")
         return tuple(os.fspath(v) for v in value)
-    if key in ("reindex", "include_hidden", "follow_symlinks"):
+    if field.kind is bool:
         if not isinstance(value, bool):
-            raise wrong("true or false")
+            raise _wrong("true or false", value)
         return value
-    if key == "workers":
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong("an integer")
-        if not 0 <= value <= 256:
-            raise ConfigError(f"{where} must be between 0 and 256, got {value}")
-        return value
-    if key == "ray_workers":
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong("an integer")
-        if not 1 <= value <= 4096:
-            raise ConfigError(f"{where} must be between 1 and 4096, got {value}")
-        return value
-    if key == "ray_gpus_per_worker":
-        # A fraction packs several model actors on one GPU.
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise wrong("a number")
-        if not 0 <= value <= 64:
-            raise ConfigError(f"{where} must be between 0 and 64, got {value}")
-        return float(value)
-    if key == "batch_size":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong("an integer")
-        if not 1 <= value <= 65536:
-            raise ConfigError(f"{where} must be between 1 and 65536, got {value}")
-        return value
-    if key == "max_image_pixels":
-        # No "unlimited": that would let one file take all the memory there is.
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong("an integer")
-        if value < 1:
-            raise ConfigError(f"{where} must be a positive number of pixels, got {value}")
-        return value
-    # The remaining keys are strings (or null for the optional ones).
-    if value is None and _FIELDS[key].default is None:
-        return None
+    if field.kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int if field.kind is int else (int, float)):
+            raise _wrong("an integer" if field.kind is int else "a number", value)
+        # Written so that NaN, which compares false with everything, is out of range.
+        if not ((field.min is None or value >= field.min) and (field.max is None or value <= field.max)):
+            raise InvalidValue(f"must be {field.range_text}, got {_short(value)}")
+        return field.kind(value)
     if not isinstance(value, str) or not value:
-        raise wrong("a non-empty string")
-    if key in _CHOICES:
-        choices = _CHOICES[key]
-        normalised = value.upper() if key == "log_level" else value.lower()
-        if normalised not in choices:
-            raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {_short(value)}")
+        raise _wrong("a non-empty string", value)
+    if field.choices:
+        # Log levels are spelled in capitals, everything else in lower case.
+        normalised = value.upper() if all(c.isupper() for c in field.choices) else value.lower()
+        if normalised not in field.choices:
+            raise InvalidValue(f"must be one of {', '.join(field.choices)}, got {_short(value)}")
         return normalised
     return value
 
 
+def _checked(field: Field, value: Any, where: str) -> Any:
+    try:
+        return check(field, value)
+    except InvalidValue as e:
+        raise ConfigError(f"{where} {e}") from None
+
+
 def build(yaml_values: dict[str, Any] | None, cli_values: dict[str, Any], *, source: str = "config file") -> Config:
-    """Merge YAML values and command-line overrides (None = not given) into a valid Config."""
+    """Merge YAML values and command-line overrides (None or an empty list = not given)
+    into a valid Config."""
     merged: dict[str, Any] = {}
     for key, value in (yaml_values or {}).items():
-        if key not in _FIELDS:
-            known = ", ".join(sorted(_FIELDS))
+        field = FIELDS_BY_NAME.get(key)
+        if field is None:
+            known = ", ".join(sorted(FIELDS_BY_NAME))
             raise ConfigError(f"unknown key {_short(key)} in {source} (known keys: {known})")
-        merged[key] = _check_value(key, value, source)
+        merged[key] = _checked(field, value, f"{key} in {source}")
     for key, value in cli_values.items():
-        if value is None or (key == "input_dirs" and not value):
+        field = FIELDS_BY_NAME[key]
+        if value is None or (field.kind is list and not value):
             continue
-        merged[key] = _check_value(key, value, "command line")
+        merged[key] = _checked(field, value, field.flag)
     config = Config(**merged)
     validate(config)
     return config
+
+
+def check_output_file(output_file: str) -> Path:
+    """The absolute path of an index file to write; ConfigError if it cannot be written."""
+    out = absolute(output_file)
+    if out.is_dir():
+        raise ConfigError(f"output file {output_file} is a directory")
+    if not out.parent.is_dir():
+        raise ConfigError(f"folder of output file {output_file} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"folder of output file {output_file} is not writable")
+    return out
 
 
 def validate(config: Config) -> None:
@@ -317,13 +255,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"input directory {raw} does not exist")
         if not path.is_dir():
             raise ConfigError(f"input directory {raw} is not a directory")
-    out = config.output_path
-    if out.is_dir():
-        raise ConfigError(f"output file {config.output_file} is a directory")
-    if not out.parent.is_dir():
-        raise ConfigError(f"folder of output file {config.output_file} does not exist")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"folder of output file {config.output_file} is not writable")
+    out = check_output_file(config.output_file)
     if config.state_db_path == out:
         raise ConfigError(f"state_db and output_file are the same file: {out}")
     if config.source_index and not config.source_index_path.is_file():

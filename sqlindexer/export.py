@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import db, state
-from .config import absolute
+from .config import absolute, check_output_file
 from .errors import ExportError
 from .progress import Progress, no_progress
 from .state import ExportMark
@@ -69,11 +69,7 @@ def export_index(conn: sqlite3.Connection, *, model: str, out: Path, fmt: str, p
 def check_target(output_file: str, database: str) -> Path:
     """The absolute path to export to, for the `export` command; an ExportError if it
     cannot be one."""
-    out = absolute(output_file)
-    if out.is_dir():
-        raise ExportError(f"output file {output_file} is a directory")
-    if not out.parent.is_dir():
-        raise ExportError(f"folder of output file {output_file} does not exist")
+    out = check_output_file(output_file)
     db_path = absolute(database)
     if out in (db_path, db_path.with_name(db_path.name + "-wal"), db_path.with_name(db_path.name + "-shm")):
         raise ExportError(f"the output file {output_file} is the working database")

@@ -24,12 +24,12 @@ from typing import Any, BinaryIO
 import numpy as np
 import orjson
 
+from .config import OUTPUT_FORMATS
 from .errors import ExportError
 from .state import ExportRow
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("jsonl", "pkl")
 # The form of a jsonl line as _jsonl_line writes it. Lines are copied from an index only if
 # it was written in this form: bump it whenever a record is written differently.
 JSONL_LAYOUT = 1
@@ -229,7 +229,7 @@ def write_index(
     since previous was written, whose lines are copied from it. load gives the row of such
     a path if previous lacks it.
     """
-    if fmt not in FORMATS:
+    if fmt not in OUTPUT_FORMATS:
         raise ExportError(f"unknown output format {fmt!r} (use jsonl or pkl)")
     output = Path(output)
     tmp = tmp_path(output)

@@ -130,11 +130,12 @@ def test_cli_value_error(runner, tmp_path, photos, case):
 
 
 def test_cli_batch_size_out_of_range(runner, tmp_path, photos):
+    # A usage error like every bad value on the command line, in the words the YAML check uses.
     result = run_cli(
         runner, ["-i", photos, "-o", tmp_path / "out.jsonl", "--model-name", _no_model(tmp_path), "--batch-size", "0"],
         ok=False,
     )
-    _assert_config_error(result, "--batch-size", "between 1 and")
+    _assert_config_error(result, "--batch-size", "between 1 and", usage=True)
 
 
 def test_missing_config_file(runner, tmp_path, photos):
@@ -328,7 +329,7 @@ def test_help_shows_real_defaults(runner):
     for args in (["--help"], ["index", "--help"]):
         result = run_cli(runner, args)
         text = " ".join(result.stdout.split())
-        assert f"[default: {defaults.batch_size}]" in text and defaults.batch_size == 32
+        assert f"[default: {defaults.batch_size}; 1<=x<=65536]" in text and defaults.batch_size == 32
         assert f"[default: {defaults.device}]" in text and defaults.device == "auto"
         assert f"[default: {defaults.log_level}]" in text and defaults.log_level == "INFO"
         assert f"[default: {defaults.model_name}]" in text
@@ -346,7 +347,7 @@ def test_config_example_has_every_key_commented_and_valid(tmp_path):
 
     example = Path(__file__).resolve().parent.parent / "config.example.yaml"
     values = yaml.safe_load(example.read_text())
-    assert set(values) == {f.name for f in dataclasses.fields(cfg.Config)}
+    assert set(values) == {f.name for f in dataclasses.fields(cfg.Config)} == {f.name for f in cfg.FIELDS}
     lines = example.read_text().splitlines()
     for i, line in enumerate(lines):
         if line and not line.startswith((" ", "#", "-")):
@@ -355,3 +356,118 @@ def test_config_example_has_every_key_commented_and_valid(tmp_path):
     values.update(input_dirs=[str(tmp_path / "in")], output_file=str(tmp_path / "index.jsonl"))
     built = cfg.build(values, {})
     assert built.batch_size == 32 and built.workers is None and built.dtype == "auto"
+
+
+# -- one declaration per setting: config.FIELDS makes Config, the YAML check and the options --
+def _index_options() -> dict:
+    from sqlindexer.cli import cli
+
+    return {p.name: p for p in cli.commands["index"].params}
+
+
+def test_config_fields_are_the_spec():
+    import dataclasses
+
+    from sqlindexer import config as cfg
+
+    names = [f.name for f in cfg.FIELDS]
+    assert len(names) == len(set(names))
+    # Every Config field (computed values are properties, not fields) comes from the spec,
+    # with its default.
+    assert [(f.name, f.default) for f in dataclasses.fields(Config)] == [(f.name, f.default) for f in cfg.FIELDS]
+    built = Config(batch_size=4, input_dirs=("a",))
+    assert (built.batch_size, built.input_dirs, built.model_name) == (4, ("a",), cfg.DEFAULT_MODEL)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.batch_size = 8
+    # Worker processes and Ray receive a pickled Config.
+    assert pickle.loads(pickle.dumps(built)) == built
+
+
+def test_every_field_has_exactly_one_cli_option_like_it():
+    import click
+
+    from sqlindexer import config as cfg
+
+    options = _index_options()
+    assert set(options) == {f.name for f in cfg.FIELDS} | {"config_file", "wait"}  # -c and --wait: CLI only
+    flags = [flag for p in options.values() for flag in (*p.opts, *p.secondary_opts)]
+    assert len(flags) == len(set(flags))
+    ctx = click.Context(click.Command("index"))
+    for field in cfg.FIELDS:
+        option = options[field.name]
+        assert field.flag in option.opts
+        assert (field.short in option.opts) if field.short else all(o.startswith("--") for o in option.opts)
+        assert option.is_flag == (field.kind is bool) and option.multiple == (field.kind is list)
+        assert option.secondary_opts == ([f"--no-{field.flag[2:]}"] if field.kind is bool else [])
+        if field.default not in (None, ()):  # a None default is worked out during the run
+            assert option.get_default(ctx, call=False) == field.default
+        assert option.show_default == (field.default_text or field.default not in (None, ()))
+        if field.choices:
+            assert tuple(option.type.choices) == field.choices
+        assert option.help == field.help and option.metavar == field.metavar
+
+
+def _cli_accepts(option, text: str) -> str | None:
+    import click
+
+    try:
+        option.type.convert(text, option, None)
+    except click.BadParameter as e:
+        return e.message
+    return None
+
+
+def _yaml_accepts(field, value) -> str | None:
+    from sqlindexer import config as cfg
+
+    try:
+        cfg.check(field, value)
+    except cfg.InvalidValue as e:
+        return str(e)
+    return None
+
+
+def test_cli_and_yaml_share_the_bounds():
+    from sqlindexer import config as cfg
+
+    options = _index_options()
+    bounded = [f for f in cfg.FIELDS if f.min is not None or f.max is not None]
+    assert {f.name for f in bounded} >= {"batch_size", "workers", "max_image_pixels", "ray_workers"}
+    for field in bounded:
+        step = 1 if field.kind is int else 0.5
+        inside = [b for b in (field.min, field.max) if b is not None]
+        outside = ([field.min - step] if field.min is not None else []) + (
+            [field.max + step] if field.max is not None else [])
+        for value in inside:
+            assert _cli_accepts(options[field.name], str(value)) is None, (field.name, value)
+            assert _yaml_accepts(field, value) is None, (field.name, value)
+        for value in outside:
+            refused = _yaml_accepts(field, value)
+            assert refused and field.range_text in refused, (field.name, value)
+            assert _cli_accepts(options[field.name], str(value)) == refused, (field.name, value)
+
+
+def test_a_list_option_like_exclude_is_one_spec_line(tmp_path):
+    # What the next settings need (exclude: repeatable --exclude PATTERN, a YAML list):
+    # a Field of kind list turned into an option by the same code as the real ones.
+    import click
+    from click.testing import CliRunner
+
+    from sqlindexer import config as cfg
+    from sqlindexer.cli_options import _option
+
+    field = cfg.Field("exclude", list, (), "Skip paths matching PATTERN.", metavar="PATTERN",
+                      noun="gitignore-style patterns")
+
+    @click.command()
+    @_option(field)
+    def command(**values):
+        click.echo(repr(cfg.check(field, values["exclude"])))
+
+    result = CliRunner().invoke(command, ["--exclude", "*.tmp", "--exclude", "cache/"])
+    assert result.exit_code == 0 and result.stdout.strip() == "('*.tmp', 'cache/')"
+    assert "--exclude PATTERN" in CliRunner().invoke(command, ["--help"]).stdout
+    assert CliRunner().invoke(command, ["--exclude", ""]).exit_code == 2
+    assert cfg.check(field, ["*.tmp", "cache/"]) == ("*.tmp", "cache/")
+    assert cfg.check(field, "*.tmp") == ("*.tmp",)
+    assert _yaml_accepts(field, [1]) == "must be a list of gitignore-style patterns, got list [1]"
