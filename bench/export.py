@@ -30,10 +30,10 @@ from _common import child, machine, save, table  # noqa: E402
 def fill(db_path: Path, rows: int, dim: int) -> None:
     import numpy as np
 
-    from sqlindexer import db, state
+    from sqlindexer import db, runs, state
 
     conn = db.connect(db_path)
-    run = state.start_run(conn, mode="reindex", model="bench", config={}, pid=0)
+    run = runs.start_run(conn, mode="reindex", model="bench", config={}, pid=0)
     rng = np.random.default_rng(0)
     exif = {"Make": "Canon", "Model": "Canon EOS 5D", "ExifOffset": {"FNumber": 4.0, "ISOSpeedRatings": 200}}
 
@@ -50,10 +50,10 @@ def fill(db_path: Path, rows: int, dim: int) -> None:
 
 
 def export_variant(variant: str, db_path: Path, out: Path) -> None:
-    from sqlindexer import db, index_file, state
+    from sqlindexer import db, index_file, records
 
     conn = db.connect(db_path)
-    rows = state.iter_export_rows(conn, "bench")
+    rows = records.iter_export_rows(conn, "bench")
     t0 = time.perf_counter()
     if variant in ("ours-jsonl", "ours-pkl"):
         n = index_file.write_index(rows, out, variant.split("-")[1])

@@ -46,10 +46,10 @@ TOP = 20
 def fill(db_path: Path, rows: int, dim: int) -> None:
     import numpy as np
 
-    from sqlindexer import db, state
+    from sqlindexer import db, runs, state
 
     conn = db.connect(db_path)
-    run = state.start_run(conn, mode="reindex", model=MODEL, config={}, pid=0)
+    run = runs.start_run(conn, mode="reindex", model=MODEL, config={}, pid=0)
     rng = np.random.default_rng(0)
     cameras = ["Canon EOS 5D", "NIKON D1X", "Pixel 7"]
 
@@ -78,7 +78,7 @@ def _ms(seconds: list[float]) -> float:
 def measure(step: str, db_path: Path, queries: int) -> dict:
     import numpy as np
 
-    from sqlindexer import db, search, state, vectors
+    from sqlindexer import db, records, search, vectors
 
     t0 = time.perf_counter()
     conn = db.open_readonly(db_path)
@@ -88,7 +88,7 @@ def measure(step: str, db_path: Path, queries: int) -> dict:
         q = np.random.default_rng(1).standard_normal(model.dim).astype(np.float32)
         t0 = time.perf_counter()
         ids, paths, blobs = [], [], []
-        for rows in state.iter_search_rows(conn, model.model, model.dim):
+        for rows in records.iter_search_rows(conn, model.model, model.dim):
             for r in rows:
                 ids.append(r[0])
                 paths.append(r[1])

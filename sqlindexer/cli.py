@@ -135,7 +135,7 @@ def export_command(db_path: str, output_file: str, output_format: str | None, mo
     """
     import time
 
-    from . import export, state
+    from . import export, runs
     from .vectors import choose_model
 
     setup_logging("WARNING")
@@ -146,7 +146,7 @@ def export_command(db_path: str, output_file: str, output_format: str | None, mo
         conn = open_readonly(db_path)
         model = choose_model(conn, model_name, where=str(cfg.absolute(db_path)))
         done = export.export_index(conn, model=model.model, out=out, fmt=fmt, progress=tqdm_progress,
-                                   last=state.export_mark(conn))
+                                   last=runs.export_mark(conn))
     except IndexerError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"exported {done.count} images ({model.model}) to {out} in {time.monotonic() - started:.1f} s",

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import db, state
+from . import db, records, runs
 from .config import absolute, check_output_file
 from .errors import ExportError
 from .progress import Progress, no_progress
-from .state import ExportMark
+from .runs import ExportMark
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,13 @@ def export_index(conn: sqlite3.Connection, *, model: str, out: Path, fmt: str, p
                  last: ExportMark | None = None) -> Exported:
     """Write (or keep) the index file at out from the committed rows of model.
 
-    last: the mark of the previous export (state.export_mark), if any. The caller records
+    last: the mark of the previous export (runs.export_mark), if any. The caller records
     the returned mark when it can write the database (the `export` command reads it
     read-only)."""
     # One read transaction: the stamp recorded with the file is that of the rows in it.
     with db.transaction(conn, immediate=False):
-        total = state.count_export_rows(conn, model)
-        rows = {"model": model, "format": fmt, "stamp": state.record_stamp(conn), "tz": _time_zone()}
+        total = records.count_export_rows(conn, model)
+        rows = {"model": model, "format": fmt, "stamp": records.record_stamp(conn), "tz": _time_zone()}
         last = last if last is not None and _still_on_disk(last, out) else None
         if last is not None and all(getattr(last, k) == v for k, v in rows.items()):
             log.info("%s is up to date", out)
@@ -79,7 +79,7 @@ def check_target(output_file: str, database: str) -> Path:
 def last_export_of(conn: sqlite3.Connection, path: Path) -> ExportMark | None:
     """The mark of the last export if the file at path is, unchanged, what it wrote (a
     --source-index that is our own output holds nothing the database lacks)."""
-    mark = state.export_mark(conn)
+    mark = runs.export_mark(conn)
     try:
         st = path.stat()
     except OSError:
@@ -103,7 +103,7 @@ def _copy_from(conn: sqlite3.Connection, last: ExportMark | None, rows: dict[str
     if last is None or rows["format"] != "jsonl" or last.layout != index_file.JSONL_LAYOUT \
             or any(getattr(last, k) != rows[k] for k in ("model", "format", "tz")):
         return None
-    changed = state.count_changed_export_rows(conn, rows["model"], last.stamp)
+    changed = records.count_changed_export_rows(conn, rows["model"], last.stamp)
     # Copying lines pays when most records are unchanged; a rebuild is written afresh.
     return (last.stamp, changed) if changed <= total // 2 else None
 
@@ -117,11 +117,11 @@ def _write(conn: sqlite3.Connection, out: Path, fmt: str, model: str, total: int
     with progress("exporting", total) as tick:
         if copy is not None:
             try:
-                return index_file.write_index(state.iter_export_changes(conn, model, copy[0]), out, fmt, tick=tick,
-                                              previous=out, load=lambda path: state.export_row(conn, path))
+                return index_file.write_index(records.iter_export_changes(conn, model, copy[0]), out, fmt, tick=tick,
+                                              previous=out, load=lambda path: records.export_row(conn, path))
             except ValueError as e:  # not lines we wrote after all: write every record
                 log.warning("cannot copy records from %s (%s); writing them all", out, e)
-        return index_file.write_index(state.iter_export_rows(conn, model), out, fmt, tick=tick)
+        return index_file.write_index(records.iter_export_rows(conn, model), out, fmt, tick=tick)
 
 
 def _time_zone() -> tuple[Any, ...]:

@@ -26,7 +26,7 @@ import orjson
 
 from .config import OUTPUT_FORMATS
 from .errors import ExportError
-from .state import ExportRow
+from .records import ExportRow
 
 log = logging.getLogger(__name__)
 

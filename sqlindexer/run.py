@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import db, signals, state
+from . import db, runs, signals, state
 from .config import Config
 from .errors import DatabaseError, Interrupted
 from .lock import RunLock
@@ -54,7 +54,7 @@ class RunContext:
 
     conn: sqlite3.Connection
     config: Config
-    run: state.Run
+    run: runs.Run
     progress: Progress
 
 
@@ -76,7 +76,7 @@ def run_index(config: Config, *, progress: Progress = no_progress, embedder_fact
             _scan(ctx)
             _embed(ctx, embedder_factory)
             _export(ctx)
-        counts = state.run_counts(conn, ctx.run.id)
+        counts = runs.run_counts(conn, ctx.run.id)
     return Summary(ctx.run.id, ctx.run.mode, ctx.run.resumed, counts, time.monotonic() - started,
                    config.output_path, config.state_db_path)
 
@@ -95,9 +95,9 @@ def _database(path: Path) -> Iterator[sqlite3.Connection]:
 
 
 def _start(conn: sqlite3.Connection, config: Config, progress: Progress) -> RunContext:
-    state.mark_unfinished_runs(conn)
+    runs.mark_unfinished_runs(conn)
     mode = "reindex" if config.reindex else "full"
-    run = state.start_run(conn, mode=mode, model=config.model_name, config=config.to_json(), pid=os.getpid())
+    run = runs.start_run(conn, mode=mode, model=config.model_name, config=config.to_json(), pid=os.getpid())
     if run.resumed:
         log.info("resuming the interrupted full build (run %d keeps what it committed)", run.build)
     return RunContext(conn, config, run, progress)
@@ -117,7 +117,7 @@ def _recorded(ctx: RunContext) -> Iterator[None]:
     except BaseException as e:
         _record_end(ctx, status="failed", error=f"{type(e).__name__}: {e}"[:2000])
         raise
-    state.finish_run(ctx.conn, ctx.run.id, status="completed")
+    runs.finish_run(ctx.conn, ctx.run.id, status="completed")
 
 
 def _record_end(ctx: RunContext, *, status: str, error: str) -> None:
@@ -130,7 +130,7 @@ def _record_end(ctx: RunContext, *, status: str, error: str) -> None:
         with contextlib.suppress(sqlite3.Error):  # e.g. SQLite already rolled back a failed COMMIT
             conn.execute("ROLLBACK")
     try:
-        state.finish_run(conn, ctx.run.id, status=status, error=error)
+        runs.finish_run(conn, ctx.run.id, status=status, error=error)
     except sqlite3.Error as e:
         log.debug("could not record the end of run %d: %s", ctx.run.id, e)
 
@@ -295,8 +295,8 @@ def _export(ctx: RunContext) -> None:
     config = ctx.config
     done = export.export_index(ctx.conn, model=config.model_name, out=config.output_path,
                                fmt=config.resolved_output_format, progress=ctx.progress,
-                               last=state.export_mark(ctx.conn))
+                               last=runs.export_mark(ctx.conn))
     with db.transaction(ctx.conn):
-        state.add_counts(ctx.conn, ctx.run.id, exported=done.count)
+        runs.add_counts(ctx.conn, ctx.run.id, exported=done.count)
     if done.written:
-        state.set_export_mark(ctx.conn, done.mark)
+        runs.set_export_mark(ctx.conn, done.mark)

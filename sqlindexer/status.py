@@ -8,7 +8,8 @@ import sqlite3
 from datetime import datetime
 from typing import Any
 
-from . import state
+from . import records
+from .runs import recent_runs
 from .config import absolute
 
 RECENT_RUNS = 5
@@ -22,17 +23,17 @@ def database_status(conn: sqlite3.Connection, db_path: str | os.PathLike[str], *
     for suffix in ("", "-wal"):
         with contextlib.suppress(OSError):
             size += os.stat(f"{path}{suffix}").st_size
-    counts = state.count_by_status(conn)
-    recent = state.recent_runs(conn, runs)
+    counts = records.count_by_status(conn)
+    recent = recent_runs(conn, runs)
     for run in recent:
         run["seconds"] = _duration(run["started_at"], run["finished_at"])
     return {
         "database": str(path),
         "size_bytes": size,
-        "schema_version": state.schema_version(conn),
+        "schema_version": records.schema_version(conn),
         "images": {**counts, "total": sum(counts.values())},
-        "failed": [{"error": error, "files": n} for error, n in state.failure_reasons(conn)],
-        "models": [{"model": m.model, "dim": m.dim, "vectors": m.count} for m in state.vector_models(conn)],
+        "failed": [{"error": error, "files": n} for error, n in records.failure_reasons(conn)],
+        "models": [{"model": m.model, "dim": m.dim, "vectors": m.count} for m in records.vector_models(conn)],
         "runs": recent,
     }
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from . import db, state
+from . import db, records
 from .config import absolute, looks_like_path
 from .errors import SearchError
 from .progress import Progress, no_progress
@@ -47,13 +47,13 @@ NO_DATE = np.iinfo(np.int64).min
 
 
 # -- which model -----------------------------------------------------------------------
-def choose_model(conn: sqlite3.Connection, requested: str | None, *, where: str) -> state.ModelVectors:
+def choose_model(conn: sqlite3.Connection, requested: str | None, *, where: str) -> records.ModelVectors:
     """The model whose vectors to query: the one asked for, else the database's only one.
     (Its vectors are not counted here: that would read the whole index on every query.)"""
-    keys = state.vector_model_keys(conn)
+    keys = records.vector_model_keys(conn)
 
     def held() -> str:  # for the error messages only
-        return ", ".join(f"{m.model} ({m.count} x {m.dim}-d)" for m in state.vector_models(conn))
+        return ", ".join(f"{m.model} ({m.count} x {m.dim}-d)" for m in records.vector_models(conn))
 
     if requested is not None:
         names = {requested}
@@ -72,7 +72,7 @@ def choose_model(conn: sqlite3.Connection, requested: str | None, *, where: str)
     if len(mine) > 1:
         raise SearchError(f"the vectors of model {mine[0][0]} in {where} have several lengths ({held()}); "
                           "run the index command again to re-embed them")
-    return state.ModelVectors(*mine[0])
+    return records.ModelVectors(*mine[0])
 
 
 # -- the matrix ------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def _timezone() -> str:
     return f"{os.environ.get('TZ', '')}/{'/'.join(time.tzname)}"
 
 
-def cache_folder(db_path: Path, model: state.ModelVectors, version: tuple[str, int]) -> Path:
+def cache_folder(db_path: Path, model: records.ModelVectors, version: tuple[str, int]) -> Path:
     model_key = hashlib.sha256(f"{model.model}\n{model.dim}".encode()).hexdigest()[:12]
     state_key = hashlib.sha256(f"{version[0]}\n{version[1]}\n{_timezone()}".encode()).hexdigest()[:12]
     return db_path.with_name(f"{db_path.name}.vectors-{model_key}-{state_key}")
@@ -149,7 +149,7 @@ def cache_folder(db_path: Path, model: state.ModelVectors, version: tuple[str, i
 def load_index(
     conn: sqlite3.Connection,
     db_path: str | os.PathLike[str],
-    model: state.ModelVectors,
+    model: records.ModelVectors,
     *,
     progress: Progress = no_progress,
 ) -> VectorIndex:
@@ -159,7 +159,7 @@ def load_index(
     # One read transaction: the counter that names the cache and the rows it is built
     # from are the same snapshot, whatever an index run commits meanwhile.
     with db.transaction(conn, immediate=False):
-        version = state.vectors_version(conn)
+        version = records.vectors_version(conn)
         folder = cache_folder(db_path, model, version) if version else None
         if folder is not None:
             index = _open_cache(folder, model, version)
@@ -167,7 +167,7 @@ def load_index(
                 return index
         else:
             log.warning("%s predates the vector cache: run the index command once to upgrade it", db_path)
-        count = state.count_vectors(conn, model.model, model.dim)
+        count = records.count_vectors(conn, model.model, model.dim)
         if not count:
             raise SearchError(f"no vectors of model {model.model} in {db_path}")
         tmp = _make_tmp(folder) if folder is not None else None
@@ -193,7 +193,7 @@ def _make_tmp(folder: Path) -> Path | None:
     return tmp
 
 
-def _build(conn: sqlite3.Connection, model: state.ModelVectors, count: int, tmp: Path | None,
+def _build(conn: sqlite3.Connection, model: records.ModelVectors, count: int, tmp: Path | None,
            progress: Progress) -> VectorIndex:
     dim = model.dim
 
@@ -212,7 +212,7 @@ def _build(conn: sqlite3.Connection, model: state.ModelVectors, count: int, tmp:
     blob = bytearray()
     i = 0
     with progress("reading vectors", count) as tick:
-        for rows in state.iter_search_rows(conn, model.model, dim, page=BUILD_PAGE):
+        for rows in records.iter_search_rows(conn, model.model, dim, page=BUILD_PAGE):
             k = len(rows)
             if i + k > count:
                 raise SearchError("the database changed while its vectors were read")  # not in one snapshot
@@ -243,12 +243,12 @@ def _build(conn: sqlite3.Connection, model: state.ModelVectors, count: int, tmp:
                        origin="memory")
 
 
-def _info(model: state.ModelVectors, version: tuple[str, int], count: int, cameras: list[str]) -> dict[str, Any]:
+def _info(model: records.ModelVectors, version: tuple[str, int], count: int, cameras: list[str]) -> dict[str, Any]:
     return {"format": CACHE_FORMAT, "model": model.model, "dim": model.dim, "database_id": version[0],
             "vectors_version": version[1], "timezone": _timezone(), "count": count, "cameras": cameras}
 
 
-def _write_info(tmp: Path, model: state.ModelVectors, version: tuple[str, int], index: VectorIndex) -> None:
+def _write_info(tmp: Path, model: records.ModelVectors, version: tuple[str, int], index: VectorIndex) -> None:
     # Written last, and every file fsynced before the folder is renamed into place: a
     # folder under its final name is complete, even after a power loss.
     (tmp / "info.json").write_text(json.dumps(_info(model, version, len(index), index.cameras)), encoding="utf-8")
@@ -257,7 +257,7 @@ def _write_info(tmp: Path, model: state.ModelVectors, version: tuple[str, int], 
             os.fsync(fh.fileno())
 
 
-def _publish(tmp: Path, folder: Path, model: state.ModelVectors, version: tuple[str, int]) -> VectorIndex | None:
+def _publish(tmp: Path, folder: Path, model: records.ModelVectors, version: tuple[str, int]) -> VectorIndex | None:
     try:
         os.rename(tmp, folder)
     except OSError:
@@ -302,7 +302,7 @@ def _remove_stale(current: Path, version: tuple[str, int]) -> None:
         shutil.rmtree(entry, ignore_errors=True)
 
 
-def _open_cache(folder: Path, model: state.ModelVectors, version: tuple[str, int]) -> VectorIndex | None:
+def _open_cache(folder: Path, model: records.ModelVectors, version: tuple[str, int]) -> VectorIndex | None:
     """The cached matrix, memory-mapped; None when it is missing or not what it should be."""
     try:
         info = json.loads((folder / "info.json").read_text(encoding="utf-8"))

@@ -16,7 +16,7 @@ from conftest import make_photo, read_jsonl, read_pkl, run_cli
 
 from sqlindexer.errors import ExportError
 from sqlindexer.index_file import record, tmp_path as export_tmp_path, write_index
-from sqlindexer.state import ExportRow
+from sqlindexer.records import ExportRow
 
 META_KEYS = ["path", "filename", "size_bytes", "creation_time", "modification_time", "width", "height", "exif"]
 

@@ -53,9 +53,9 @@ def _full_export(runner, out: Path, tmp_path: Path) -> bytes:
 def test_changed_records_are_written_and_the_rest_copied(runner, tmp_path, tiny_model, indexed, monkeypatch,
                                                          run_paths):
     # run_paths 1: every run of unchanged records is handed over in lists of one path.
-    from sqlindexer import state
+    from sqlindexer import records as records_module
 
-    monkeypatch.setattr(state, "_RUN_PATHS", run_paths)
+    monkeypatch.setattr(records_module, "_RUN_PATHS", run_paths)
     photos, out = indexed
     make_photo(photos / "b.jpg", seed=30)  # modified
     bump_mtime(photos / "b.jpg", 1)
@@ -136,24 +136,24 @@ def test_a_rebuild_and_a_pkl_index_are_written_afresh(runner, tmp_path, tiny_mod
 
 
 def test_the_stamp_moves_with_what_a_record_holds(tmp_path):
-    from sqlindexer import db, state
+    from sqlindexer import db, records
 
     db.connect(tmp_path / "state.sqlite").close()  # the schema, as migrated
     with open_db(tmp_path / "state.sqlite") as conn:
         conn.isolation_level = None
         conn.execute("INSERT INTO files (path, size, mtime_ns, ctime_ns, status) VALUES ('/p/a.jpg', 1, 1, 1, 'ok')")
-        stamp = state.record_stamp(conn)
+        stamp = records.record_stamp(conn)
         assert conn.execute("SELECT stamp FROM files").fetchone()[0] == stamp > 0
         for change in ("ctime_ns = 2", "width = 3", "exif = '{}'", "embedding = x'00'", "status = 'failed'"):
             conn.execute(f"UPDATE files SET {change}")
-            assert state.record_stamp(conn) == stamp + 1, change
+            assert records.record_stamp(conn) == stamp + 1, change
             stamp += 1
             assert conn.execute("SELECT stamp FROM files").fetchone()[0] == stamp, change
         for unrelated in ("build = 5", "changed_run = 6", "error = 'x'"):
             conn.execute(f"UPDATE files SET {unrelated}")
-            assert state.record_stamp(conn) == stamp, unrelated
+            assert records.record_stamp(conn) == stamp, unrelated
         conn.execute("DELETE FROM files")
-        assert state.record_stamp(conn) == stamp + 1
+        assert records.record_stamp(conn) == stamp + 1
 
 
 def test_a_ctime_only_change_is_exported(runner, tmp_path, tiny_model, indexed):
@@ -185,7 +185,7 @@ def test_a_previous_index_that_cannot_be_read_is_a_value_error(tmp_path):
 def _row(path: str, version: int):
     import numpy as np
 
-    from sqlindexer.state import ExportRow
+    from sqlindexer.records import ExportRow
 
     vec = np.random.default_rng([version, len(path), ord(path[-5])]).standard_normal(8).astype("<f4")
     return ExportRow(path, 100 + version, 10**18 + version, 10**18, 4, 3, None, vec.tobytes(), 8)
@@ -256,7 +256,7 @@ def test_an_unchanged_path_the_last_index_lacks_is_written_afresh(tmp_path, capl
 def _row(path: str, version: int):
     import numpy as np
 
-    from sqlindexer.state import ExportRow
+    from sqlindexer.records import ExportRow
 
     vec = np.random.default_rng([version, len(path), ord(path[-5])]).standard_normal(8).astype("<f4")
     return ExportRow(path, 100 + version, 10**18 + version, 10**18, 4, 3, None, vec.tobytes(), 8)
@@ -281,16 +281,16 @@ def _write_logged(caplog, entries, out: Path, previous: Path, load) -> tuple[int
 def test_unchanged_rows_come_in_runs_of_bounded_length(tmp_path, monkeypatch):
     # The export is handed the unchanged records as lists of paths, one list a run of
     # them, none longer than _RUN_PATHS (a list is held whole: its length bounds memory).
-    from sqlindexer import db, state
+    from sqlindexer import db, records
 
-    monkeypatch.setattr(state, "_RUN_PATHS", 2)
+    monkeypatch.setattr(records, "_RUN_PATHS", 2)
     db.connect(tmp_path / "state.sqlite").close()
     with open_db(tmp_path / "state.sqlite") as conn:
         conn.isolation_level = None
         for name in "abcdef":
             conn.execute("INSERT INTO files (path, size, mtime_ns, ctime_ns, status, model, dim, embedding) "
                          "VALUES (?, 1, 1, 1, 'ok', 'm', 1, x'00000000')", (f"/p/{name}.jpg",))
-        since = state.record_stamp(conn)
+        since = records.record_stamp(conn)
         conn.execute("UPDATE files SET ctime_ns = 2 WHERE path = '/p/d.jpg'")
-        got = [e if isinstance(e, list) else e.path for e in state.iter_export_changes(conn, "m", since)]
+        got = [e if isinstance(e, list) else e.path for e in records.iter_export_changes(conn, "m", since)]
     assert got == [["/p/a.jpg", "/p/b.jpg"], ["/p/c.jpg"], "/p/d.jpg", ["/p/e.jpg", "/p/f.jpg"]]

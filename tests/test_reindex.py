@@ -309,11 +309,11 @@ def test_changes_spread_over_many_scan_batches(runner, tmp_path, tiny_model, oth
 def test_scan_batches_out_of_path_order_are_refused(tmp_path):
     # The range-by-range comparison is only right for a walk in path order: a batch that is
     # not would make files look deleted, so it is an error, not a guess.
-    from sqlindexer import db as dbmod, state
+    from sqlindexer import db as dbmod, runs, state
     from sqlindexer.scan import FileRecord
 
     conn = dbmod.connect(tmp_path / "state.sqlite")
-    run = state.start_run(conn, mode="reindex", model="m", config={}, pid=os.getpid())
+    run = runs.start_run(conn, mode="reindex", model="m", config={}, pid=os.getpid())
     scan = state.Scan(conn, run)
     scan.record([FileRecord("/p/b.jpg", 1, 1, 1), FileRecord("/p/c.jpg", 1, 1, 1)])
     with pytest.raises(ValueError, match="path order"):

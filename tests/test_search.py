@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import bump_mtime, run_cli
 
-from sqlindexer import db, duplicates, errors, search, state
+from sqlindexer import db, duplicates, errors, records, runs, search, state
 from sqlindexer import vectors as vectors_mod
 from sqlindexer.errors import DatabaseError
 
@@ -340,7 +340,7 @@ def test_rows_are_read_in_path_order_without_a_sort(library):
     statements: list[str] = []
     conn.set_trace_callback(statements.append)
     try:
-        rows = [r for page in state.iter_search_rows(conn, "x", 1) for r in page]
+        rows = [r for page in records.iter_search_rows(conn, "x", 1) for r in page]
         assert rows == []
         sql = next(s for s in statements if "embedding" in s)
         plan = " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
@@ -351,15 +351,15 @@ def test_rows_are_read_in_path_order_without_a_sort(library):
 
 # -- the change counter (migrations/0002_search.sql) -----------------------------------
 def _counter(conn: sqlite3.Connection) -> int:
-    return state.vectors_version(conn)[1]
+    return records.vectors_version(conn)[1]
 
 
 def test_change_counter_moves_only_with_what_a_search_sees(tmp_path):
     conn = db.connect(tmp_path / "state.sqlite")
     try:
-        database_id, start = state.vectors_version(conn)
+        database_id, start = records.vectors_version(conn)
         assert len(database_id) == 32 and start == 0
-        run = state.start_run(conn, mode="reindex", model="m", config={}, pid=0)
+        run = runs.start_run(conn, mode="reindex", model="m", config={}, pid=0)
         vec = np.ones(4, dtype="<f4").tobytes()
         imported = [state.Imported(f"/p/{i}.jpg", 1, 1, 1, vec, 4, 1, 1, {}) for i in range(3)]
         state.import_vectors(conn, imported, run)
@@ -395,7 +395,7 @@ def test_upgrade_from_schema_1_keeps_rows_and_starts_the_counter(tmp_path, monke
     # A read-only connection cannot migrate: the old schema is served without the cache.
     ro = db.open_readonly(path)
     try:
-        assert state.vectors_version(ro) is None
+        assert records.vectors_version(ro) is None
         model = vectors_mod.choose_model(ro, None, where="db")
         idx = vectors_mod.load_index(ro, path, model)
         assert idx.origin == "memory" and search.top_k(idx, np.ones(1), 1)[0].path == "/p/a.jpg"
@@ -403,11 +403,11 @@ def test_upgrade_from_schema_1_keeps_rows_and_starts_the_counter(tmp_path, monke
         ro.close()
     conn = db.connect(path)  # what any index run does
     try:
-        assert state.schema_version(conn) == db.schema_version()
-        assert state.vectors_version(conn)[1] == 0
+        assert records.schema_version(conn) == db.schema_version()
+        assert records.vectors_version(conn)[1] == 0
         assert conn.execute("SELECT count(*) FROM files").fetchone()[0] == 1
         conn.execute("UPDATE files SET embedding = x'000080bf'")
-        assert state.vectors_version(conn)[1] == 1
+        assert records.vectors_version(conn)[1] == 1
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "files_status_model" in names and "files_status" not in names
     finally:
@@ -508,7 +508,7 @@ def test_readonly_wal_database_without_shm_is_read_as_immutable(library, tmp_pat
     conn = db.open_readonly(copy)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # immutable
-        assert state.vector_models(conn)[0].count == 10
+        assert records.vector_models(conn)[0].count == 10
     finally:
         conn.close()
     Path(str(copy) + "-wal").write_bytes(b"x" * 100)  # committed work only the -wal holds
@@ -595,7 +595,7 @@ def test_parse_date():
 def test_vectors_of_one_model_with_two_lengths_are_refused(tmp_path):
     conn = db.connect(tmp_path / "state.sqlite")
     try:
-        run = state.start_run(conn, mode="reindex", model="m", config={}, pid=0)
+        run = runs.start_run(conn, mode="reindex", model="m", config={}, pid=0)
         state.import_vectors(conn, [state.Imported(f"/p/{d}.jpg", 1, 1, 1, np.ones(d, "<f4").tobytes(), d, 1, 1, {})
                                     for d in (2, 3)], run)
         for requested in (None, "m"):

@@ -506,7 +506,7 @@ def test_links_at_output_and_tmp_are_not_followed(runner, tmp_path, photos, tiny
 
 def test_pkl_export_replaces_a_link_at_the_output(tmp_path):
     from sqlindexer.index_file import write_index
-    from sqlindexer.state import ExportRow
+    from sqlindexer.records import ExportRow
 
     victim = tmp_path / "victim.pkl"
     victim.write_bytes(b"precious")
@@ -563,7 +563,7 @@ _SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|PRAGMA|WHER
 _SQL_FORMATTED = {
     "placeholders": "a run of '?' joined by commas",
     "','.join('?' * len(chunk))": "a run of '?' joined by commas",
-    "sets": "column names from state.COUNTERS (add_counts filters every key through it)",
+    "sets": "column names from runs.COUNTERS (add_counts filters every key through it)",
     "', '.join(COUNTERS)": "the constant tuple of counter columns",
     "script": "a migration file shipped with the package",
     "number": "the migration's number, an int",
@@ -598,17 +598,17 @@ def test_sql_text_is_never_formatted_with_values():
 
 
 def test_add_counts_takes_column_names_from_its_whitelist_only(tmp_path):
-    from sqlindexer import db, state
+    from sqlindexer import db, runs
 
     conn = db.connect(tmp_path / "x.sqlite")
     try:
-        run = state.start_run(conn, mode="full", model="m", config={}, pid=1)
+        run = runs.start_run(conn, mode="full", model="m", config={}, pid=1)
         before = rows(tmp_path / "x.sqlite", "SELECT * FROM runs")
         hostile = {"scanned = 99, status = 'pwned' --": 1, "new; DROP TABLE files; --": 1}
         for key, value in hostile.items():
             with pytest.raises((ValueError, KeyError, TypeError, sqlite3.Error)):
                 with db.transaction(conn):
-                    state.add_counts(conn, run.id, **{key: value})
+                    runs.add_counts(conn, run.id, **{key: value})
         assert rows(tmp_path / "x.sqlite", "SELECT * FROM runs") == before
         assert rows(tmp_path / "x.sqlite", "SELECT count(*) AS n FROM files") == [{"n": 0}]
     finally:

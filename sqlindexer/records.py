@@ -1,0 +1,196 @@
+"""Reads of the committed records: the rows an export writes, the vectors the queries rank,
+and the counts `status` shows. Nothing here writes."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import groupby, islice
+from operator import itemgetter
+
+from .runs import get_meta
+
+
+# -- export ----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ExportRow:
+    path: str
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    width: int | None
+    height: int | None
+    exif: str | None  # JSON text, as stored
+    embedding: bytes
+    dim: int
+
+
+def count_export_rows(conn: sqlite3.Connection, model: str) -> int:
+    return conn.execute("SELECT count(*) FROM files WHERE status = 'ok' AND model = ?", (model,)).fetchone()[0]
+
+
+_EXPORT_COLUMNS = "path, size, mtime_ns, ctime_ns, width, height, exif, embedding, dim"
+
+
+def iter_export_rows(conn: sqlite3.Connection, model: str) -> Iterator[ExportRow]:
+    """Committed vectors of one model, in path order, streamed from SQLite."""
+    cur = conn.execute(
+        f"SELECT {_EXPORT_COLUMNS} FROM files WHERE status = 'ok' AND model = ? ORDER BY path",
+        (model,),
+    )
+    for row in cur:
+        yield ExportRow(*row)
+
+
+RECORD_STAMP = "record_stamp"  # meta key kept by migrations/0003_export_stamp.sql
+
+
+def record_stamp(conn: sqlite3.Connection) -> int:
+    """The counter that every change to an exported record moves (and that stamps the row)."""
+    return int(get_meta(conn, RECORD_STAMP) or 0)
+
+
+def count_changed_export_rows(conn: sqlite3.Connection, model: str, since: int) -> int:
+    """How many rows the export holds that changed after the stamp `since`."""
+    return conn.execute(
+        "SELECT count(*) FROM files WHERE status = 'ok' AND model = ? AND stamp > ?", (model, since)
+    ).fetchone()[0]
+
+
+def iter_export_changes(conn: sqlite3.Connection, model: str, since: int) -> Iterator[ExportRow | list[str]]:
+    """The export's rows in path order: those not changed after the stamp `since` (their
+    records are the ones written then) as lists of their paths, a list for each run of
+    them (up to _RUN_PATHS), the others whole."""
+    cur = conn.cursor()
+    cur.row_factory = None
+    # The unary + keep the planner on files_scan, which holds every column read here and
+    # gives the path order; through files_status_model the rows would be read and sorted.
+    cur.execute("SELECT path, stamp > ? FROM files WHERE +status = 'ok' AND +model = ? ORDER BY path",
+                (since, model))
+    # Grouped in C: a run of 100,000 unchanged rows is ten list comprehensions, not 100,000
+    # steps of this generator.
+    for changed, rows in groupby(cur, key=itemgetter(1)):
+        if changed:
+            for path, _ in rows:
+                yield export_row(conn, path)
+        else:
+            while run := [path for path, _ in islice(rows, _RUN_PATHS)]:
+                yield run
+
+
+_RUN_PATHS = 10_000  # a list of paths held at once, whatever the number of rows
+
+
+def export_row(conn: sqlite3.Connection, path: str) -> ExportRow:
+    row = conn.execute(f"SELECT {_EXPORT_COLUMNS} FROM files WHERE path = ?", (path,)).fetchone()
+    return ExportRow(*row)
+
+
+# -- the queries (search, similar, duplicates, status) ---------------------------------
+# Read-only: these run on a connection opened with db.connect(path, readonly=True).
+DATABASE_ID = "database_id"  # meta keys kept by migrations/0002_search.sql
+VECTORS_VERSION = "vectors_version"
+
+
+def vectors_version(conn: sqlite3.Connection) -> tuple[str, int] | None:
+    """(database id, change counter) of what a search can see; None for a database whose
+    schema predates the counter (a read-only connection cannot migrate it)."""
+    try:
+        rows = dict(conn.execute("SELECT key, value FROM meta WHERE key IN (?, ?)", (DATABASE_ID, VECTORS_VERSION)))
+    except sqlite3.OperationalError:  # no meta table
+        return None
+    if len(rows) != 2:
+        return None
+    return str(rows[DATABASE_ID]), int(rows[VECTORS_VERSION])
+
+
+@dataclass(frozen=True)
+class ModelVectors:
+    model: str
+    dim: int
+    count: int | None = None  # None: not counted
+
+
+def vector_models(conn: sqlite3.Connection) -> list[ModelVectors]:
+    """The models (and vector lengths) of the ok rows, most vectors first; counted on the
+    index files_status_model, without reading a vector."""
+    rows = conn.execute(
+        "SELECT model, dim, count(*) FROM files WHERE status = 'ok' GROUP BY model, dim ORDER BY 3 DESC, 1, 2"
+    ).fetchall()
+    return [ModelVectors(model, dim, count) for model, dim, count in rows]
+
+
+def count_vectors(conn: sqlite3.Connection, model: str, dim: int) -> int:
+    return conn.execute(
+        "SELECT count(*) FROM files WHERE status = 'ok' AND model = ? AND dim = ?", (model, dim)
+    ).fetchone()[0]
+
+
+# The date a photo was taken, as local wall-clock seconds (the time on the camera's clock,
+# read as if it were UTC, so that it compares with a date typed by the user): EXIF
+# DateTimeOriginal ("YYYY:MM:DD HH:MM:SS") when it is a valid date, else the file's mtime
+# in local time. strftime() returns NULL for a date it cannot read ("0000:00:00 ...").
+_TAKEN = (
+    "coalesce("
+    "CAST(strftime('%s', substr(t, 1, 4) || '-' || substr(t, 6, 2) || '-' || substr(t, 9, 2) || substr(t, 11, 9)) "
+    "AS INTEGER), "
+    "CAST(strftime('%s', mtime_ns / 1000000000, 'unixepoch', 'localtime') AS INTEGER))"
+)
+
+
+def iter_search_rows(conn: sqlite3.Connection, model: str, dim: int, *, page: int = 4096) -> Iterator[list[tuple]]:
+    """Pages of (id, path, embedding, taken, camera) for the ok rows of one model, in path
+    order: what the search matrix and its filters are built from."""
+    cur = conn.cursor()
+    cur.row_factory = None  # plain tuples: this reads every vector of the database
+    # The unary + keep the planner off files_status_model: through it the rows would come
+    # in rowid order and be sorted by path in a temporary B-tree, vectors and all. Walking
+    # the path index instead returns them in order, with nothing to sort.
+    cur.execute(
+        f"SELECT id, path, embedding, {_TAKEN}, camera FROM ("
+        "SELECT id, path, embedding, mtime_ns, "
+        "CASE WHEN json_valid(exif) THEN json_extract(exif, '$.ExifOffset.DateTimeOriginal') END AS t, "
+        "CASE WHEN json_valid(exif) THEN json_extract(exif, '$.Model') END AS camera "
+        "FROM files WHERE +status = 'ok' AND +model = ? AND +dim = ?) ORDER BY path",
+        (model, dim),
+    )
+    while rows := cur.fetchmany(page):
+        yield rows
+
+
+def count_by_status(conn: sqlite3.Connection) -> dict[str, int]:
+    counts = {"ok": 0, "failed": 0, "pending": 0}
+    counts.update(dict(conn.execute("SELECT status, count(*) FROM files GROUP BY status").fetchall()))
+    return counts
+
+
+def failure_reasons(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+    """(error, files) of the failed rows, most common first."""
+    rows = conn.execute(
+        "SELECT coalesce(error, 'unknown error'), count(*) FROM files WHERE status = 'failed' "
+        "GROUP BY 1 ORDER BY 2 DESC, 1"
+    ).fetchall()
+    return [(error, count) for error, count in rows]
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The schema version the database is at (PRAGMA user_version)."""
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def vector_model_keys(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+    """The distinct (model, dim) of the ok rows, by one index seek each: no counting, so
+    choosing the model of a query costs the same on a million rows as on ten."""
+    keys: list[tuple[str, int]] = []
+    row = conn.execute("SELECT model, dim FROM files WHERE status = 'ok' ORDER BY model, dim LIMIT 1").fetchone()
+    while row is not None:
+        keys.append((row[0], row[1]))
+        # Two seeks, not one (model, dim) > (?, ?): SQLite seeks that on model alone and
+        # would then step through every row of the model.
+        row = conn.execute(
+            "SELECT model, dim FROM files WHERE status = 'ok' AND model = ? AND dim > ? ORDER BY dim LIMIT 1", keys[-1]
+        ).fetchone() or conn.execute(
+            "SELECT model, dim FROM files WHERE status = 'ok' AND model > ? ORDER BY model, dim LIMIT 1", keys[-1][:1]
+        ).fetchone()
+    return keys
