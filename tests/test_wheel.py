@@ -45,7 +45,9 @@ def wheel(tmp_path_factory) -> Path:
 
 
 def _running_site_dirs() -> list[str]:
-    """The site-packages of the interpreter running the tests, minus anything inside the repository.
+    """The site-packages of the interpreter running the tests, minus any that holds a copy of
+    sqlindexer (the checkout itself, should it be on the path). A site-packages inside the
+    repository (the README's .venv) stays: it holds no copy, only the editable install's .pth.
 
     ``venv --system-site-packages`` run from inside a virtualenv links the *base* interpreter's
     site-packages, not the virtualenv's, so the wheel's venv would miss everything installed in
@@ -55,8 +57,7 @@ def _running_site_dirs() -> list[str]:
     dirs = list(site.getsitepackages())
     if site.ENABLE_USER_SITE:
         dirs.append(site.getusersitepackages())
-    repo = REPO.resolve()
-    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir() and not Path(d).resolve().is_relative_to(repo)]
+    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir() and not (Path(d) / "sqlindexer" / "__init__.py").exists()]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,9 @@ def test_installed_wheel_indexes_from_outside_the_repo(venv, tiny_model, tmp_pat
                   "print(db._migrations_dir()); print(*sys.path, sep='\\n')"], cwd=tmp_path, env=_clean_env())
     assert where.returncode == 0, where.stderr
     module_file, migrations_dir, *sys_path = (Path(line) for line in where.stdout.splitlines() if line)
-    leaked = [p for p in sys_path if p.resolve().is_relative_to(REPO.resolve())]
+    # The checkout itself (a copy of the package at the top); the README's .venv inside it is fine.
+    leaked = [p for p in sys_path
+              if (p / "sqlindexer" / "__init__.py").exists() and not p.resolve().is_relative_to(venv.resolve())]
     assert not leaked, f"the checkout is on the wheel venv's sys.path: {leaked}"
     assert module_file.resolve().is_relative_to(venv.resolve()), module_file
     assert not module_file.resolve().is_relative_to(REPO.resolve()), module_file
