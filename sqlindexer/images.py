@@ -63,10 +63,9 @@ def naflex_size(height: int, width: int, *, patch_size: int, max_num_patches: in
 
 
 # Draft-decode JPEGs to at least this multiple of the size the model will see. 1 (the
-# smallest scale that still covers it) keeps the embedding within cosine 0.99985 of a full
-# decode on the corpus's large JPEGs (tests/test_embed.py; 0.99991 at 2, on a random model
-# of the base shape), and a 12-megapixel photo decodes at 1/8 scale instead of 1/4: about
-# 1.7x the images per core.
+# smallest scale that still covers it) keeps the embedding close to a full decode
+# (tests/test_embed.py holds it to a cosine bound), and a 12-megapixel photo decodes at 1/8
+# scale instead of 1/4 (docs/performance.md).
 DRAFT_MARGIN = 1
 
 

@@ -144,7 +144,7 @@ class Scanner:
         try:
             # Listed through the folder's descriptor, an entry's stat() is an fstatat() of
             # its bare name: the kernel does not look up every folder of the path again for
-            # each file (0.33 s against 0.39 s for 100,000 files 5 folders deep).
+            # each file.
             with os.scandir(top if fd is None else fd) as it:
                 entries = sorted(it, key=_NAME)
         except OSError as e:

@@ -91,10 +91,19 @@ def bump_mtime(path: Path, seconds: float = 10.0) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + int(seconds * 1e9)))
 
 
-def run_cli(runner: CliRunner, args: list[str], *, ok: bool = True):
+_QUERY_COMMANDS = ("search", "similar", "duplicates", "status", "export")
+
+
+def run_cli(runner: CliRunner, args: list[str], *, ok: bool = True, **kwargs):
+    """Run the CLI in this process. An index run decodes in-process (--workers 0) unless the
+    test says otherwise: starting a pool of spawned workers costs seconds, and the pool has
+    tests of its own (test_decode, the kill points, the subprocess runs)."""
     from sqlindexer.cli import cli
 
-    result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=not ok)
+    args = [str(a) for a in args]
+    if args and args[0] not in _QUERY_COMMANDS and not {"--workers", "--help", "-h"} & set(args):
+        args += ["--workers", "0"]
+    result = runner.invoke(cli, args, catch_exceptions=not ok, **kwargs)
     if ok:
         assert result.exit_code == 0, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
     return result
