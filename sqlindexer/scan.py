@@ -130,6 +130,12 @@ class Scanner:
         """The names and records of the image files in folder top (open as fd, if not
         None), in name order, and its subfolders as (name + "/", path); None if it was
         walked already or cannot be listed."""
+        entries = self._entries(top, fd)
+        return None if entries is None else self._sort_out(top, entries)
+
+    def _entries(self, top: str, fd: int | None) -> list[os.DirEntry] | None:
+        """Folder top's entries in name order; None if it was walked already (a link
+        back up, a bind mount) or cannot be listed."""
         try:
             st = os.stat(top) if fd is None else os.fstat(fd)
         except OSError as e:
@@ -146,10 +152,14 @@ class Scanner:
             # its bare name: the kernel does not look up every folder of the path again for
             # each file.
             with os.scandir(top if fd is None else fd) as it:
-                entries = sorted(it, key=_NAME)
+                return sorted(it, key=_NAME)
         except OSError as e:
             self._unreadable(top, e)
             return None
+
+    def _sort_out(self, top: str, entries: list[os.DirEntry]) -> tuple[list[str], list[FileRecord],
+                                                                        list[tuple[str, str]]]:
+        """The image files among entries (names and records) and the subfolders."""
         prefix = top if top.endswith(os.sep) else top + os.sep
         # This loop runs once per file of the tree: a no-change re-index is mostly this
         # walk, so the common case is kept to a few cheap tests.

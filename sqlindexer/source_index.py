@@ -111,41 +111,17 @@ def matching_records(path: Path, *, expected_dim: int | None) -> Iterator[Import
     """
     dim = expected_dim
     for n, rec in read_records(path):
-        if not isinstance(rec, dict) or not isinstance(rec.get("metadata"), dict) or "vector" not in rec:
-            raise _foreign(path, n, "it has no 'vector' and 'metadata'")
-        meta = rec["metadata"]
-        vec = rec["vector"]
-        if not isinstance(vec, (list, tuple)) or not vec or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in vec
-        ):
-            raise _foreign(path, n, "'vector' is not a list of numbers")
+        meta, arr, size, mtime = _checked(path, n, rec)
         if dim is None:
-            dim = len(vec)
-        elif len(vec) != dim:
+            dim = len(arr)
+        elif len(arr) != dim:
             raise SourceIndexError(
-                f"source index {path}, record {n}: vector has {len(vec)} values, expected {dim} "
+                f"source index {path}, record {n}: vector has {len(arr)} values, expected {dim} "
                 "(an index of another model?)"
             )
-        p = meta.get("path")
-        size = meta.get("size_bytes")
-        if not isinstance(p, str) or not p:
-            raise _foreign(path, n, "metadata.path is missing")
-        if isinstance(size, bool) or not isinstance(size, int):
-            raise _foreign(path, n, "metadata.size_bytes is not an integer")
-        try:
-            mtime = parse_time(meta.get("modification_time"))
-        except (ValueError, TypeError, OverflowError, OSError):
-            raise _foreign(path, n, "metadata.modification_time is not an ISO 8601 time") from None
-        try:
-            with np.errstate(over="ignore"):
-                arr = np.asarray(vec, dtype="<f4")
-        except (OverflowError, ValueError):  # an integer too large for any float
-            raise _foreign(path, n, "'vector' holds a number out of range") from None
-        if not np.isfinite(arr).all():
-            raise _foreign(path, n, "vector holds NaN or infinity")
         # Relative paths (written by the original tool from a relative -i) are taken
         # relative to the current directory, as that tool wrote them.
-        file_path = str(absolute(p))
+        file_path = str(absolute(meta["path"]))
         try:
             file_path.encode("utf-8")  # the scan skips names that are not UTF-8: so does the import
             st = os.stat(file_path)
@@ -159,17 +135,40 @@ def matching_records(path: Path, *, expected_dim: int | None) -> Iterator[Import
             exif = _json_safe(exif) if isinstance(exif, dict) else {}
         except _Unfit as e:
             raise _foreign(path, n, str(e)) from None
-        yield Imported(
-            path=file_path,
-            size=st.st_size,
-            mtime_ns=st.st_mtime_ns,
-            ctime_ns=st.st_ctime_ns,
-            vector=arr.tobytes(),
-            dim=len(vec),
-            width=_dimension(meta.get("width")),
-            height=_dimension(meta.get("height")),
-            exif=exif,
-        )
+        yield Imported(path=file_path, size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
+                       vector=arr.tobytes(), dim=len(arr), width=_dimension(meta.get("width")),
+                       height=_dimension(meta.get("height")), exif=exif)
+
+
+def _checked(path: Path, n: int, rec: Any) -> tuple[dict[str, Any], np.ndarray, int, float]:
+    """(metadata, vector as float32, size, mtime in seconds) of record n, or a
+    SourceIndexError naming what does not fit an image-indexer record."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("metadata"), dict) or "vector" not in rec:
+        raise _foreign(path, n, "it has no 'vector' and 'metadata'")
+    meta = rec["metadata"]
+    vec = rec["vector"]
+    if not isinstance(vec, (list, tuple)) or not vec or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in vec
+    ):
+        raise _foreign(path, n, "'vector' is not a list of numbers")
+    p = meta.get("path")
+    size = meta.get("size_bytes")
+    if not isinstance(p, str) or not p:
+        raise _foreign(path, n, "metadata.path is missing")
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise _foreign(path, n, "metadata.size_bytes is not an integer")
+    try:
+        mtime = parse_time(meta.get("modification_time"))
+    except (ValueError, TypeError, OverflowError, OSError):
+        raise _foreign(path, n, "metadata.modification_time is not an ISO 8601 time") from None
+    try:
+        with np.errstate(over="ignore"):
+            arr = np.asarray(vec, dtype="<f4")
+    except (OverflowError, ValueError):  # an integer too large for any float
+        raise _foreign(path, n, "'vector' holds a number out of range") from None
+    if not np.isfinite(arr).all():
+        raise _foreign(path, n, "vector holds NaN or infinity")
+    return meta, arr, size, mtime
 
 
 def _dimension(value: Any) -> int | None:
