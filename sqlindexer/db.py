@@ -165,6 +165,15 @@ def migrate(conn: sqlite3.Connection) -> int:
     return version
 
 
+def rollback_open(conn: sqlite3.Connection) -> None:
+    """Roll back the transaction left open, if any (SQLite may have rolled back already)."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
 @contextmanager
 def transaction(conn: sqlite3.Connection, *, immediate: bool = True) -> Iterator[sqlite3.Connection]:
     """BEGIN ... COMMIT, rolled back on any exception (connections are in autocommit mode)."""

@@ -124,11 +124,9 @@ def _record_end(ctx: RunContext, *, status: str, error: str) -> None:
     """Record the end, if the database can still be written: when it cannot (the disk is
     full), the row stays 'running' and the next run marks it interrupted."""
     conn = ctx.conn
-    if conn.in_transaction:
-        # A signal can land between a BEGIN and its try (or in a ROLLBACK): close the
-        # transaction left open so that the run's status can still be written.
-        with contextlib.suppress(sqlite3.Error):  # e.g. SQLite already rolled back a failed COMMIT
-            conn.execute("ROLLBACK")
+    # A signal can land between a BEGIN and its try (or in a ROLLBACK): close the
+    # transaction left open so that the run's status can still be written.
+    db.rollback_open(conn)
     try:
         runs.finish_run(conn, ctx.run.id, status=status, error=error)
     except sqlite3.Error as e:
