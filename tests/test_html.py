@@ -38,6 +38,7 @@ from sqlindexer.thumbnails import ThumbnailCache
 HOSTILE = [
     "<img src=x onerror=alert(1)>.png",
     "a & b \"double\" 'single' <i>ital 😀 é.jpg",
+    "50% off #1 ?x=1&y=2.jpg",  # what a URL would take for its own
 ]
 CANON = "Canon PowerShot S40"
 
@@ -451,8 +452,7 @@ class Chromium:
         self.session = self.call("Target.attachToTarget", targetId=target["targetId"], flatten=True)["sessionId"]
         self.call("Page.enable", session=True)
         # The viewport itself (the window's size includes what headless draws around it).
-        self.call("Emulation.setDeviceMetricsOverride", session=True, width=width, height=height,
-                  deviceScaleFactor=1, mobile=False)
+        self.viewport(width, height)
 
     def call(self, method: str, *, session: bool = False, **params) -> dict:
         self._id += 1
@@ -487,6 +487,10 @@ class Chromium:
         if "exceptionDetails" in result:
             raise RuntimeError(result["exceptionDetails"])
         return result["result"]["value"]
+
+    def viewport(self, width: int, height: int, *, mobile: bool = False) -> None:
+        self.call("Emulation.setDeviceMetricsOverride", session=True, width=width, height=height,
+                  deviceScaleFactor=1, mobile=mobile)
 
     def screenshot(self) -> bytes:
         return base64.b64decode(self.call("Page.captureScreenshot", session=True, format="png")["data"])
@@ -577,6 +581,19 @@ def test_pages_render_in_a_browser(runner, library, browser, tmp_path):
             for name in HOSTILE:  # rendered as text, not as markup
                 assert name in seen["names"]
             assert "i" not in seen["tags"] and "script" not in seen["tags"]
+            # Each link leads to its own file, whatever the name holds.
+            hrefs = browser.evaluate("[...document.querySelectorAll('a.thumb')].map(a => a.href)")
+            assert sorted(hrefs) == sorted(Path(p).as_uri() for p in library["paths"])
+    # On a phone: two columns, nothing wider than the screen.
+    browser.viewport(390, 844, mobile=True)
+    try:
+        browser.open(tmp_path / "moved" / "search" / "search.html")
+        wide, screen, columns = browser.evaluate(
+            "[document.documentElement.scrollWidth, innerWidth, "
+            "getComputedStyle(document.querySelector('ol.grid')).gridTemplateColumns.split(' ').length]")
+    finally:
+        browser.viewport(1280, 900)
+    assert wide <= screen == 390 and columns == 2
 
 
 def test_placeholder_renders_as_text_in_a_browser(runner, browser, tmp_path, tiny_model):
