@@ -1,8 +1,9 @@
 """Small JPEG thumbnails of indexed images, for the results pages, and their cache.
 
 A thumbnail is made from the image as the indexer sees it (images.decode: EXIF orientation
-applied, JPEGs draft-decoded at a reduced scale), shrunk to THUMBNAIL_SIDE pixels on its
-long side (SMALL's on pages of more than MANY images). Made thumbnails are kept in a folder beside the database
+applied, JPEGs draft-decoded at a reduced scale), shrunk to NORMAL.side pixels on its long
+side (SMALL.side on pages of more than MANY images). Made thumbnails are kept in a folder
+beside the database
 
     <db>.thumbnails/<hash of the path>-<side>q<quality>-<hash of size and mtime>.jpg
 
@@ -31,7 +32,6 @@ from .progress import Progress, no_progress
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Size:
     """How thumbnails are made: the long side in pixels and the JPEG quality."""
@@ -45,7 +45,7 @@ class Size:
 
 
 # A page embeds every thumbnail, so its size grows with their number: past MANY images
-# they are smaller (a photo's thumbnail is about 5.4 KiB at NORMAL, 2.4 KiB at SMALL).
+# they are smaller and more compressed, so that a page of thousands stays a few MB.
 NORMAL = Size(240, 72)
 SMALL = Size(160, 60)
 MANY = 500
