@@ -45,7 +45,7 @@ class Size:
 
 
 # A page embeds every thumbnail, so its size grows with their number: past MANY images
-# they are smaller and more compressed, so that a page of thousands stays a few MB.
+# they are smaller and more compressed, so that a page of thousands still opens quickly.
 NORMAL = Size(240, 72)
 SMALL = Size(160, 60)
 MANY = 500
