@@ -3,12 +3,14 @@ database only, opened read-only: never created, never migrated."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
 
 from .cli_common import (db_option, echo_table, model_option, output_option, setup_logging, tqdm_progress,
                          wants_json, with_db)
+from .errors import IndexerError
 
 _HELP = {"help_option_names": ["-h", "--help"]}
 
@@ -48,6 +50,54 @@ def _filter_options(f: Any) -> Any:
     return f
 
 
+def _page_options(f: Any) -> Any:
+    options = [
+        click.option("--html", "html_path", metavar="FILE",
+                     help="Also write the results as one self-contained HTML page of thumbnails to FILE "
+                          "(written to FILE.tmp, then renamed). Thumbnails are cached beside the database."),
+        click.option("--open", "open_page", is_flag=True, help="Open the --html page in the default web browser."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _page_target(html_path: str | None, open_page: bool, db_path: str) -> Path | None:
+    """Where the page goes, checked before any query: a page that cannot be written fails
+    at once, not after the model has loaded and the thumbnails are made."""
+    if html_path is None:
+        if open_page:
+            raise click.UsageError("--open needs --html FILE, the page to open")
+        return None
+    from .contact_sheet import check_output
+
+    try:
+        return check_output(html_path, db_path)
+    except IndexerError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _report_page(page: Any, open_page: bool) -> None:
+    unreadable = f", {page.unreadable} unreadable" if page.unreadable else ""
+    made = f"{page.made} made" + ("" if page.cached or not page.made else " (not cached)")
+    click.echo(f"wrote {page.path} ({page.images} images{unreadable}, {page.bytes / 1024:.0f} KiB; thumbnails: "
+               f"{page.from_cache} from the cache, {made})", err=True)
+    if open_page:
+        import webbrowser
+
+        if not webbrowser.open(page.path.as_uri()):
+            click.echo(f"could not start a web browser; open {page.path} yourself", err=True)
+
+
+def _hits_page(conn: Any, db_path: str, target: Path, results: Any, title: str, query_image: str | None = None) -> Any:
+    from .contact_sheet import results_page
+
+    summary = (f"{len(results.hits)} of {results.considered} images, model {results.model}; "
+               "scores are cosines, higher is closer")
+    return results_page(conn, db_path, target, results.hits, title=title, summary=summary, query_image=query_image,
+                        progress=tqdm_progress)
+
+
 _ORIGIN = {"cache": "from the cache", "built": "cached now", "memory": "read from the database (not cached)"}
 
 
@@ -72,8 +122,9 @@ def _echo_hits(results: Any, as_json: bool) -> None:
 @model_option
 @_filter_options
 @output_option
+@_page_options
 def search(query: str, top: int, db_path: str, model_name: str | None, as_json: bool | None,
-           **filters: Any) -> None:
+           html_path: str | None, open_page: bool, **filters: Any) -> None:
     """Find the indexed images that best match a text (SigLIP 2's text tower).
 
     Prints rank, cosine score and path, best first.
@@ -83,13 +134,22 @@ def search(query: str, top: int, db_path: str, model_name: str | None, as_json: 
       image-indexer search "a red car at night" --db image_index.sqlite
       image-indexer search "birthday cake" --after 2023-06 --camera pixel --top 5
       SQLINDEXER_DB=image_index.sqlite image-indexer search "snow" --json
+      image-indexer search "a dog on a beach" --html dogs.html --open
     """
     from .search import Filters, search_text
 
     setup_logging("WARNING")
-    results = with_db(db_path, lambda conn: search_text(conn, db_path, query, top=top, model_name=model_name,
-                                                          filters=Filters.build(**filters), progress=tqdm_progress))
-    _echo_hits(results, as_json)
+    target = _page_target(html_path, open_page, db_path)
+
+    def work(conn: Any) -> Any:
+        results = search_text(conn, db_path, query, top=top, model_name=model_name,
+                              filters=Filters.build(**filters), progress=tqdm_progress)
+        _echo_hits(results, as_json)
+        return target and _hits_page(conn, db_path, target, results, f"Search: {query}")
+
+    page = with_db(db_path, work)
+    if page:
+        _report_page(page, open_page)
 
 
 @click.command(context_settings=_HELP)
@@ -99,8 +159,9 @@ def search(query: str, top: int, db_path: str, model_name: str | None, as_json: 
 @model_option
 @_filter_options
 @output_option
+@_page_options
 def similar(image: str, top: int, db_path: str, model_name: str | None, as_json: bool | None,
-            **filters: Any) -> None:
+            html_path: str | None, open_page: bool, **filters: Any) -> None:
     """Find the indexed images most like an image.
 
     An indexed image is looked up by its path and its stored vector used (it comes
@@ -111,13 +172,25 @@ def similar(image: str, top: int, db_path: str, model_name: str | None, as_json:
     Examples:
       image-indexer similar ~/Pictures/2023/IMG_0042.jpg --db image_index.sqlite
       image-indexer similar ~/Downloads/sunset.png --top 5 --path-prefix ~/Pictures/2023
+      image-indexer similar IMG_0042.jpg --top 50 --html like-0042.html
     """
+    import os
+
     from .search import Filters, search_image
 
     setup_logging("WARNING")
-    results = with_db(db_path, lambda conn: search_image(conn, db_path, image, top=top, model_name=model_name,
-                                                           filters=Filters.build(**filters), progress=tqdm_progress))
-    _echo_hits(results, as_json)
+    target = _page_target(html_path, open_page, db_path)
+
+    def work(conn: Any) -> Any:
+        results = search_image(conn, db_path, image, top=top, model_name=model_name,
+                               filters=Filters.build(**filters), progress=tqdm_progress)
+        _echo_hits(results, as_json)
+        title = f"Similar to {os.path.basename(os.path.abspath(image))}"
+        return target and _hits_page(conn, db_path, target, results, title, query_image=image)
+
+    page = with_db(db_path, work)
+    if page:
+        _report_page(page, open_page)
 
 
 @click.command(context_settings=_HELP)
@@ -126,7 +199,9 @@ def similar(image: str, top: int, db_path: str, model_name: str | None, as_json:
 @db_option
 @model_option
 @output_option
-def duplicates(threshold: float, db_path: str, model_name: str | None, as_json: bool | None) -> None:
+@_page_options
+def duplicates(threshold: float, db_path: str, model_name: str | None, as_json: bool | None,
+               html_path: str | None, open_page: bool) -> None:
     """List groups of near-identical images (resized, re-encoded or lightly edited
     copies), largest group first.
 
@@ -138,14 +213,27 @@ def duplicates(threshold: float, db_path: str, model_name: str | None, as_json: 
     Examples:
       image-indexer duplicates --db image_index.sqlite
       image-indexer duplicates --threshold 0.9 --json
+      image-indexer duplicates --html duplicates.html --open
     """
-    import json
-
     from .duplicates import find_duplicates
 
     setup_logging("WARNING")
-    model, compared, groups = with_db(db_path, lambda conn: find_duplicates(
-        conn, db_path, threshold=threshold, model_name=model_name, progress=tqdm_progress))
+    target = _page_target(html_path, open_page, db_path)
+
+    def work(conn: Any) -> Any:
+        model, compared, groups = find_duplicates(conn, db_path, threshold=threshold, model_name=model_name,
+                                                  progress=tqdm_progress)
+        _echo_groups(model, compared, groups, threshold, as_json)
+        return target and _groups_page(conn, db_path, target, model, compared, groups, threshold)
+
+    page = with_db(db_path, work)
+    if page:
+        _report_page(page, open_page)
+
+
+def _echo_groups(model: str, compared: int, groups: list[Any], threshold: float, as_json: bool | None) -> None:
+    import json
+
     if wants_json(as_json):
         for number, group in enumerate(groups, start=1):
             images = [{"path": path, "score": round(score, 6)} for path, score in group.members]
@@ -158,6 +246,17 @@ def duplicates(threshold: float, db_path: str, model_name: str | None, as_json: 
     in_groups = sum(len(g.members) for g in groups)
     click.echo(f"{len(groups)} group{'' if len(groups) == 1 else 's'} of near-duplicates ({in_groups} images) "
                f"among {compared} images, model {model}, cosine >= {threshold}", err=True)
+
+
+def _groups_page(conn: Any, db_path: str, target: Path, model: str, compared: int, groups: list[Any],
+                 threshold: float) -> Any:
+    from .contact_sheet import duplicates_page
+
+    in_groups = sum(len(g.members) for g in groups)
+    summary = (f"{len(groups)} group{'' if len(groups) == 1 else 's'} ({in_groups} images) among {compared} images, "
+               f"model {model}, cosine >= {threshold}; the copy of the most pixels is marked")
+    return duplicates_page(conn, db_path, target, groups, title="Near-duplicate images", summary=summary,
+                           progress=tqdm_progress)
 
 
 @click.command(context_settings=_HELP)

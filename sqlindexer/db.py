@@ -115,12 +115,12 @@ def open_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
 def _wal_needs_shm(e: DatabaseError) -> bool:
     # A read-only connection to a WAL database needs the -shm file; when it is missing and
     # cannot be created (a folder we may not write to, a read-only mount), SQLite refuses
-    # with SQLITE_READONLY.
+    # with SQLITE_READONLY. (On a read-only mount SQLite says SQLITE_CANTOPEN instead.)
     cause = e.__cause__
     if not isinstance(cause, sqlite3.OperationalError):
         return False
     name = getattr(cause, "sqlite_errorname", "")
-    return name.startswith("SQLITE_READONLY") or "readonly" in str(cause)
+    return name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN")) or "readonly" in str(cause)
 
 
 def _connect_immutable(path: Path) -> sqlite3.Connection:

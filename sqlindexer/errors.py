@@ -65,3 +65,7 @@ class EmbedError(IndexerError):
 class RayError(IndexerError):
     """--engine ray cannot run: Ray is missing, the cluster cannot be reached, a node cannot
     see the inputs, or the Ray job failed."""
+
+
+class PageError(IndexerError):
+    """A results page (--html) cannot be written where it was asked for."""

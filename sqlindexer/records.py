@@ -4,7 +4,7 @@ and the counts `status` shows. Nothing here writes."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import groupby, islice
 from operator import itemgetter
@@ -194,3 +194,50 @@ def vector_model_keys(conn: sqlite3.Connection) -> list[tuple[str, int]]:
             "SELECT model, dim FROM files WHERE status = 'ok' AND model > ? ORDER BY model, dim LIMIT 1", keys[-1][:1]
         ).fetchone()
     return keys
+
+
+_FACTS_BATCH = 500  # paths per lookup (under SQLite's limit on host parameters)
+
+
+# -- what a results page shows of each image (contact_sheet.py) -------------------------
+@dataclass(frozen=True)
+class ImageFacts:
+    """One file's row as a results page shows it: as last indexed, not read from disk."""
+
+    path: str
+    size: int  # bytes
+    mtime_ns: int
+    width: int | None  # as displayed, after EXIF orientation
+    height: int | None
+    taken: str | None  # EXIF DateTimeOriginal as the camera wrote it ("YYYY:MM:DD HH:MM:SS")
+    make: str | None  # EXIF Make and Model
+    model: str | None
+
+
+def image_facts(conn: sqlite3.Connection, paths: Sequence[str]) -> dict[str, ImageFacts]:
+    """The facts of those paths that have a row (a path without one is left out), by one
+    lookup on the path index per _FACTS_BATCH paths."""
+    found: dict[str, ImageFacts] = {}
+    unique = sorted(set(paths))
+    for i in range(0, len(unique), _FACTS_BATCH):
+        chunk = unique[i : i + _FACTS_BATCH]
+        rows = conn.execute(
+            "SELECT path, size, mtime_ns, width, height, "
+            "CASE WHEN json_valid(exif) THEN json_extract(exif, '$.ExifOffset.DateTimeOriginal') END, "
+            "CASE WHEN json_valid(exif) THEN json_extract(exif, '$.Make') END, "
+            "CASE WHEN json_valid(exif) THEN json_extract(exif, '$.Model') END "
+            f"FROM files WHERE path IN ({','.join('?' * len(chunk))})",
+            chunk,
+        ).fetchall()
+        for row in rows:
+            path, size, mtime_ns, width, height, taken, make, model = tuple(row)
+            found[path] = ImageFacts(path, size, mtime_ns, width, height, _text(taken), _text(make), _text(model))
+    return found
+
+
+def _text(value: Any) -> str | None:
+    # EXIF strings can come back as numbers or lists from odd files: shown only as text.
+    if value is None:
+        return None
+    text = str(value).strip().strip("\x00").strip()
+    return text or None
