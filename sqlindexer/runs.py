@@ -63,7 +63,8 @@ def mark_unfinished_runs(conn: sqlite3.Connection) -> None:
         )
 
 
-COUNTERS = ("scanned", "new", "modified", "unchanged", "deleted", "imported", "embedded", "failed", "decoded", "exported")
+COUNTERS = ("scanned", "new", "modified", "unchanged", "deleted", "imported", "embedded", "failed", "decoded", "exported",
+            "reused", "renamed", "hashed_bytes")
 
 
 def add_counts(conn: sqlite3.Connection, run_id: int, **deltas: int) -> None:
