@@ -104,12 +104,18 @@ def set_fingerprints(conn: sqlite3.Connection, found: Sequence[tuple[bytes, int,
 
 
 def sources(conn: sqlite3.Connection, model: str, keys: Iterable[tuple[int, bytes]]) -> dict[bytes, int]:
-    """content -> id of an ok row of model with that (size, content)."""
+    """content -> id of a row holding a vector of model made from that content: an ok row
+    with that (size, content), else a pending row that still holds the vector of its old
+    content (two files that swapped names, a file copied over another)."""
     found: dict[bytes, int] = {}
     for size, content in set(keys):
         row = conn.execute(
             "SELECT id FROM files WHERE size = ? AND content = ? AND status = 'ok' AND model = ? LIMIT 1",
             (size, content, model),
+        ).fetchone() or conn.execute(
+            "SELECT id FROM files WHERE status = 'pending' AND model = ? AND content = ? "
+            "AND embedding IS NOT NULL LIMIT 1",
+            (model, content),
         ).fetchone()
         if row is not None:
             found[content] = row[0]
@@ -133,17 +139,26 @@ def adopt(conn: sqlite3.Connection, adoptions: Sequence[Adoption], run: Run, *, 
     A dst that is no longer pending with the size and mtime it was matched with is left
     alone. src may be dst itself (a touched file takes back its own vector). Returns how
     many rows took a vector."""
-    params = [{"src": a.src, "dst": a.dst, "size": a.size, "mtime": a.mtime_ns, "build": run.build, "run": run.id}
-              for a in adoptions]
     done = 0
     with transaction(conn):
-        for p in params:
+        # Every source is read before any row is written: a row can be the source of one
+        # adoption and the destination of another (two files that swapped names).
+        wanted = sorted({a.src for a in adoptions})
+        values: dict[int, tuple] = {}
+        for chunk in _chunks(wanted):
+            values.update((row[0], tuple(row[1:])) for row in conn.execute(
+                "SELECT id, width, height, exif, model, dim, embedding, content FROM files "
+                f"WHERE id IN ({','.join('?' * len(chunk))}) AND embedding IS NOT NULL",
+                chunk,
+            ))
+        for a in adoptions:
+            if a.src not in values:
+                continue
             cur = conn.execute(
-                "UPDATE files SET (width, height, exif, model, dim, embedding, content) = "
-                "(SELECT width, height, exif, model, dim, embedding, content FROM files WHERE id = :src), "
-                "status = 'ok', error = NULL, build = :build, changed_run = :run "
-                "WHERE id = :dst AND status = 'pending' AND size = :size AND mtime_ns = :mtime",
-                p,
+                "UPDATE files SET width = ?, height = ?, exif = ?, model = ?, dim = ?, embedding = ?, content = ?, "
+                "status = 'ok', error = NULL, build = ?, changed_run = ? "
+                "WHERE id = ? AND status = 'pending' AND size = ? AND mtime_ns = ?",
+                (*values[a.src], run.build, run.id, a.dst, a.size, a.mtime_ns),
             )
             done += cur.rowcount
         add_counts(conn, run.id, reused=done, renamed=done if renamed else 0, hashed_bytes=hashed_bytes)
@@ -151,26 +166,37 @@ def adopt(conn: sqlite3.Connection, adoptions: Sequence[Adoption], run: Run, *, 
 
 
 # -- duplicates --exact ----------------------------------------------------------------
-def identical_groups(conn: sqlite3.Connection) -> list[tuple[int, bytes, list[str]]]:
-    """(size, content, paths in path order) for every fingerprint that two or more
-    indexed files share, largest files first. Reads the index files_content, and the
-    paths of the files in a group: never a vector."""
+@dataclass(frozen=True)
+class IdenticalFiles:
+    size: int  # bytes, each
+    content: bytes
+    paths: list[str]  # in path order
+
+
+@dataclass(frozen=True)
+class ExactDuplicates:
+    groups: list[IdenticalFiles]  # the most bytes to win back (size x extra copies) first
+    fingerprinted: int  # indexed files with a fingerprint
+    without: int  # indexed files without one (made before fingerprints)
+
+
+def exact_duplicates(conn: sqlite3.Connection) -> ExactDuplicates:
+    """Every fingerprint that two or more indexed files share. Reads the index
+    files_content, and the paths of the files in a group: never a vector."""
+    if "content" not in {row[1] for row in conn.execute("PRAGMA table_info(files)")}:
+        # A database of an older schema, read as it is: no file has a fingerprint yet.
+        ok = conn.execute("SELECT count(*) FROM files WHERE status = 'ok'").fetchone()[0]
+        return ExactDuplicates([], 0, ok)
     keys = conn.execute(
         "SELECT size, content FROM files WHERE status = 'ok' AND content IS NOT NULL "
-        "GROUP BY size, content HAVING count(*) > 1 ORDER BY size DESC, content"
+        "GROUP BY size, content HAVING count(*) > 1"
     ).fetchall()
-    out = []
+    groups = []
     for size, content in keys:
         paths = [path for (path,) in conn.execute(
             "SELECT path FROM files WHERE size = ? AND content = ? AND status = 'ok' ORDER BY path", (size, content)
         )]
-        out.append((size, content, paths))
-    return out
-
-
-def count_fingerprinted(conn: sqlite3.Connection) -> tuple[int, int]:
-    """(ok rows with a fingerprint, ok rows) for duplicates --exact's summary."""
-    row = conn.execute(
-        "SELECT count(content), count(*) FROM files WHERE status = 'ok'"
-    ).fetchone()
-    return row[0], row[1]
+        groups.append(IdenticalFiles(size, content, paths))
+    groups.sort(key=lambda g: (-g.size * (len(g.paths) - 1), g.paths[0]))
+    with_content, ok = conn.execute("SELECT count(content), count(*) FROM files WHERE status = 'ok'").fetchone()
+    return ExactDuplicates(groups, with_content, ok - with_content)
