@@ -5,6 +5,12 @@ Times BLAKE2b-128 and SHA-256 (hashlib), BLAKE3 (the blake3 package, one thread)
 xxh3-128 (the xxhash package) on buffers of 256 KiB, 4 MiB and 32 MiB (a small JPEG, a
 phone photo, a raw-sized file), best of --repeat, one thread, and prints GB/s and the
 milliseconds one 4 MiB photo costs. Packages that are not installed are skipped.
+
+With --photos DIR it also times, file by file on real photos, what a decode worker does
+on a first index: read the bytes, hash them (the chosen BLAKE3), decode and resize them
+(decode.prepare, SigLIP 2 base's naflex geometry), and prints the hash's share of the
+worker's time: the embedding phase takes at least that time per image, so it bounds the
+share of the embedding phase that hashing costs.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", default="bench/results/hashes.json")
+    ap.add_argument("--photos", help="a folder of photos to time hashing against decoding on")
     args = ap.parse_args()
     sizes = {"256 KiB": 256 << 10, "4 MiB": 4 << 20, "32 MiB": 32 << 20}
     buffers = {name: os.urandom(n) for name, n in sizes.items()}
@@ -64,7 +71,39 @@ def main() -> None:
         rows.append(row)
     columns = ["hash", *(f"GB/s {n}" for n in sizes), "ms per 4 MiB photo"]
     print(table(rows, columns))
-    save(args.json, {"machine": machine(), "rows": rows})
+    photos = _photos(Path(args.photos), args.repeat) if args.photos else None
+    save(args.json, {"machine": machine(), "rows": rows, "photos": photos})
+
+
+def _photos(folder: Path, repeat: int) -> dict:
+    """Per file: read, BLAKE3 of the bytes, decode.prepare of the same bytes; best of repeat."""
+    from sqlindexer import fingerprint, images
+    from sqlindexer.decode import DecodeOptions, prepare
+    from sqlindexer.scan import Scanner
+
+    images.register_plugins()
+    options = DecodeOptions(patch_size=16, max_num_patches=256)
+    files = [r.path for r in Scanner([folder])]
+    read = hashing = decoding = 0.0
+    size = 0
+    for path in files:
+        best = [float("inf")] * 3
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            data = Path(path).read_bytes()
+            t1 = time.perf_counter()
+            fingerprint.digest(data)
+            t2 = time.perf_counter()
+            prepare(path, options)  # reads, hashes and decodes: the worker's whole job
+            t3 = time.perf_counter()
+            best = [min(b, t) for b, t in zip(best, (t1 - t0, t2 - t1, t3 - t2))]
+        read, hashing, decoding = read + best[0], hashing + best[1], decoding + best[2]
+        size += len(data)
+    out = {"files": len(files), "bytes": size, "read_s": read, "hash_s": hashing, "prepare_s": decoding,
+           "hash_share_of_prepare": hashing / decoding}
+    print(f"\n{len(files)} photos, {size / 2**20:.1f} MiB: reading {read * 1e3:.1f} ms, BLAKE3 {hashing * 1e3:.1f} ms, "
+          f"a worker's whole prepare() {decoding * 1e3:.0f} ms; the hash is {100 * hashing / decoding:.2f}% of it")
+    return out
 
 
 if __name__ == "__main__":

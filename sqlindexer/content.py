@@ -68,14 +68,10 @@ def _chunks(values: Sequence, size: int = CHUNK) -> Iterator[Sequence]:
 def sizes_with_vectors(conn: sqlite3.Connection, model: str, sizes: Iterable[int]) -> set[int]:
     """Those of sizes that some ok row of model has: only a file of such a size can share
     its content (read from the index files_content, the rows for the model check only)."""
-    found: set[int] = set()
-    for chunk in _chunks(sorted(set(sizes))):
-        found.update(size for (size,) in conn.execute(
-            f"SELECT DISTINCT size FROM files WHERE status = 'ok' AND model = ? "
-            f"AND size IN ({','.join('?' * len(chunk))})",
-            (model, *chunk),
-        ))
-    return found
+    # One lookup per size that stops at its first row: many files may share a size.
+    return {size for size in set(sizes) if conn.execute(
+        "SELECT 1 FROM files WHERE size = ? AND status = 'ok' AND model = ? LIMIT 1", (size, model)
+    ).fetchone() is not None}
 
 
 def unfingerprinted(conn: sqlite3.Connection, model: str, sizes: Iterable[int]) -> list[tuple[int, str, int, int]]:
