@@ -1,16 +1,28 @@
 #!/usr/bin/env python3
-"""Re-index cost on a large tree: no-change and 1%-changed --reindex against a bare walk.
+"""Re-index cost on a large tree: no-change, 1%-changed, 10%-moved and 10%-copied
+--reindex against a bare walk.
 
-Builds a tree of N small image files (they share content: the point is the file count),
-indexes it once without running the model (the vectors come from a --source-index in the
-original tool's layout), then times, each as a fresh process:
+Builds a tree of N small image files (one small JPEG, each file with a few bytes of its
+own after the image's end, so every file has its own content: the point is the file
+count), indexes it once without running the model (the vectors come from a --source-index
+in the original tool's layout; each row is then given the fingerprint of its file, as a
+first index leaves it), then times, each as a fresh process:
 
   walk        os.scandir recursion with the stat it needs (the floor)
   reindex     image-indexer --reindex with nothing changed
-  1% changed  image-indexer --reindex after touching 1% of the files (they are embedded
-              with a tiny random SigLIP 2)
+  1% changed  image-indexer --reindex after rewriting 1% of the files with new bytes
+              (they are embedded with a tiny random SigLIP 2)
   alone       image-indexer on a folder of copies of just the changed files (fresh
               database): the "time to embed the changed files" of the 1% target
+  10% moved   --reindex after 10% of the files were renamed into another folder of the
+              same filesystem (each round moves them on again): no file is read
+  10% copied  --reindex after the same 10% were copied into another folder (removed
+              again after the round): each copy is read once and hashed
+  read        a fresh process that reads those copies once (the 10%-copied target is
+              the no-change re-index plus this)
+
+--cases picks the groups: "changed" (walk, reindex, 1% changed, alone), "moves" (walk,
+reindex, 10% moved, 10% copied, read), or both (the default).
 
 The four are run in turn, --repeat rounds of one each, and the best of each is kept.
 Prints a table with the ratios to the walk, the two target ratios within each round and
@@ -60,9 +72,34 @@ def build_tree(root: Path, n: int, per_dir: int = 1000) -> list[Path]:
         if i % per_dir == 0:
             d.mkdir(parents=True, exist_ok=True)
         p = d / f"img_{i:07d}.jpg"
-        p.write_bytes(data)
+        p.write_bytes(data + b"%08d" % i)  # after the JPEG's end marker: decoders ignore it
         paths.append(p)
     return paths
+
+
+def fingerprint_rows(db: Path) -> None:
+    """Give every row the fingerprint of its file, as a first index that decoded it would
+    have (the import from a source index has none to give)."""
+    import sqlite3
+
+    from sqlindexer import fingerprint
+
+    conn = sqlite3.connect(db)
+    with conn:
+        rows = conn.execute("SELECT id, path FROM files").fetchall()
+        conn.executemany("UPDATE files SET content = ? WHERE id = ?",
+                         [(fingerprint.digest(Path(path).read_bytes()), i) for i, path in rows])
+    conn.close()
+
+
+READ = r"""
+import sys
+n = 0
+for path in open(sys.argv[1]).read().splitlines():
+    with open(path, "rb") as f:
+        n += len(f.read())
+print(n)
+"""
 
 
 def write_source_index(paths: list[Path], out: Path, dim: int) -> None:
@@ -88,8 +125,11 @@ def main() -> None:
     ap.add_argument("--changed", type=float, default=0.01, help="fraction touched for the changed run (default 0.01)")
     ap.add_argument("--repeat", type=int, default=3, help="timed repetitions, best is kept (default 3)")
     ap.add_argument("--workdir", help="where to build the tree (default: a temporary folder, removed after)")
+    ap.add_argument("--moved", type=float, default=0.10, help="fraction moved, then copied (default 0.10)")
+    ap.add_argument("--cases", choices=("all", "changed", "moves"), default="all")
     ap.add_argument("--json", default="bench/results/rescan.json", help="where to write the results")
     args = ap.parse_args()
+    cases = {"all": ("changed", "moves"), "changed": ("changed",), "moves": ("moves",)}[args.cases]
 
     from sqlindexer.testing import build_random_siglip2
 
@@ -104,16 +144,56 @@ def main() -> None:
         base = ["-i", tree, "-o", out, "--model-name", model, "--reindex", "--log-level", "WARNING"]
         t_import, rss_import, err = cli(*base, "--source-index", src)
         print(err.strip().splitlines()[-1])
+        fingerprint_rows(out.with_suffix(".sqlite"))
 
         k = max(1, int(args.files * args.changed))
         step = max(1, args.files // k)
         touched = paths[::step][:k]
 
+        rewrites = 0
+
         def changed_run():
+            nonlocal rewrites
+            rewrites += 1
             for p in touched:
-                st = p.stat()
-                os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+                # New bytes: a touched file would take back its own vector.
+                p.write_bytes(p.read_bytes()[:-8] + b"%08d" % (10**7 * rewrites + hash(p.name) % 10**7))
             return cli(*base)
+
+        # 10% moved, then the same 10% copied. The moved files go on to another folder in
+        # each round (a rename: same inode, size and mtime).
+        m = max(1, int(args.files * args.moved))
+        mstep = max(1, args.files // m)
+        moving = paths[::mstep][:m]
+        where = {p: p for p in moving}
+        moves = 0
+
+        def moved_run():
+            nonlocal moves
+            moves += 1
+            target = tree / f"moved-{moves}"
+            target.mkdir()
+            for p in moving:
+                new = target / f"{p.parent.name}-{p.name}"
+                os.rename(where[p], new)
+                where[p] = new
+            return cli(*base)
+
+        copies = work / "copies.txt"
+
+        def copied_run():
+            target = tree / "copied"
+            target.mkdir()
+            made = []
+            for p in moving:
+                made.append(target / f"{where[p].parent.name}-{p.name}")
+                shutil.copyfile(where[p], made[-1])
+            copies.write_text("\n".join(map(str, made)))
+            result = cli(*base)
+            read = child([sys.executable, "-c", READ, str(copies)])
+            shutil.rmtree(target)
+            cli(*base)  # untimed: the copies leave the index again
+            return result, read
 
         # The target for the changed run is "2x the walk plus the time to embed the changed
         # files": that time is a run on just those files (fresh process, fresh database,
@@ -132,12 +212,16 @@ def main() -> None:
         # drifts, and the ratios compare runs made side by side.
         rounds = []
         for _ in range(args.repeat):
-            rounds.append({
-                "walk": child([sys.executable, "-c", WALK, str(tree)]),
-                "nochange": cli(*base),
-                "changed": changed_run(),
-                "alone": alone_run(),
-            })
+            r = {"walk": child([sys.executable, "-c", WALK, str(tree)]), "nochange": cli(*base)}
+            if "changed" in cases:
+                r["changed"] = changed_run()
+                r["alone"] = alone_run()
+            if "moves" in cases:
+                r["moved"] = moved_run()
+                r["copied"], r["read"] = copied_run()
+            rounds.append(r)
+        if "changed" not in cases:
+            return _report_moves(args, m, rounds)
 
         def best(name):
             return min((r[name] for r in rounds), key=lambda r: r[0])
@@ -182,6 +266,38 @@ def main() -> None:
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _report_moves(args: argparse.Namespace, m: int, rounds: list[dict]) -> None:
+    def best(name):
+        return min((r[name] for r in rounds), key=lambda r: r[0])
+
+    spread = {name: [round(r[name][0], 3) for r in rounds] for name in rounds[0]}
+    print("seconds per round:", spread)
+    per_round = {
+        "moved_vs_nochange": [r["moved"][0] / r["nochange"][0] for r in rounds],
+        "copied_vs_budget": [r["copied"][0] / (r["nochange"][0] + r["read"][0]) for r in rounds],
+    }
+    print("ratios per round: " + "; ".join(f"{k} {', '.join(f'{v:.2f}' for v in vs)}" for k, vs in per_round.items()))
+    walk, nochange, moved, copied, read = (best(k) for k in ("walk", "nochange", "moved", "copied", "read"))
+    print(moved[2].strip().splitlines()[-1])
+    print(copied[2].strip().splitlines()[-1])
+    rows = [
+        {"what": "bare os.scandir walk + stat", "seconds": walk[0], "vs no change": walk[0] / nochange[0]},
+        {"what": "--reindex, nothing changed", "seconds": nochange[0], "vs no change": 1.0},
+        {"what": f"--reindex, {m} files moved", "seconds": moved[0], "vs no change": moved[0] / nochange[0]},
+        {"what": f"--reindex, {m} files copied", "seconds": copied[0], "vs no change": copied[0] / nochange[0]},
+        {"what": f"read those {m} copies once", "seconds": read[0], "vs no change": read[0] / nochange[0]},
+    ]
+    print(f"\n{args.files} files, best of {args.repeat}, each a fresh process (Python start-up included)\n")
+    print(table(rows, ["what", "seconds", "vs no change"]))
+    print(f"\n{m} moved: {moved[0] / nochange[0]:.2f}x the no-change re-index (target <= 1.5)")
+    print(f"{m} copied: {copied[0]:.2f} s against no change + reading them = {nochange[0] + read[0]:.2f} s "
+          f"(ratio {copied[0] / (nochange[0] + read[0]):.2f}, target <= 1)")
+    print(f"median of the per-round ratios: moved {statistics.median(per_round['moved_vs_nochange']):.2f}, "
+          f"copied {statistics.median(per_round['copied_vs_budget']):.2f}")
+    save(args.json, {"files": args.files, "moved": m, "machine": machine(), "rows": rows, "rounds": spread,
+                     "ratios_per_round": per_round})
 
 
 if __name__ == "__main__":

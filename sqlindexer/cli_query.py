@@ -196,11 +196,14 @@ def similar(image: str, top: int, db_path: str, model_name: str | None, as_json:
 @click.command(context_settings=_HELP)
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
               help="Cosine at or above which two images count as the same.")
+@click.option("--exact", is_flag=True,
+              help="Only byte-identical files, from their fingerprints (no vector is read; --threshold and "
+                   "--model do not apply).")
 @db_option
 @model_option
 @output_option
 @_page_options
-def duplicates(threshold: float, db_path: str, model_name: str | None, as_json: bool | None,
+def duplicates(threshold: float, exact: bool, db_path: str, model_name: str | None, as_json: bool | None,
                html_path: str | None, open_page: bool) -> None:
     """List groups of near-identical images (resized, re-encoded or lightly edited
     copies), largest group first.
@@ -209,12 +212,19 @@ def duplicates(threshold: float, db_path: str, model_name: str | None, as_json: 
     threshold. Each image is listed with its cosine to the group's first image.
     Comparing every pair takes time quadratic in the number of images.
 
+    With --exact, groups of files with the same content (the cheap answer to "which
+    copies can I delete"), the group whose extra copies take the most bytes first.
+
     \b
     Examples:
       image-indexer duplicates --db image_index.sqlite
       image-indexer duplicates --threshold 0.9 --json
       image-indexer duplicates --html duplicates.html --open
+      image-indexer duplicates --exact --db image_index.sqlite
     """
+    if exact:
+        _exact_duplicates(db_path, as_json, html_path, open_page)
+        return
     from .duplicates import find_duplicates
 
     setup_logging("WARNING")
@@ -250,13 +260,47 @@ def _echo_groups(model: str, compared: int, groups: list[Any], threshold: float,
 
 def _groups_page(conn: Any, db_path: str, target: Path, model: str, compared: int, groups: list[Any],
                  threshold: float) -> Any:
-    from .contact_sheet import duplicates_page
-
     in_groups = sum(len(g.members) for g in groups)
     summary = (f"{len(groups)} group{'' if len(groups) == 1 else 's'} ({in_groups} images) among {compared} images, "
                f"model {model}, cosine >= {threshold}; the copy of the most pixels is marked")
-    return duplicates_page(conn, db_path, target, groups, title="Near-duplicate images", summary=summary,
-                           progress=tqdm_progress)
+    return _groups_page_of(conn, db_path, target, groups, summary, title="Near-duplicate images")
+
+
+def _groups_page_of(conn: Any, db_path: str, target: Path, groups: list[Any], summary: str, *, title: str) -> Any:
+    from .contact_sheet import duplicates_page
+
+    return duplicates_page(conn, db_path, target, groups, title=title, summary=summary, progress=tqdm_progress)
+
+
+def _exact_duplicates(db_path: str, as_json: bool | None, html_path: str | None, open_page: bool) -> None:
+    import json
+
+    from .content import exact_duplicates
+
+    setup_logging("WARNING")
+    target = _page_target(html_path, open_page, db_path)
+    found = with_db(db_path, exact_duplicates)
+    for number, group in enumerate(found.groups, start=1):
+        if wants_json(as_json):
+            click.echo(json.dumps({"group": number, "size": len(group.paths), "bytes": group.size,
+                                   "images": [{"path": path} for path in group.paths]}, ensure_ascii=False))
+        else:
+            click.echo(f"group {number}: {len(group.paths)} identical files of {group.size} bytes")
+            for path in group.paths:
+                click.echo(f"  {path}")
+    files = sum(len(g.paths) for g in found.groups)
+    unknown = f"; {found.without} indexed files have no fingerprint yet" if found.without else ""
+    click.echo(f"{len(found.groups)} group{'' if len(found.groups) == 1 else 's'} of byte-identical files "
+               f"({files} files) among {found.fingerprinted} fingerprinted files{unknown}", err=True)
+    if target:
+        from .duplicates import Group
+
+        # Byte-identical: every copy has a cosine of 1 to the first.
+        groups = [Group([(path, 1.0) for path in g.paths]) for g in found.groups]
+        summary = f"{len(groups)} group{'' if len(groups) == 1 else 's'} of byte-identical files ({files} files)"
+        page = with_db(db_path, lambda conn: _groups_page_of(conn, db_path, target, groups, summary,
+                                                              title="Byte-identical files"))
+        _report_page(page, open_page)
 
 
 @click.command(context_settings=_HELP)
@@ -299,15 +343,16 @@ def status(db_path: str, as_json: bool | None) -> None:
         click.echo("runs      none")
         return
     click.echo("runs")
+    # reused: files that took the vector of a row with the same content (moved, copied, touched).
     header = ["id", "mode", "status", "started (UTC)", "took", "scanned", "new", "modified", "deleted",
-              "embedded", "failed", "exported"]
+              "reused", "embedded", "failed", "exported"]
     rows = []
     for run in info["runs"]:
         took = "-" if run["seconds"] is None else f"{run['seconds']:.0f} s"
         rows.append([str(run["id"]), run["mode"], run["status"], run["started_at"].replace("T", " ")[:19], took,
-                     *(str(run[k]) for k in ("scanned", "new", "modified", "deleted", "embedded", "failed",
-                                             "exported"))])
-    echo_table(header, rows, right=(0, 4, 5, 6, 7, 8, 9, 10, 11), indent="  ")
+                     *(str(run[k]) for k in ("scanned", "new", "modified", "deleted", "reused", "embedded",
+                                             "failed", "exported"))])
+    echo_table(header, rows, right=(0, *range(4, 13)), indent="  ")
 
 
 _FAILED_SHOWN = 10

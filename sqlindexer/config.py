@@ -81,6 +81,10 @@ FIELDS: tuple[Field, ...] = (
           default_text="output file with suffix .sqlite"),
     Field("include_hidden", bool, False, "Also index hidden files and folders (names starting with '.')."),
     Field("follow_symlinks", bool, False, "Follow symlinks to directories (loops are detected)."),
+    Field("exclude", list, (),
+          "Skip files and folders matching this gitignore-style pattern, relative to each input directory "
+          "(e.g. '@eaDir/', '*_thumb.jpg'); repeat for several. Files now excluded leave the index.",
+          metavar="PATTERN", noun="gitignore patterns"),
     Field("workers", int, None, "Processes that decode and resize images ahead of the model; 0 decodes in-process.",
           min=0, max=256, metavar="N", default_text="number of usable CPU cores"),
     Field("dtype", str, "auto", "Model precision; auto is bfloat16 (or float16) on CUDA and float32 elsewhere.",
@@ -260,3 +264,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"state_db and output_file are the same file: {out}")
     if config.source_index and not config.source_index_path.is_file():
         raise ConfigError(f"source index {config.source_index} does not exist")
+    if config.exclude:
+        from .scan import exclude_spec
+
+        try:
+            exclude_spec(config.exclude)
+        except ValueError as e:
+            raise ConfigError(f"exclude pattern {e}") from None

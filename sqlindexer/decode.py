@@ -18,7 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from . import images, signals
+from . import fingerprint, images, signals
 from .errors import EmbedError
 
 # Pool restarts in a row, with no image decoded between them, before the run stops: workers
@@ -38,6 +38,7 @@ class Prepared:
     height: int | None = None
     exif: dict[str, Any] | None = None
     error: str | None = None
+    content: bytes | None = None  # fingerprint of the bytes decoded (fingerprint.py)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,20 @@ def prepare(path: str, options: DecodeOptions) -> Prepared:
                                   draft=options.draft)
     if options.max_image_pixels is not None:
         kwargs["max_image_pixels"] = options.max_image_pixels
-    d = images.decode(path, **kwargs)
+    # The file is read once: its bytes are hashed and decoded, so the fingerprint stored
+    # with the vector is that of exactly what was embedded.
+    try:
+        data = fingerprint.read_whole(path)
+        if data is None:  # too large to hold: hashed in chunks, decoded from disk
+            st = os.stat(path)
+            content = fingerprint.hash_file(path, size=st.st_size, mtime_ns=st.st_mtime_ns)
+        else:
+            content = fingerprint.digest(data)
+    except FileNotFoundError:
+        return Prepared(path, error="file disappeared before it was read")
+    except OSError as e:
+        return Prepared(path, error=f"cannot be read: {e.strerror or e}")
+    d = images.decode(path, data=data, **kwargs)
     if d.image is None:
         return Prepared(path, error=d.error, exif=d.exif)
     im = d.image
@@ -67,7 +81,7 @@ def prepare(path: str, options: DecodeOptions) -> Prepared:
                                     max_num_patches=options.max_num_patches)
         # Exactly the processor's resize: Pillow bilinear on the 8-bit image, no reducing_gap.
         im = im.resize((tw, th), resample=Image.BILINEAR)
-    return Prepared(path, np.asarray(im, dtype=np.uint8), d.width, d.height, d.exif)
+    return Prepared(path, np.asarray(im, dtype=np.uint8), d.width, d.height, d.exif, content=content)
 
 
 def usable_cpus() -> int:

@@ -5,6 +5,7 @@ Runs wherever decoding happens (in-process or in a worker); imports no torch.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -76,31 +77,33 @@ def decode(
     max_num_patches: int = 256,
     draft: bool = True,
     max_image_pixels: int | None = Image.MAX_IMAGE_PIXELS,
+    data: bytes | None = None,
 ) -> Decoded:
     """Decode path; never raises for a bad file, returns Decoded(error=...) instead.
 
     An image of more than max_image_pixels pixels fails as a decompression bomb (Pillow
     warns above the limit and refuses above twice it; the warning is a failure here). A
-    JPEG is checked against its full size, before draft() shrinks it.
+    JPEG is checked against its full size, before draft() shrinks it. data: the file's
+    bytes, already read (they are decoded instead of reading path again).
     """
     register_plugins()
     # The limit is Pillow's global: set for this call only, so that a run's limit never
     # leaks into other code of the same process (--workers 0, tests).
     previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_image_pixels
     try:
-        return _decode(path, patch_size=patch_size, max_num_patches=max_num_patches, draft=draft)
+        return _decode(path, patch_size=patch_size, max_num_patches=max_num_patches, draft=draft, data=data)
     finally:
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def _decode(path: str, *, patch_size: int, max_num_patches: int, draft: bool) -> Decoded:
+def _decode(path: str, *, patch_size: int, max_num_patches: int, draft: bool, data: bytes | None) -> Decoded:
     try:
         with warnings.catch_warnings():
             # A DecompressionBombWarning (between 1x and 2x the limit) is a failure for us:
             # such files exhaust memory in batches.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             warnings.simplefilter("ignore", UserWarning)
-            with Image.open(path) as im:
+            with Image.open(path if data is None else io.BytesIO(data)) as im:
                 # The file's own size: draft() below shrinks im.size to the reduced scale.
                 full_size = im.size
                 if draft and im.format in ("JPEG", "MPO"):

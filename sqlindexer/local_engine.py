@@ -43,7 +43,7 @@ def _embed_batch(batch: list[tuple[state.Pending, Prepared]], embedder: Any) -> 
     results: list[state.Result] = []
     ready: list[tuple[state.Result, Any]] = []
     for item, p in batch:
-        result = state.Result(item, width=p.width, height=p.height, exif=p.exif, error=p.error)
+        result = state.Result(item, width=p.width, height=p.height, exif=p.exif, error=p.error, content=p.content)
         # A file that changed since the scan is not worth embedding (the run drops it).
         if result.error is None and images.stat_matches(item.path, item.size, item.mtime_ns):
             ready.append((result, p.pixels))

@@ -6,7 +6,9 @@ pool of actors that each load the model once (embed.Embedder). Results stream ba
 driver in whatever order they finish, and run.py checks and commits each batch as it
 arrives: the SQLite database is only ever written by the driver. A result that never comes
 back (a driver killed, a job that failed) leaves its file pending, and the next run with
-the same command embeds it.
+the same command embeds it. A --reindex gives files whose content the database holds
+their vectors in the driver first (reuse.py): only what is left goes to the cluster, whose
+decode tasks hash the bytes they decode, as the local workers do.
 
 Ray is imported here only, and only when this engine is used: the local engine never
 needs it.
@@ -183,12 +185,13 @@ def _result(row: dict[str, Any]) -> state.Result:
     item = state.Pending(row["id"], row["path"], row["size"], row["mtime_ns"])
     exif = json.loads(row["exif"]) if row["exif"] is not None else None
     return state.Result(item, vector=row["vector"], width=row["width"], height=row["height"], exif=exif,
-                        error=row["error"])
+                        error=row["error"], content=row["content"])
 
 
 # -- on the cluster ----------------------------------------------------------------------
 _DECODED = {"id": "int64", "path": "string", "size": "int64", "mtime_ns": "int64", "width": "int64",
-            "height": "int64", "exif": "string", "error": "string", "pixels": "binary", "shape": "list<int64>"}
+            "height": "int64", "exif": "string", "error": "string", "content": "binary", "pixels": "binary",
+            "shape": "list<int64>"}
 
 
 def _decode_batch(batch: Any, options: DecodeOptions) -> Any:
@@ -219,6 +222,7 @@ def _decode_batch(batch: Any, options: DecodeOptions) -> Any:
         # Plain JSON: it crosses the cluster as text, not as a pickle.
         out["exif"].append(state.exif_json(p.exif) if p is not None else None)
         out["error"].append(error)
+        out["content"].append(p.content if ok else None)
         out["pixels"].append(p.pixels.tobytes() if ok else None)
         out["shape"].append(list(p.pixels.shape) if ok else None)
     return pa.table(out, schema=_schema(_DECODED))
@@ -232,7 +236,7 @@ def _schema(columns: dict[str, str]) -> Any:
 
 
 _EMBEDDED = {"id": "int64", "path": "string", "size": "int64", "mtime_ns": "int64", "width": "int64",
-             "height": "int64", "exif": "string", "error": "string", "vector": "binary"}
+             "height": "int64", "exif": "string", "error": "string", "content": "binary", "vector": "binary"}
 
 
 class _EmbedActor:

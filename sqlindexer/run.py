@@ -42,10 +42,22 @@ class Summary:
 
     def line(self) -> str:
         c = self.counts
-        return (
+        line = (
             f"scanned {c['scanned']}, new {c['new']}, modified {c['modified']}, unchanged {c['unchanged']}, "
             f"deleted {c['deleted']}, failed {c['failed']}, exported {c['exported']} in {self.seconds:.1f} s"
         )
+        if c.get("reused"):
+            line += (f"; reused the vectors of {c['reused']} moved, copied or touched files "
+                     f"({c['renamed']} renamed, read {_bytes(c['hashed_bytes'])} to fingerprint)")
+        return line
+
+
+def _bytes(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 @dataclass
@@ -169,7 +181,7 @@ def _import_source_index(ctx: RunContext) -> None:
 def _scan(ctx: RunContext) -> None:
     config = ctx.config
     scanner = Scanner([str(p) for p in config.input_paths], include_hidden=config.include_hidden,
-                      follow_symlinks=config.follow_symlinks)
+                      follow_symlinks=config.follow_symlinks, exclude=config.exclude)
     # Phase lines at DEBUG mark where a run is (the kill-point tests time their signals by them).
     log.debug("scanning %s", ", ".join(map(str, config.input_paths)))
     scan = state.Scan(ctx.conn, ctx.run)
@@ -177,10 +189,23 @@ def _scan(ctx: RunContext) -> None:
         for batch in scanner.batches(state.SCAN_BATCH):
             scan.record(batch)
             tick(len(batch))
-    deleted = scan.sweep(keep_under=scanner.unreadable)
+    scan.finish(keep_under=scanner.unreadable)
+    log.debug("scan committed")
+    if config.reindex:
+        # Before the rows of files gone are deleted: a moved file finds its vector there.
+        _reuse(ctx)
+    deleted = scan.sweep()
     if deleted:
         log.info("removed %d files that are gone from disk", deleted)
-    log.debug("scan committed")
+
+
+def _reuse(ctx: RunContext) -> None:
+    from .reuse import reuse_known
+
+    done = reuse_known(ctx.conn, ctx.run, progress=ctx.progress)
+    if done.total:
+        log.info("kept the vectors of %d files whose content is indexed already (%d renamed, %d found by "
+                 "fingerprint)", done.total, done.renamed, done.by_content)
 
 
 @contextlib.contextmanager

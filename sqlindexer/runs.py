@@ -63,7 +63,8 @@ def mark_unfinished_runs(conn: sqlite3.Connection) -> None:
         )
 
 
-COUNTERS = ("scanned", "new", "modified", "unchanged", "deleted", "imported", "embedded", "failed", "decoded", "exported")
+COUNTERS = ("scanned", "new", "modified", "unchanged", "deleted", "imported", "embedded", "failed", "decoded", "exported",
+            "reused", "renamed", "hashed_bytes")
 
 
 def add_counts(conn: sqlite3.Connection, run_id: int, **deltas: int) -> None:
@@ -86,9 +87,12 @@ def run_counts(conn: sqlite3.Connection, run_id: int) -> dict[str, int]:
 
 
 def recent_runs(conn: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
-    """The last runs, newest first, without their config."""
+    """The last runs, newest first, without their config. A database of an older schema
+    (the query commands read it as it is) lacks the newer counters: they read 0."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+    columns = ", ".join(c if c in present else f"0 AS {c}" for c in COUNTERS)
     rows = conn.execute(
-        f"SELECT id, started_at, finished_at, status, mode, model, error, {', '.join(COUNTERS)} FROM runs "
+        f"SELECT id, started_at, finished_at, status, mode, model, error, {columns} FROM runs "
         "ORDER BY id DESC LIMIT ?",
         (limit,),
     ).fetchall()

@@ -9,12 +9,12 @@ import bisect
 import logging
 import os
 from stat import S_ISREG
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import attrgetter
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ class FileRecord(NamedTuple):
     size: int
     mtime_ns: int
     ctime_ns: int
+    # Which file it is, for telling a renamed file from a new one (state.py).
+    dev: int | None = None
+    ino: int | None = None
 
 
 def is_image_name(name: str) -> bool:
@@ -62,6 +65,8 @@ class Scanner:
     roots: Iterable[str | os.PathLike[str]]
     include_hidden: bool = False
     follow_symlinks: bool = False
+    # gitignore-style patterns, relative to each root: an excluded folder is not walked.
+    exclude: Sequence[str] = ()
     unreadable: list[str] = field(default_factory=list)
     skipped: int = 0
 
@@ -90,7 +95,10 @@ class Scanner:
         self._dirs: set[tuple[int, int]] = set()
         self._files: set[int | tuple[int, int]] = set()
         self._dev: int | None = None  # files on this device are keyed by inode alone
+        spec = exclude_spec(self.exclude) if self.exclude else None
         for root in roots:
+            # A path relative to the root is the path from this index on.
+            self._excluded = None if spec is None else _matcher(spec, len(root.rstrip(os.sep)) + 1)
             yield from self._walk(root)
 
     def _walk(self, top: str) -> Iterator[list[FileRecord]]:
@@ -165,6 +173,7 @@ class Scanner:
         # walk, so the common case is kept to a few cheap tests.
         top_utf8 = _utf8(top)
         hidden, follow, seen, dev = self.include_hidden, self.follow_symlinks, self._files, self._dev
+        excluded = self._excluded
         names: list[str] = []
         records: list[FileRecord] = []
         subdirs: list[tuple[str, str]] = []  # (name + "/", path): where the folder sorts among files
@@ -177,9 +186,10 @@ class Scanner:
             try:
                 if entry.is_dir(follow_symlinks=False) or \
                         (follow and entry.is_symlink() and entry.is_dir(follow_symlinks=True)):
-                    subdirs.append((name + "/", path))
+                    if excluded is None or not excluded(path + "/"):
+                        subdirs.append((name + "/", path))
                     continue
-                if not is_image_name(name):
+                if not is_image_name(name) or (excluded is not None and excluded(path)):
                     continue
                 st = entry.stat()  # through a link: a link to a photo is indexed
             except PermissionError as e:
@@ -209,7 +219,8 @@ class Scanner:
             seen.add(key)
             names.append(name)
             # tuple.__new__: a NamedTuple's own __new__ is a Python call, once per file.
-            records.append(_new_tuple(FileRecord, (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)))
+            records.append(_new_tuple(FileRecord, (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_dev,
+                                                   st.st_ino)))
         return names, records, subdirs
 
     def _unreadable(self, path: str, error: OSError) -> None:
@@ -239,6 +250,25 @@ def _distinct_roots(roots: list[str]) -> list[str]:
         if not any(is_under(root, kept) for kept in out):
             out.append(root)
     return out
+
+
+def exclude_spec(patterns: Sequence[str]) -> Any:
+    """The patterns as one gitignore matcher (pathspec); ValueError names a malformed one."""
+    import pathspec
+
+    for pattern in patterns:
+        try:
+            pathspec.GitIgnoreSpec.from_lines([pattern])
+        except (ValueError, TypeError) as e:  # GitIgnorePatternError is a ValueError
+            raise ValueError(f"{pattern!r} is not a valid gitignore pattern ({e})") from None
+    return pathspec.GitIgnoreSpec.from_lines(list(patterns))
+
+
+def _matcher(spec: Any, cut: int) -> Callable[[str], bool]:
+    """Whether an absolute path under the root (a folder's ends with "/") is excluded;
+    cut: the length of the root and its separator."""
+    match = spec.match_file
+    return lambda path: match(path[cut:])
 
 
 def walk_paths(roots: Iterable[str | os.PathLike[str]], **options: bool) -> list[Path]:

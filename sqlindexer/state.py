@@ -63,6 +63,7 @@ class Scan:
         self._replaced: list[tuple] = []
         self._requeued: list[tuple] = []
         self._touched: list[tuple] = []
+        self._inodes: list[tuple] = []
         self._missing: list[tuple] = []
         self.to_embed = 0  # files this scan queued for embedding so far
         # Rows found missing wait here for sweep(): a scan that stops half-way deletes nothing.
@@ -88,7 +89,7 @@ class Scan:
         self._after = records[-1].path
         # A row that needs work comes back with a NULL path, so it never equals its file.
         rows = self._cursor.execute(
-            f"SELECT CASE WHEN {_REQUEUE} THEN NULL ELSE path END, size, mtime_ns, ctime_ns "
+            f"SELECT CASE WHEN {_REQUEUE} THEN NULL ELSE path END, size, mtime_ns, ctime_ns, dev, ino "
             "FROM files WHERE path > :after AND path <= :last ORDER BY path",
             params,
         ).fetchall()
@@ -100,7 +101,8 @@ class Scan:
         u.new += new
         u.modified += modified
         u.unchanged += len(records) - new - modified
-        queued = len(self._new) + len(self._replaced) + len(self._requeued) + len(self._touched) + len(self._missing)
+        queued = len(self._new) + len(self._replaced) + len(self._requeued) + len(self._touched) + \
+            len(self._inodes) + len(self._missing)
         if queued >= SCAN_BATCH:
             self._write()
 
@@ -113,7 +115,7 @@ class Scan:
             # Rows that need work again (after a change of model, all of them): their paths
             # came back NULL, so read the whole range with ids and flags.
             found = self._cursor.execute(
-                f"SELECT path, id, size, mtime_ns, ctime_ns, {_REQUEUE} FROM files "
+                f"SELECT path, id, size, mtime_ns, ctime_ns, dev, ino, {_REQUEUE} FROM files "
                 "WHERE path > :after AND path <= :last",
                 params,
             ).fetchall()
@@ -125,27 +127,32 @@ class Scan:
             for i in range(0, len(paths), SCAN_BATCH):
                 chunk = paths[i : i + SCAN_BATCH]
                 found += self._cursor.execute(
-                    f"SELECT path, id, size, mtime_ns, ctime_ns, 0 FROM files WHERE path IN ({','.join('?' * len(chunk))})",
+                    f"SELECT path, id, size, mtime_ns, ctime_ns, dev, ino, 0 FROM files "
+                    f"WHERE path IN ({','.join('?' * len(chunk))})",
                     chunk,
                 ).fetchall()
         known = {row[0]: row for row in found}
         new = modified = 0
         run_id = self.run.id
-        for path, size, mtime_ns, ctime_ns in differ:
+        for path, size, mtime_ns, ctime_ns, dev, ino in differ:
             row = known.pop(path, None)
             if row is None:
-                self._new.append((path, size, mtime_ns, ctime_ns, run_id))
+                self._new.append((path, size, mtime_ns, ctime_ns, dev, ino, run_id))
                 new += 1
                 continue
-            _, file_id, old_size, old_mtime_ns, old_ctime_ns, requeue = row
+            _, file_id, old_size, old_mtime_ns, old_ctime_ns, old_dev, old_ino, requeue = row
             if old_size != size or old_mtime_ns != mtime_ns:
-                self._replaced.append((size, mtime_ns, ctime_ns, run_id, file_id))
+                self._replaced.append((size, mtime_ns, ctime_ns, dev, ino, run_id, file_id))
                 modified += 1
             elif requeue:
-                self._requeued.append((ctime_ns, file_id))
+                self._requeued.append((ctime_ns, dev, ino, file_id))
                 self.to_embed += 1
             elif old_ctime_ns != ctime_ns:  # only its ctime changed (chmod, a new link): nothing to embed
-                self._touched.append((ctime_ns, file_id))
+                self._touched.append((ctime_ns, dev, ino, file_id))
+            elif (old_dev, old_ino) != (dev, ino):
+                # A row of a database older than inodes (or a disk whose device number
+                # changed): recorded once, the record itself is unchanged.
+                self._inodes.append((dev, ino, file_id))
         # Rows of this range that the walk did not yield.
         walked_paths = {r.path for r in records}
         self._missing += [(row[1], path) for path, row in known.items() if path not in walked_paths]
@@ -156,38 +163,51 @@ class Scan:
         conn = self.conn
         with transaction(conn):
             conn.executemany(
-                "INSERT INTO files (path, size, mtime_ns, ctime_ns, status, changed_run) "
-                "VALUES (?, ?, ?, ?, 'pending', ?)",
+                "INSERT INTO files (path, size, mtime_ns, ctime_ns, dev, ino, status, changed_run) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
                 self._new,
             )
-            # A modified file's row is replaced in place: same id, everything derived from
-            # the old content cleared.
+            # A modified file's row is replaced in place (same id) and waits as 'pending'.
+            # It keeps the vector, EXIF and fingerprint of its old content, never exported
+            # while pending, so that a file whose bytes did not change (touched, or copied
+            # over with the same bytes) takes them back instead of being embedded again.
             conn.executemany(
-                "UPDATE files SET size = ?, mtime_ns = ?, ctime_ns = ?, status = 'pending', error = NULL, "
-                "width = NULL, height = NULL, exif = NULL, model = NULL, dim = NULL, embedding = NULL, "
-                "build = NULL, changed_run = ? WHERE id = ?",
+                "UPDATE files SET size = ?, mtime_ns = ?, ctime_ns = ?, dev = ?, ino = ?, status = 'pending', "
+                "error = NULL, build = NULL, changed_run = ? WHERE id = ?",
                 self._replaced,
             )
-            conn.executemany("UPDATE files SET ctime_ns = ?, status = 'pending' WHERE id = ?", self._requeued)
-            conn.executemany("UPDATE files SET ctime_ns = ? WHERE id = ?", self._touched)
+            conn.executemany("UPDATE files SET ctime_ns = ?, dev = ?, ino = ?, status = 'pending' WHERE id = ?",
+                             self._requeued)
+            conn.executemany("UPDATE files SET ctime_ns = ?, dev = ?, ino = ? WHERE id = ?", self._touched)
+            conn.executemany("UPDATE files SET dev = ?, ino = ? WHERE id = ?", self._inodes)
             conn.executemany("INSERT INTO temp.missing (id, path) VALUES (?, ?)", self._missing)
             u = self._unsaved
             add_counts(conn, self.run.id, scanned=u.scanned, new=u.new, modified=u.modified, unchanged=u.unchanged)
         self._unsaved = ScanCounts()
-        self._new, self._replaced, self._requeued, self._touched, self._missing = [], [], [], [], []
+        self._new, self._replaced, self._requeued, self._touched, self._inodes, self._missing = [], [], [], [], [], []
 
-    def sweep(self, *, keep_under: Iterable[str] = ()) -> int:
-        """After the whole walk: write what is queued, delete the rows of files the walk
-        did not see, except under folders that could not be listed (not seen there does
-        not mean deleted), and record the scan's counts. Returns how many were deleted."""
+    def finish(self, *, keep_under: Iterable[str] = ()) -> int:
+        """After the whole walk: write what is queued and collect in temp.missing the rows
+        of files the walk did not see, except under folders that could not be listed (not
+        seen there does not mean deleted). Returns how many. They stay in `files`, where a
+        renamed or copied file can still find its vector, until sweep()."""
         self._write()
         keep = list(keep_under)
         conn = self.conn
         with transaction(conn):
             conn.execute("INSERT INTO temp.missing (id, path) SELECT id, path FROM files WHERE path > ?",
                          (self._after,))
-            gone = [file_id for file_id, path in conn.execute("SELECT id, path FROM temp.missing")
-                    if not any(is_under(path, k) for k in keep)]
+            if keep:
+                kept = [(file_id,) for file_id, path in conn.execute("SELECT id, path FROM temp.missing")
+                        if any(is_under(path, k) for k in keep)]
+                conn.executemany("DELETE FROM temp.missing WHERE id = ?", kept)
+            return conn.execute("SELECT count(*) FROM temp.missing").fetchone()[0]
+
+    def sweep(self) -> int:
+        """Delete the rows finish() found gone and record the count; returns it."""
+        conn = self.conn
+        with transaction(conn):
+            gone = [file_id for (file_id,) in conn.execute("SELECT id FROM temp.missing")]
             for i in range(0, len(gone), SCAN_BATCH):
                 chunk = gone[i : i + SCAN_BATCH]
                 conn.execute(f"DELETE FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)
@@ -239,12 +259,13 @@ class Result:
     error: str | None = None
     changed: bool = False
     decoded: bool = True
+    content: bytes | None = None  # fingerprint of the bytes decoded
 
 
 def store_results(conn: sqlite3.Connection, results: Sequence[Result], run: Run, *, model: str, dim: int | None) -> None:
     """Commit one batch of results, and the run's counters with them, in one transaction."""
     ok = [
-        (r.width, r.height, exif_json(r.exif), model, dim, r.vector, run.build, run.id, r.file.id,
+        (r.width, r.height, exif_json(r.exif), model, dim, r.vector, r.content, run.build, run.id, r.file.id,
          r.file.size, r.file.mtime_ns)
         for r in results
         if r.vector is not None and not r.changed
@@ -254,19 +275,22 @@ def store_results(conn: sqlite3.Connection, results: Sequence[Result], run: Run,
         for r in results
         if r.error is not None and not r.changed
     ]
+    hashed = sum(r.file.size for r in results if r.content is not None)
     with transaction(conn):
         # The size/mtime guard keeps a result off a row whose file was rescanned as changed.
         conn.executemany(
             "UPDATE files SET status = 'ok', error = NULL, width = ?, height = ?, exif = ?, model = ?, dim = ?, "
-            "embedding = ?, build = ?, changed_run = ? WHERE id = ? AND size = ? AND mtime_ns = ?",
+            "embedding = ?, content = ?, build = ?, changed_run = ? WHERE id = ? AND size = ? AND mtime_ns = ?",
             ok,
         )
         conn.executemany(
             "UPDATE files SET status = 'failed', error = ?, width = ?, height = ?, exif = ?, model = NULL, "
-            "dim = NULL, embedding = NULL, build = ?, changed_run = ? WHERE id = ? AND size = ? AND mtime_ns = ?",
+            "dim = NULL, embedding = NULL, content = NULL, build = ?, changed_run = ? "
+            "WHERE id = ? AND size = ? AND mtime_ns = ?",
             failed,
         )
-        add_counts(conn, run.id, embedded=len(ok), failed=len(failed), decoded=sum(r.decoded for r in results))
+        add_counts(conn, run.id, embedded=len(ok), failed=len(failed), decoded=sum(r.decoded for r in results),
+                   hashed_bytes=hashed)
 
 
 def vector_blobs(vectors: Any, *, dim: int, model: str, where: str = "") -> list[bytes]:
@@ -339,8 +363,8 @@ def import_vectors(conn: sqlite3.Connection, records: Iterable[Imported], run: R
             else:
                 conn.execute(
                     "UPDATE files SET size = ?, mtime_ns = ?, ctime_ns = ?, width = ?, height = ?, exif = ?, "
-                    "model = ?, dim = ?, embedding = ?, build = ?, changed_run = ?, status = 'ok', error = NULL "
-                    "WHERE id = ?",
+                    "model = ?, dim = ?, embedding = ?, build = ?, changed_run = ?, status = 'ok', error = NULL, "
+                    "content = NULL WHERE id = ?",
                     (*values, row["id"]),
                 )
             count += 1

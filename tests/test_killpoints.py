@@ -15,8 +15,10 @@ export, and checks after every stop and at the end of every chain of stops that
   one batch in flight) is not counted, and the sum is exactly the number of images.
 
 Setup: a previous index of a 240-image tree exists; the tree then changes (12 files
-modified, 8 deleted, 40 added, 2 broken files added) and each run is
-`--reindex` over it. Every chain of stops starts again from the previous index and
+modified, 8 deleted, 40 added, 2 broken files added; and, all of them reused rather than
+embedded, 10 files renamed into another folder, 8 copied, 6 touched) and each run is
+`--reindex` over it. The reused files also count: over a chain each is reused once, none
+is embedded, and their vectors are the originals bit for bit. Every chain of stops starts again from the previous index and
 database. The runs of a chain are the interrupted run and its re-runs: a chain of k
 stops is k interrupted runs, each resuming the one before, then one run to completion.
 A run that embeds pays Python, torch and transformers start-up (about 5 s here), so
@@ -24,7 +26,7 @@ chaining the stops (rather than completing after each) is what keeps this under 
 minutes; each stop is still checked on its own.
 
 Moments: each stop waits for the phase's DEBUG line on the child's stderr ("scanning",
-"loaded model", "exporting"), then a seeded random delay within the time that phase took
+"scan committed" for the reuse step, "loaded model", "exporting"), then a seeded random delay within the time that phase took
 in the uninterrupted run. A "commit" stop is sent the moment the database's -wal file
 grows for the k-th time (k seeded) while the embedding runs, which lands in, or a
 fraction of a millisecond after, a batch's COMMIT. A stop whose run had already ended is
@@ -61,24 +63,27 @@ SEED = int(os.environ.get("KILLPOINTS_SEED", "20261124"))
 BATCH = 4
 N_BEFORE = 240
 N_MODIFIED, N_DELETED, N_NEW, N_BROKEN = 12, 8, 40, 2
+N_MOVED, N_COPIED, N_TOUCHED = 10, 8, 6
 NEEDED = N_MODIFIED + N_NEW  # images the re-index embeds
+REUSED = N_MOVED + N_COPIED + N_TOUCHED  # images it gives a known vector, neither decoded nor embedded
 # The phases of each chain, in order. A scan stop comes before anything is embedded, an
 # export stop after the embedding finished (the run that reaches the export first has to
 # finish it; the ones after it start straight with the export).
 CHAINS = {
-    "SIGKILL": [["scan"] * 4 + ["embed", "commit", "embed"] + ["export"] * 4] * 2,
-    "SIGTERM": [["scan", "scan", "commit", "embed", "export", "export"]],
-    "SIGINT": [["scan", "scan", "embed", "commit", "export", "export"]],
+    "SIGKILL": [["scan"] * 3 + ["reuse"] * 2 + ["embed", "commit", "embed"] + ["export"] * 4] * 2,
+    "SIGTERM": [["scan", "reuse", "commit", "embed", "export", "export"]],
+    "SIGINT": [["scan", "reuse", "embed", "commit", "export", "export"]],
 }
 # Stops that must land (a stop is skipped when its phase is already over: the embedding
 # finished in an earlier stop, or an earlier run completed the export).
 MIN_HITS = {"SIGKILL": 20, "SIGTERM": 4, "SIGINT": 4}
 EXIT = {"SIGKILL": -signal.SIGKILL, "SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}
-MARKERS = {"scan": "DEBUG: scanning ", "embed": "INFO: loaded ", "commit": "INFO: loaded ",
-           "export": "DEBUG: exporting "}
+MARKERS = {"scan": "DEBUG: scanning ", "reuse": "DEBUG: scan committed", "embed": "INFO: loaded ",
+           "commit": "INFO: loaded ", "export": "DEBUG: exporting "}
 # Phases the calibration run measures: from its marker to the next phase's marker (the
 # export: to the summary line, printed once the run is recorded as completed).
-NEXT = {"scan": "DEBUG: scan committed", "embed": "INFO: embedded ", "export": "scanned "}
+NEXT = {"scan": "DEBUG: scan committed", "reuse": "INFO: kept the vectors ", "embed": "INFO: embedded ",
+        "export": "scanned "}
 
 
 def _env() -> dict[str, str]:
@@ -136,13 +141,26 @@ def world(tmp_path_factory, tiny_model) -> World:
 
     # The change the re-index has to bring in.
     rng = random.Random(SEED)
-    picked = rng.sample(range(N_BEFORE), N_MODIFIED + N_DELETED)
-    for i in picked[:N_MODIFIED]:
+    picked = rng.sample(range(N_BEFORE), N_MODIFIED + N_DELETED + N_MOVED + N_COPIED + N_TOUCHED)
+    changed, picked = picked[:N_MODIFIED], picked[N_MODIFIED:]
+    deleted, picked = picked[:N_DELETED], picked[N_DELETED:]
+    moved, picked = picked[:N_MOVED], picked[N_MOVED:]
+    copied, touched = picked[:N_COPIED], picked[N_COPIED:]
+    for i in changed:
         _photo(names[i], i, variant=1)
-    for i in picked[N_MODIFIED:]:
+    for i in deleted:
         names[i].unlink()
+    (w.tree / "moved").mkdir()
+    for i in moved:
+        names[i].rename(w.tree / "moved" / names[i].name)
+    (w.tree / "copies").mkdir()
+    for i in copied:
+        shutil.copyfile(names[i], w.tree / "copies" / names[i].name)
+    for i in touched:
+        st = names[i].stat()
+        os.utime(names[i], ns=(st.st_atime_ns, st.st_mtime_ns + 10**10))
     for i in range(N_NEW):
-        _photo(w.tree / "new" / f"n{i:03d}.jpg", N_BEFORE + i)
+        _photo(w.tree / "new" / f"n{i:03d}.jpg", N_BEFORE + i, variant=2)  # no copy of an old image
     for i in range(N_BROKEN):
         (w.tree / "new" / f"broken{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg " * (i + 1))
 
@@ -151,7 +169,7 @@ def world(tmp_path_factory, tiny_model) -> World:
     ref = Run(w, "reference").start()
     assert ref.wait() == 0, ref.stderr
     w.reference = read_jsonl(w.out)
-    assert len(w.reference) == N_BEFORE - N_DELETED + N_NEW
+    assert len(w.reference) == N_BEFORE - N_DELETED + N_NEW + N_COPIED
     for phase, nxt in NEXT.items():
         start = ref.seen(MARKERS[phase])
         end = ref.seen(nxt)
@@ -160,8 +178,8 @@ def world(tmp_path_factory, tiny_model) -> World:
     w.per_image = w.durations["embed"] / NEEDED
     print("\nphase durations of the uninterrupted run:", {k: round(v, 4) for k, v in w.durations.items()})
     run = _runs(w.state)[-1]
-    assert (run["embedded"], run["failed"], run["modified"], run["deleted"]) == \
-        (NEEDED, N_BROKEN, N_MODIFIED, N_DELETED)
+    assert (run["embedded"], run["failed"], run["modified"], run["deleted"], run["reused"], run["renamed"]) == \
+        (NEEDED, N_BROKEN, N_MODIFIED + N_TOUCHED, N_DELETED + N_MOVED, REUSED, N_MOVED)
     return w
 
 
@@ -374,8 +392,8 @@ class Moment:
 
 
 def _plan(world: World, rng: random.Random, signame: str, phase: str, pending: int) -> Moment:
-    if phase == "scan":
-        return Moment(signame, phase, delay=rng.uniform(0, world.durations["scan"]))
+    if phase in ("scan", "reuse"):
+        return Moment(signame, phase, delay=rng.uniform(0, world.durations[phase]))
     if phase == "embed":
         # Within the first half of the embedding still to do.
         return Moment(signame, phase, delay=rng.uniform(0, 0.5 * world.per_image * pending))
@@ -453,7 +471,7 @@ def test_stopped_at_random_moments_then_resumed(world, signame, tmp_path):
                 # No pending row: either no scan of the chain committed yet (all is to do)
                 # or the embedding is over.
                 todo = _pending(world.state) or \
-                    (0 if len(_committed(world.state, first_run)) == NEEDED else NEEDED + N_BROKEN)
+                    (0 if len(_committed(world.state, first_run)) == NEEDED + REUSED else NEEDED + N_BROKEN)
                 if (phase in ("embed", "commit") and not todo) or (phase == "export" and exported):
                     notes.append(f"chain {c} stop {k} ({phase}): no such phase left")
                     continue
@@ -485,11 +503,13 @@ def test_stopped_at_random_moments_then_resumed(world, signame, tmp_path):
         assert runs[-1]["status"] == "completed"
         assert all(r["status"] in ("interrupted", "completed") for r in runs[:-1]), \
             [(r["id"], r["status"], r["error"]) for r in runs]
-        # Each image embedded once over the whole chain, and every committed vector kept.
-        assert sum(r["embedded"] for r in runs) == NEEDED, [tuple(r)[:20] for r in runs]
+        # Each image embedded or reused once over the whole chain, and every committed
+        # vector kept.
+        assert sum(r["embedded"] for r in runs) == NEEDED, [tuple(r)[:24] for r in runs]
+        assert sum(r["reused"] for r in runs) == REUSED, [tuple(r)[:24] for r in runs]
         assert sum(r["failed"] for r in runs) == N_BROKEN
         final_rows = _committed(world.state, first_run)
-        assert len(final_rows) == NEEDED
+        assert len(final_rows) == NEEDED + REUSED
         for path, vec in kept.items():
             assert final_rows[path] == vec, f"{path} was embedded again by the completing run"
     hits = sum(tally.values())

@@ -25,12 +25,12 @@ MIGRATIONS = REPO / "migrations"
 EXPECTED = {
     "files": [
         "id", "path", "size", "mtime_ns", "ctime_ns", "status", "error", "width", "height",
-        "model", "dim", "build", "changed_run", "exif", "embedding", "stamp",
+        "model", "dim", "build", "changed_run", "exif", "embedding", "stamp", "content", "dev", "ino",
     ],
     "runs": [
         "id", "started_at", "finished_at", "status", "mode", "build", "model", "pid", "config", "error",
         "scanned", "new", "modified", "unchanged", "deleted", "imported", "embedded", "failed", "decoded",
-        "exported",
+        "exported", "reused", "renamed", "hashed_bytes",
     ],
     "meta": ["key", "value"],
 }

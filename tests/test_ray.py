@@ -279,3 +279,33 @@ def test_the_local_engine_never_imports_ray(tiny_model, tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", probe], env=_env(), capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_ray_reindex_reuses_moved_and_copied_files(cluster, tiny_model, tmp_path):
+    # The driver matches what the database already holds; the cluster decodes (and
+    # hashes) only the file whose content is new.
+    import shutil
+
+    from sqlindexer import fingerprint
+
+    lib, out = tmp_path / "lib", tmp_path / "index.jsonl"
+    for i in range(6):
+        make_photo(lib / "a" / f"p{i}.jpg", size=(64 + 4 * i, 48), seed=i)
+    _finish(_start(lib, out, tiny_model, cluster), out)
+    before = {r["metadata"]["path"]: r["vector"] for r in read_jsonl(out)}
+    db = out.with_suffix(".sqlite")
+    for path, content in _query(db, "SELECT path, content FROM files"):
+        assert content == fingerprint.digest(Path(path).read_bytes()), path
+
+    (lib / "a").rename(lib / "b")
+    shutil.copytree(lib / "b", lib / "c")
+    make_photo(lib / "new.jpg", seed=9)
+    _finish(_start(lib, out, tiny_model, cluster, "--reindex"), out)
+    [run] = _query(db, "SELECT reused, renamed, decoded, embedded FROM runs ORDER BY id DESC LIMIT 1")
+    assert run == (12, 6, 1, 1)
+    after = {r["metadata"]["path"]: r["vector"] for r in read_jsonl(out)}
+    for i in range(6):
+        for folder in ("b", "c"):
+            assert after[str(lib / folder / f"p{i}.jpg")] == before[str(lib / "a" / f"p{i}.jpg")]
+    [(content,)] = _query(db, "SELECT content FROM files WHERE path = ?", (str(lib / "new.jpg"),))
+    assert content == fingerprint.digest((lib / "new.jpg").read_bytes())

@@ -1,0 +1,198 @@
+"""Rows by content: the reads and writes that let a file take the vector of a row with the
+same bytes (a renamed, moved, copied or touched file), and the groups of byte-identical
+files.
+
+Functions take an open connection plus plain values and return plain data. Each function
+that writes commits its own transaction, so whatever it returned is durable. The rows a
+scan found gone are in temp.missing (state.Scan.finish) until the scan's sweep.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from .db import transaction
+from .runs import Run, add_counts
+
+# Values per statement (SQLite's host parameter limit is 32766).
+CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A pending row, with the vector it may still hold from its old content."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    dev: int | None
+    ino: int | None
+    model: str | None  # of the vector it holds, if any
+    content: bytes | None  # fingerprint of that vector's content
+
+
+def has_vectors(conn: sqlite3.Connection, model: str) -> bool:
+    """Whether any row holds a vector of model (ok, or pending with its old one)."""
+    return conn.execute(
+        "SELECT 1 FROM files WHERE status IN ('ok', 'pending') AND model = ? AND embedding IS NOT NULL LIMIT 1",
+        (model,),
+    ).fetchone() is not None
+
+
+def pending_rows(conn: sqlite3.Connection) -> list[Waiting]:
+    rows = conn.execute(
+        "SELECT id, path, size, mtime_ns, dev, ino, CASE WHEN embedding IS NULL THEN NULL ELSE model END, content "
+        "FROM files WHERE status = 'pending' ORDER BY path"
+    ).fetchall()
+    return [Waiting(*row) for row in rows]
+
+
+def gone_by_inode(conn: sqlite3.Connection, model: str) -> dict[tuple[int, int, int, int], int]:
+    """(dev, ino, size, mtime_ns) -> id of the rows found gone that hold a vector of model."""
+    rows = conn.execute(
+        "SELECT f.dev, f.ino, f.size, f.mtime_ns, f.id FROM temp.missing AS m JOIN files AS f ON f.id = m.id "
+        "WHERE f.status = 'ok' AND f.model = ? AND f.dev IS NOT NULL AND f.ino IS NOT NULL",
+        (model,),
+    ).fetchall()
+    return {tuple(row[:4]): row[4] for row in rows}
+
+
+def _chunks(values: Sequence, size: int = CHUNK) -> Iterator[Sequence]:
+    for i in range(0, len(values), size):
+        yield values[i : i + size]
+
+
+def sizes_with_vectors(conn: sqlite3.Connection, model: str, sizes: Iterable[int]) -> set[int]:
+    """Those of sizes that some ok row of model has: only a file of such a size can share
+    its content (read from the index files_content, the rows for the model check only)."""
+    # One lookup per size that stops at its first row: many files may share a size.
+    return {size for size in set(sizes) if conn.execute(
+        "SELECT 1 FROM files WHERE size = ? AND status = 'ok' AND model = ? LIMIT 1", (size, model)
+    ).fetchone() is not None}
+
+
+def unfingerprinted(conn: sqlite3.Connection, model: str, sizes: Iterable[int]) -> list[tuple[int, str, int, int]]:
+    """(id, path, size, mtime_ns) of the ok rows of model of these sizes that have no
+    fingerprint yet (made before fingerprints), whose files are still there."""
+    out: list[tuple[int, str, int, int]] = []
+    for chunk in _chunks(sorted(set(sizes))):
+        out += [tuple(row) for row in conn.execute(
+            f"SELECT id, path, size, mtime_ns FROM files WHERE status = 'ok' AND model = ? AND content IS NULL "
+            f"AND size IN ({','.join('?' * len(chunk))}) AND id NOT IN (SELECT id FROM temp.missing)",
+            (model, *chunk),
+        )]
+    return out
+
+
+def set_fingerprints(conn: sqlite3.Connection, found: Sequence[tuple[bytes, int, int, int]], run: Run) -> None:
+    """(content, id, size, mtime_ns): record the fingerprints of ok rows that had none,
+    where the row still describes the file that was read."""
+    with transaction(conn):
+        conn.executemany(
+            "UPDATE files SET content = ? WHERE id = ? AND size = ? AND mtime_ns = ? AND status = 'ok' "
+            "AND content IS NULL",
+            found,
+        )
+        add_counts(conn, run.id, hashed_bytes=sum(size for _, _, size, _ in found))
+
+
+def sources(conn: sqlite3.Connection, model: str, keys: Iterable[tuple[int, bytes]]) -> dict[bytes, int]:
+    """content -> id of a row holding a vector of model made from that content: an ok row
+    with that (size, content), else a pending row that still holds the vector of its old
+    content (two files that swapped names, a file copied over another)."""
+    found: dict[bytes, int] = {}
+    for size, content in set(keys):
+        row = conn.execute(
+            "SELECT id FROM files WHERE size = ? AND content = ? AND status = 'ok' AND model = ? LIMIT 1",
+            (size, content, model),
+        ).fetchone() or conn.execute(
+            "SELECT id FROM files WHERE status = 'pending' AND model = ? AND content = ? "
+            "AND embedding IS NOT NULL LIMIT 1",
+            (model, content),
+        ).fetchone()
+        if row is not None:
+            found[content] = row[0]
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Adoption:
+    """Row dst (pending, scanned with size and mtime_ns) takes the vector of row src."""
+
+    src: int
+    dst: int
+    size: int
+    mtime_ns: int
+
+
+def adopt(conn: sqlite3.Connection, adoptions: Sequence[Adoption], run: Run, *, renamed: bool,
+          hashed_bytes: int = 0) -> int:
+    """Give each dst the vector, EXIF, size in pixels and fingerprint of its src, bit for
+    bit (its own path, size and times stay); the run's counters in the same transaction.
+    A dst that is no longer pending with the size and mtime it was matched with is left
+    alone. src may be dst itself (a touched file takes back its own vector). Returns how
+    many rows took a vector."""
+    done = 0
+    with transaction(conn):
+        # Every source is read before any row is written: a row can be the source of one
+        # adoption and the destination of another (two files that swapped names).
+        wanted = sorted({a.src for a in adoptions})
+        values: dict[int, tuple] = {}
+        for chunk in _chunks(wanted):
+            values.update((row[0], tuple(row[1:])) for row in conn.execute(
+                "SELECT id, width, height, exif, model, dim, embedding, content FROM files "
+                f"WHERE id IN ({','.join('?' * len(chunk))}) AND embedding IS NOT NULL",
+                chunk,
+            ))
+        for a in adoptions:
+            if a.src not in values:
+                continue
+            cur = conn.execute(
+                "UPDATE files SET width = ?, height = ?, exif = ?, model = ?, dim = ?, embedding = ?, content = ?, "
+                "status = 'ok', error = NULL, build = ?, changed_run = ? "
+                "WHERE id = ? AND status = 'pending' AND size = ? AND mtime_ns = ?",
+                (*values[a.src], run.build, run.id, a.dst, a.size, a.mtime_ns),
+            )
+            done += cur.rowcount
+        add_counts(conn, run.id, reused=done, renamed=done if renamed else 0, hashed_bytes=hashed_bytes)
+    return done
+
+
+# -- duplicates --exact ----------------------------------------------------------------
+@dataclass(frozen=True)
+class IdenticalFiles:
+    size: int  # bytes, each
+    content: bytes
+    paths: list[str]  # in path order
+
+
+@dataclass(frozen=True)
+class ExactDuplicates:
+    groups: list[IdenticalFiles]  # the most bytes to win back (size x extra copies) first
+    fingerprinted: int  # indexed files with a fingerprint
+    without: int  # indexed files without one (made before fingerprints)
+
+
+def exact_duplicates(conn: sqlite3.Connection) -> ExactDuplicates:
+    """Every fingerprint that two or more indexed files share. Reads the index
+    files_content, and the paths of the files in a group: never a vector."""
+    if "content" not in {row[1] for row in conn.execute("PRAGMA table_info(files)")}:
+        # A database of an older schema, read as it is: no file has a fingerprint yet.
+        ok = conn.execute("SELECT count(*) FROM files WHERE status = 'ok'").fetchone()[0]
+        return ExactDuplicates([], 0, ok)
+    keys = conn.execute(
+        "SELECT size, content FROM files WHERE status = 'ok' AND content IS NOT NULL "
+        "GROUP BY size, content HAVING count(*) > 1"
+    ).fetchall()
+    groups = []
+    for size, content in keys:
+        paths = [path for (path,) in conn.execute(
+            "SELECT path FROM files WHERE size = ? AND content = ? AND status = 'ok' ORDER BY path", (size, content)
+        )]
+        groups.append(IdenticalFiles(size, content, paths))
+    groups.sort(key=lambda g: (-g.size * (len(g.paths) - 1), g.paths[0]))
+    with_content, ok = conn.execute("SELECT count(content), count(*) FROM files WHERE status = 'ok'").fetchone()
+    return ExactDuplicates(groups, with_content, ok - with_content)
