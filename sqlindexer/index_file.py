@@ -11,6 +11,7 @@ without following it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -233,14 +234,16 @@ def write_index(
         raise ExportError(f"unknown output format {fmt!r} (use jsonl or pkl)")
     output = Path(output)
     tmp = tmp_path(output)
+    # One try from before the .tmp exists: a signal that lands just after it was created
+    # still removes it.
     try:
-        # A .tmp left by a crash is never read as the index, only replaced. Unlinking a
-        # planted symlink removes the link, and O_EXCL then refuses to follow a new one.
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
-    except OSError as e:
-        raise ExportError(f"cannot create {tmp}: {e.strerror or e}") from None
-    try:
+        try:
+            # A .tmp left by a crash is never read as the index, only replaced. Unlinking a
+            # planted symlink removes the link, and O_EXCL then refuses to follow a new one.
+            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as e:
+            raise ExportError(f"cannot create {tmp}: {e.strerror or e}") from None
         with os.fdopen(fd, "wb", buffering=_WRITE_BUFFER) as f:
             _keep_mode(f.fileno(), output)
             if previous is not None:
@@ -259,7 +262,8 @@ def write_index(
             os.fsync(f.fileno())
         os.replace(tmp, output)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise ExportError(f"cannot write {output}: {e.strerror or e}") from None
         raise
