@@ -104,17 +104,18 @@ def sources(conn: sqlite3.Connection, model: str, keys: Iterable[tuple[int, byte
     with that (size, content), else a pending row that still holds the vector of its old
     content (two files that swapped names, a file copied over another)."""
     found: dict[bytes, int] = {}
-    for size, content in set(keys):
-        row = conn.execute(
-            "SELECT id FROM files WHERE size = ? AND content = ? AND status = 'ok' AND model = ? LIMIT 1",
-            (size, content, model),
-        ).fetchone() or conn.execute(
-            "SELECT id FROM files WHERE status = 'pending' AND model = ? AND content = ? "
-            "AND embedding IS NOT NULL LIMIT 1",
-            (model, content),
-        ).fetchone()
-        if row is not None:
-            found[content] = row[0]
+    # One statement per chunk of keys, each key looked up by the index files_content
+    # (then, only if no ok row has it, among the pending rows of the model).
+    for chunk in _chunks(sorted(set(keys))):
+        found.update((content, src) for content, src in conn.execute(
+            f"WITH k(size, content) AS (VALUES {','.join(['(?, ?)'] * len(chunk))}) "
+            "SELECT k.content, coalesce("
+            "(SELECT id FROM files WHERE size = k.size AND content = k.content AND status = 'ok' AND model = ? "
+            "LIMIT 1), "
+            "(SELECT id FROM files WHERE status = 'pending' AND model = ? AND content = k.content "
+            "AND embedding IS NOT NULL LIMIT 1)) FROM k",
+            (*(v for key in chunk for v in key), model, model),
+        ) if src is not None)
     return found
 
 
@@ -135,28 +136,39 @@ def adopt(conn: sqlite3.Connection, adoptions: Sequence[Adoption], run: Run, *, 
     A dst that is no longer pending with the size and mtime it was matched with is left
     alone. src may be dst itself (a touched file takes back its own vector). Returns how
     many rows took a vector."""
-    done = 0
+    if not adoptions:
+        with transaction(conn):
+            add_counts(conn, run.id, hashed_bytes=hashed_bytes)
+        return 0
     with transaction(conn):
-        # Every source is read before any row is written: a row can be the source of one
+        # Set-based, in two statements: the values of every source are copied into
+        # temp.adopting before any row is written, since a row can be the source of one
         # adoption and the destination of another (two files that swapped names).
-        wanted = sorted({a.src for a in adoptions})
-        values: dict[int, tuple] = {}
-        for chunk in _chunks(wanted):
-            values.update((row[0], tuple(row[1:])) for row in conn.execute(
-                "SELECT id, width, height, exif, model, dim, embedding, content FROM files "
-                f"WHERE id IN ({','.join('?' * len(chunk))}) AND embedding IS NOT NULL",
-                chunk,
-            ))
-        for a in adoptions:
-            if a.src not in values:
-                continue
-            cur = conn.execute(
-                "UPDATE files SET width = ?, height = ?, exif = ?, model = ?, dim = ?, embedding = ?, content = ?, "
-                "status = 'ok', error = NULL, build = ?, changed_run = ? "
-                "WHERE id = ? AND status = 'pending' AND size = ? AND mtime_ns = ?",
-                (*values[a.src], run.build, run.id, a.dst, a.size, a.mtime_ns),
-            )
-            done += cur.rowcount
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS adopting (dst INTEGER PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+            "src INTEGER, width INTEGER, height INTEGER, exif TEXT, model TEXT, dim INTEGER, embedding BLOB, "
+            "content BLOB)"
+        )
+        conn.execute("DELETE FROM temp.adopting")
+        conn.executemany("INSERT OR IGNORE INTO temp.adopting (dst, size, mtime_ns, src) VALUES (?, ?, ?, ?)",
+                         [(a.dst, a.size, a.mtime_ns, a.src) for a in adoptions])
+        conn.execute(
+            "UPDATE temp.adopting SET (width, height, exif, model, dim, embedding, content) = "
+            "(SELECT s.width, s.height, s.exif, s.model, s.dim, s.embedding, s.content FROM files AS s "
+            "WHERE s.id = adopting.src AND s.embedding IS NOT NULL)"
+        )
+        # The join starts from temp.adopting and finds each row of files by its id: the IN
+        # and the unary + keep the planner from walking every pending row (through
+        # files_status_model) or every row (files_scan) instead.
+        done = conn.execute(
+            "UPDATE files SET width = a.width, height = a.height, exif = a.exif, model = a.model, dim = a.dim, "
+            "embedding = a.embedding, content = a.content, status = 'ok', error = NULL, build = ?, changed_run = ? "
+            "FROM temp.adopting AS a WHERE files.id IN (SELECT dst FROM temp.adopting) AND files.id = a.dst "
+            "AND a.embedding IS NOT NULL AND +files.status = 'pending' AND files.size = a.size "
+            "AND files.mtime_ns = a.mtime_ns",
+            (run.build, run.id),
+        ).rowcount
+        conn.execute("DELETE FROM temp.adopting")
         add_counts(conn, run.id, reused=done, renamed=done if renamed else 0, hashed_bytes=hashed_bytes)
     return done
 

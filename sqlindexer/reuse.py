@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 # Files hashed, matched and committed at a time: a stopped run loses at most one batch.
 BATCH = 256
+# Renamed files matched and committed at a time: nothing is read for them, so a batch is
+# one short set-based transaction, and a larger one saves commits.
+RENAME_BATCH = 4096
 # Threads that read and hash: reading and BLAKE3 both release the GIL.
 HASH_THREADS = 4
 
@@ -90,8 +93,8 @@ def _renamed(conn: sqlite3.Connection, run: Run, waiting: Sequence[content.Waiti
             rest.append(w)
         else:
             matched.append(content.Adoption(src, w.id, w.size, w.mtime_ns))
-    for start in range(0, len(matched), BATCH):
-        done.renamed += content.adopt(conn, matched[start : start + BATCH], run, renamed=True)
+    for start in range(0, len(matched), RENAME_BATCH):
+        done.renamed += content.adopt(conn, matched[start : start + RENAME_BATCH], run, renamed=True)
     return rest
 
 

@@ -207,13 +207,11 @@ class Scan:
         """Delete the rows finish() found gone and record the count; returns it."""
         conn = self.conn
         with transaction(conn):
-            gone = [file_id for (file_id,) in conn.execute("SELECT id FROM temp.missing")]
-            for i in range(0, len(gone), SCAN_BATCH):
-                chunk = gone[i : i + SCAN_BATCH]
-                conn.execute(f"DELETE FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            # One statement: the ids are looked up in temp.missing, never sent from Python.
+            gone = conn.execute("DELETE FROM files WHERE id IN (SELECT id FROM temp.missing)").rowcount
             conn.execute("DELETE FROM temp.missing")
-            add_counts(conn, self.run.id, deleted=len(gone))
-        return len(gone)
+            add_counts(conn, self.run.id, deleted=gone)
+        return gone
 
 
 # -- embedding -------------------------------------------------------------------------
