@@ -18,6 +18,12 @@ def _top_option(f: Any) -> Any:
                         help="How many images to list.")(f)
 
 
+def _exact_option(f: Any) -> Any:
+    return click.option("--exact", "--exhaustive", "exact", is_flag=True,
+                        help="Compare the query with every image, not only the approximate index's candidates "
+                             "(which it uses from 50,000 images on).")(f)
+
+
 class _DateParam(click.ParamType):
     name = "date"
 
@@ -71,8 +77,9 @@ def _echo_hits(results: Any, as_json: bool) -> None:
 @db_option
 @model_option
 @_filter_options
+@_exact_option
 @output_option
-def search(query: str, top: int, db_path: str, model_name: str | None, as_json: bool | None,
+def search(query: str, top: int, db_path: str, model_name: str | None, as_json: bool | None, exact: bool,
            **filters: Any) -> None:
     """Find the indexed images that best match a text (SigLIP 2's text tower).
 
@@ -88,7 +95,8 @@ def search(query: str, top: int, db_path: str, model_name: str | None, as_json: 
 
     setup_logging("WARNING")
     results = with_db(db_path, lambda conn: search_text(conn, db_path, query, top=top, model_name=model_name,
-                                                          filters=Filters.build(**filters), progress=tqdm_progress))
+                                                          filters=Filters.build(**filters), progress=tqdm_progress,
+                                                          exact=exact))
     _echo_hits(results, as_json)
 
 
@@ -98,8 +106,9 @@ def search(query: str, top: int, db_path: str, model_name: str | None, as_json: 
 @db_option
 @model_option
 @_filter_options
+@_exact_option
 @output_option
-def similar(image: str, top: int, db_path: str, model_name: str | None, as_json: bool | None,
+def similar(image: str, top: int, db_path: str, model_name: str | None, as_json: bool | None, exact: bool,
             **filters: Any) -> None:
     """Find the indexed images most like an image.
 
@@ -116,23 +125,30 @@ def similar(image: str, top: int, db_path: str, model_name: str | None, as_json:
 
     setup_logging("WARNING")
     results = with_db(db_path, lambda conn: search_image(conn, db_path, image, top=top, model_name=model_name,
-                                                           filters=Filters.build(**filters), progress=tqdm_progress))
+                                                           filters=Filters.build(**filters), progress=tqdm_progress,
+                                                           exact=exact))
     _echo_hits(results, as_json)
 
 
 @click.command(context_settings=_HELP)
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
               help="Cosine at or above which two images count as the same.")
+@click.option("--exhaustive", is_flag=True,
+              help="Compare every pair of images, not only the candidate pairs of the approximate index "
+                   "(which it uses from 20,000 images on).")
 @db_option
 @model_option
 @output_option
-def duplicates(threshold: float, db_path: str, model_name: str | None, as_json: bool | None) -> None:
+def duplicates(threshold: float, exhaustive: bool, db_path: str, model_name: str | None,
+               as_json: bool | None) -> None:
     """List groups of near-identical images (resized, re-encoded or lightly edited
     copies), largest group first.
 
     A group is a connected component of the pairs whose cosine is at least the
     threshold. Each image is listed with its cosine to the group's first image.
-    Comparing every pair takes time quadratic in the number of images.
+    From 20,000 images on, only the pairs that share a cell of the approximate index
+    are compared (time about linear in the number of images; a near copy is almost
+    always among them); --exhaustive compares every pair (quadratic).
 
     \b
     Examples:
@@ -145,7 +161,7 @@ def duplicates(threshold: float, db_path: str, model_name: str | None, as_json: 
 
     setup_logging("WARNING")
     model, compared, groups = with_db(db_path, lambda conn: find_duplicates(
-        conn, db_path, threshold=threshold, model_name=model_name, progress=tqdm_progress))
+        conn, db_path, threshold=threshold, model_name=model_name, progress=tqdm_progress, exhaustive=exhaustive))
     if wants_json(as_json):
         for number, group in enumerate(groups, start=1):
             images = [{"path": path, "score": round(score, 6)} for path, score in group.members]
