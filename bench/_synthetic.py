@@ -68,9 +68,10 @@ def vectors(n: int, dim: int, kind: str, *, pairs: int = 0, seed: int = 0) -> tu
     return out, planted
 
 
-def queries(n_queries: int, dim: int, kind: str, n: int, *, seed: int = 0) -> np.ndarray:
-    """Text-like queries: new points of the same distribution, not rows of the set."""
-    rng = np.random.default_rng(seed + 99)
+def queries(n_queries: int, dim: int, kind: str, n: int, *, seed: int = 0, query_seed: int = 99) -> np.ndarray:
+    """Text-like queries: new points of the distribution of vectors(n, dim, kind, seed=seed),
+    not rows of the set."""
+    rng = np.random.default_rng(seed + query_seed)
     q = _unit(rng.standard_normal((n_queries, dim), dtype=np.float32))
     if kind == "clustered":
         cs = centres(n, dim, seed)

@@ -58,9 +58,13 @@ def build(index: VectorIndex, progress: Progress) -> AnnIndex:
     faiss_index = _new_faiss(index.dim, nlist)
     rng = np.random.default_rng(0)  # the same vectors give the same index
     sample = np.sort(rng.choice(n, size=min(n, TRAIN_PER_CELL * nlist), replace=False))
+    x = np.ascontiguousarray(index.vectors[sample])
     with progress("training cells", None) as tick:
+        if nlist == 1:  # one cell, its centre the mean (k-means would warn of too few rows)
+            centre = x.mean(axis=0, keepdims=True)
+            faiss_index.quantizer.add(centre / max(float(np.linalg.norm(centre)), 1e-12))
         faiss_index.cp.niter = 10
-        faiss_index.train(np.ascontiguousarray(index.vectors[sample]))
+        faiss_index.train(x)  # k-means for the cells, and the range of each dimension for the codes
         tick(1)
     centroids = faiss_index.quantizer.reconstruct_n(0, nlist)
     cells = np.empty((n, DUPLICATE_CELLS), dtype=np.int32)

@@ -11,8 +11,9 @@ cache keeps them.
 
 from __future__ import annotations
 
+import os
 import sqlite3
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from .progress import Progress
 if TYPE_CHECKING:
     from .vectors import VectorIndex, _Arrays
 
-# Rows copied per step: a 65,536 x 768 float32 block is 192 MiB.
+# Rows read from SQLite per step (a 65,536 x 768 float32 block is 192 MiB).
 COPY_PAGE = 65_536
 KEY_PAGE = 65_536
 
@@ -43,14 +44,14 @@ def copy_forward(conn: sqlite3.Connection, model: state.ModelVectors, out: _Arra
     names = {name: i for i, name in enumerate(previous.cameras)}
     out.ids[:] = ids
     with progress("updating vectors", count) as tick:
-        for start in range(0, len(keep), COPY_PAGE):
-            dst = keep[start : start + COPY_PAGE]
-            src = old[dst]
-            # Both sides are in path order, so each page reads (and writes) few runs.
-            out.vectors[dst] = previous.vectors[src]
-            out.taken[dst] = previous.taken[src]
-            out.camera[dst] = previous.camera[src]
-            tick(len(dst))
+        out.taken[keep] = previous.taken[old[keep]]
+        out.camera[keep] = previous.camera[old[keep]]
+        # Both sides are in path order: the rows kept are a few long runs, each one copy.
+        runs = _runs(old[keep], keep)
+        if not _copy_file_runs(previous, out, runs, model.dim * 4):
+            for src, dst, k in runs:
+                out.vectors[dst : dst + k] = previous.vectors[src : src + k]
+        tick(len(keep))
         changed = np.flatnonzero(fresh)
         rows = state.search_rows_by_id(conn, model.model, model.dim, ids[changed].tolist())
         if len(rows) != len(changed):
@@ -67,6 +68,47 @@ def copy_forward(conn: sqlite3.Connection, model: state.ModelVectors, out: _Arra
     out.offsets[1:] = np.cumsum(lengths)
     out.blob = b"".join(encoded)
     return list(names)
+
+
+def _runs(src: np.ndarray, dst: np.ndarray) -> list[tuple[int, int, int]]:
+    """(source start, destination start, length) of the runs where both go up by one."""
+    if not len(src):
+        return []
+    cuts = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+    starts = np.concatenate([[0], cuts])
+    lengths = np.diff(np.concatenate([starts, [len(src)]]))
+    return list(zip(src[starts].tolist(), dst[starts].tolist(), lengths.tolist()))
+
+
+def _copy_file_runs(previous: VectorIndex, out: _Arrays, runs: list[tuple[int, int, int]], row_bytes: int) -> bool:
+    """Copy the runs of rows from the older cache's vectors.npy into the new one inside the
+    kernel (copy_file_range: no page of either file mapped, or read into this process);
+    False where that cannot be done (no such call, no files, another file system)."""
+    if previous.folder is None or out.tmp is None or not hasattr(os, "copy_file_range"):
+        return False
+    try:
+        with open(previous.folder / "vectors.npy", "rb") as src, open(out.tmp / "vectors.npy", "r+b") as dst:
+            src_at, dst_at = _data_offset(src), _data_offset(dst)
+            for s, d, k in runs:
+                n, s_off, d_off = k * row_bytes, src_at + s * row_bytes, dst_at + d * row_bytes
+                while n:
+                    done = os.copy_file_range(src.fileno(), dst.fileno(), n, s_off, d_off)
+                    if done <= 0:
+                        raise OSError("copy_file_range copied nothing")
+                    n, s_off, d_off = n - done, s_off + done, d_off + done
+    except OSError:
+        return False  # the caller copies them all through the memory maps
+    return True
+
+
+def _data_offset(f: Any) -> int:
+    """Where the array data of an open .npy file starts."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        np.lib.format.read_array_header_1_0(f)
+    else:
+        np.lib.format.read_array_header_2_0(f)
+    return f.tell()
 
 
 def _keys(conn: sqlite3.Connection, model: state.ModelVectors, count: int) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
