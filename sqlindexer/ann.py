@@ -1,7 +1,8 @@
 """Approximate nearest neighbours over the vectors of one model: an inverted-file index with
 8-bit codes (faiss IndexIVFScalarQuantizer), kept beside the database like the vector cache.
 
-    <db>.ann-<model key>-<state key>/   index.faiss ids.npy cells.npy info.json
+    <db>.ann-<model key>-<state key>/   index.faiss base_ids.npy ids.npy cells.npy
+                                        removed.npy extra_ids.npy extra_vectors.npy info.json
 
 The state key is the vector cache's (vectors.py): the index of another state of the
 database is never read, only updated from or removed. The vectors are split into cells
@@ -12,9 +13,13 @@ approximate. cells.npy holds each row's DUPLICATE_CELLS nearest cells, from whic
 duplicates.py takes its candidate pairs. The codes take dim bytes a vector (a quarter of
 the float32 matrix), in memory or memory-mapped.
 
-A new state of the database updates the newest older index (rows removed and added by
-id, their cells worked out) instead of building it again; an index that is damaged, of
-another database or of another state is rebuilt, never trusted. Below EXACT_BELOW vectors
+A new state of the database updates the newest older index instead of building it again
+(ann_build.py): the faiss file and its ids (base_ids.npy) are shared with it (hard links,
+never written again), the ids of the rows gone or changed since are listed in removed.npy
+and dropped from its answers, and the changed and new rows (extra_*.npy) are scored
+exactly at every query. When those grow past DELTA_MAX_SHARE of the rows, the update
+writes a new faiss file instead, the rows removed and added by id. An index that is
+damaged, of another database or of another state is rebuilt, never trusted. Below EXACT_BELOW vectors
 there is no index: an exhaustive query is as fast (docs/performance-search.md).
 """
 
@@ -47,6 +52,9 @@ EXACT_BELOW = 50_000
 PROBES = 32
 CANDIDATES = 200
 CANDIDATES_PER_HIT = 5
+# Rows removed from, or scored beside, a shared faiss file past which an update writes a
+# new one (those beside it cost every query a matrix-vector product over them).
+DELTA_MAX_SHARE = 0.03
 # Nearest cells kept per row: a near-duplicate pair is a candidate when one's nearest cell
 # is among the other's.
 DUPLICATE_CELLS = 3
@@ -79,7 +87,12 @@ class AnnIndex:
     ids: np.ndarray  # (n,) int64, ascending: the ids it holds
     cells: np.ndarray  # (n, DUPLICATE_CELLS) int32: each id's nearest cells, nearest first
     nlist: int
-    origin: str  # "cache", "built" or "updated"
+    origin: str  # "cache", "built", "updated" (a new faiss file) or "delta" (a shared one)
+    base_ids: np.ndarray  # ids in the faiss file, ascending
+    removed: np.ndarray  # ids in the faiss file not to answer (gone, or changed since), ascending
+    extra_ids: np.ndarray  # ids not answered by the faiss file, ascending
+    extra_vectors: np.ndarray  # (len(extra_ids), dim) float32, their vectors
+    base_folder: Path | None = None  # where the faiss file is shared from
 
     def candidates(self, index: VectorIndex, query: np.ndarray, k: int, rows: np.ndarray | None) -> np.ndarray:
         """Rows (sorted) among which the k best for the unit vector query are, most likely;
@@ -96,9 +109,18 @@ class AnnIndex:
             wanted = np.zeros(int(self.ids[-1]) + 1, dtype=bool)
             wanted[np.asarray(index.ids)[rows]] = True
             bitmap = np.packbits(wanted, bitorder="little")
-            params.sel = faiss.IDSelectorBitmap(len(wanted), faiss.swig_ptr(bitmap))
+            params.sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # (its size in bytes)
         _, found = self.faiss_index.search(query.reshape(1, -1).astype(np.float32), want, params=params)
-        got = index.rows_of(found[0][found[0] >= 0])
+        found = found[0][found[0] >= 0]
+        if len(self.removed):
+            found = found[~_member(found, self.removed)]
+        if len(self.extra_ids):
+            s = np.asarray(self.extra_vectors) @ query
+            if rows is not None:
+                s[~wanted[self.extra_ids]] = -np.inf  # (the extra ids are among self.ids)
+            best = np.argpartition(-s, min(want, len(s)) - 1)[:want] if want < len(s) else np.arange(len(s))
+            found = np.concatenate([found, self.extra_ids[best[np.isfinite(s[best])]]])
+        got = index.rows_of(found)
         return np.unique(got[got >= 0])
 
     def cells_by_row(self, index: VectorIndex) -> np.ndarray:
@@ -106,6 +128,11 @@ class AnnIndex:
         out = np.empty_like(self.cells)
         out[np.asarray(index.id_rows)] = self.cells
         return out
+
+
+def _member(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    pos = np.minimum(np.searchsorted(sorted_ids, values), len(sorted_ids) - 1)
+    return sorted_ids[pos] == values
 
 
 def ann_folder(index: VectorIndex) -> Path:
@@ -151,24 +178,45 @@ def load_ann(conn: sqlite3.Connection, index: VectorIndex, *, need_faiss: bool =
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _info(index: VectorIndex, nlist: int, faiss_bytes: int) -> dict[str, Any]:
+def _info(index: VectorIndex, nlist: int, faiss_bytes: int, base: int, removed: int,
+          extra: int) -> dict[str, Any]:
     assert index.version is not None
     return {"format": ANN_FORMAT, "model": index.model, "dim": index.dim, "database_id": index.version[0],
             "vectors_version": index.version[1], "record_stamp": index.stamp, "count": len(index),
-            "nlist": nlist, "cells": DUPLICATE_CELLS, "faiss_bytes": faiss_bytes}
+            "nlist": nlist, "cells": DUPLICATE_CELLS, "faiss_bytes": faiss_bytes, "base_count": base,
+            "removed": removed, "extra": extra}
+
+
+_SHARED = ("index.faiss", "base_ids.npy")  # never written again once written
 
 
 def _save(tmp: Path, index: VectorIndex, made: AnnIndex) -> None:
     import faiss
 
-    faiss.write_index(made.faiss_index, str(tmp / "index.faiss"))
-    np.save(tmp / "ids.npy", made.ids)
-    np.save(tmp / "cells.npy", made.cells)
-    info = _info(index, made.nlist, (tmp / "index.faiss").stat().st_size)
+    linked = made.base_folder is not None and _link(made.base_folder, tmp)
+    if not linked:
+        faiss.write_index(made.faiss_index, str(tmp / "index.faiss"))
+        np.save(tmp / "base_ids.npy", made.base_ids)
+    for name in ("ids", "cells", "removed", "extra_ids", "extra_vectors"):
+        np.save(tmp / f"{name}.npy", np.asarray(getattr(made, name)))
+    info = _info(index, made.nlist, (tmp / "index.faiss").stat().st_size, len(made.base_ids), len(made.removed),
+                 len(made.extra_ids))
     (tmp / "info.json").write_text(json.dumps(info), encoding="utf-8")
     for f in tmp.iterdir():  # whole before it is renamed into place, even after a power loss
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        if not (linked and f.name in _SHARED):  # (fsynced when they were written)
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _link(base: Path, tmp: Path) -> bool:
+    try:
+        for name in _SHARED:
+            os.link(base / name, tmp / name)
+    except OSError:
+        for name in _SHARED:
+            (tmp / name).unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _publish(tmp: Path, folder: Path, index: VectorIndex, made: AnnIndex, *, need_faiss: bool) -> AnnIndex:
@@ -186,36 +234,52 @@ def _open(folder: Path, index: VectorIndex, *, need_faiss: bool) -> AnnIndex | N
     """The index in folder when it is whole and the index of exactly these vectors."""
     try:
         info = json.loads((folder / "info.json").read_text(encoding="utf-8"))
-        if info != _info(index, info["nlist"], info["faiss_bytes"]):
+        if info != _info(index, info["nlist"], info["faiss_bytes"], info["base_count"], info["removed"],
+                         info["extra"]):
             raise ValueError("it is the index of another database or state")
         n, nlist = len(index), int(info["nlist"])
-        ids = np.load(folder / "ids.npy", mmap_mode="r", allow_pickle=False)
-        cells = np.load(folder / "cells.npy", mmap_mode="r", allow_pickle=False)
-        if ids.shape != (n,) or ids.dtype != np.int64 or not np.array_equal(ids, index.id_sorted):
+
+        def load(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+            arr = np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            if arr.shape != shape or arr.dtype != np.dtype(dtype):
+                raise ValueError(f"{name}.npy is {arr.shape} {arr.dtype}")
+            return arr
+
+        ids = load("ids", (n,), np.int64)
+        if not np.array_equal(ids, index.id_sorted):
             raise ValueError("its ids are not those of the vectors")
-        if cells.shape != (n, DUPLICATE_CELLS) or cells.dtype != np.int32:
-            raise ValueError(f"cells.npy is {cells.shape} {cells.dtype}")
+        cells = load("cells", (n, DUPLICATE_CELLS), np.int32)
+        base_ids = load("base_ids", (info["base_count"],), np.int64)
+        removed = load("removed", (info["removed"],), np.int64)
+        extra_ids = load("extra_ids", (info["extra"],), np.int64)
+        extra_vectors = load("extra_vectors", (info["extra"], index.dim), np.float32)
+        if info["base_count"] - info["removed"] + info["extra"] != n:
+            raise ValueError("its parts do not add up to the vectors")
         if (folder / "index.faiss").stat().st_size != info["faiss_bytes"]:
             raise ValueError("index.faiss is not the size it was written at")
-        faiss_index = _read_faiss(folder / "index.faiss", index, nlist) if need_faiss else None
+        faiss_index = read_faiss(folder / "index.faiss", index.dim, nlist, info["base_count"]) if need_faiss \
+            else None
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         if folder.exists():
             log.warning("ignoring the approximate index %s: %s", folder, e)
         return None
-    return AnnIndex(faiss_index, ids, cells, nlist, origin="cache")
+    return AnnIndex(faiss_index, ids, cells, nlist, "cache", base_ids, removed, extra_ids, extra_vectors,
+                    base_folder=folder)
 
 
-def _read_faiss(path: Path, index: VectorIndex, nlist: int) -> Any:
+def read_faiss(path: Path, dim: int, nlist: int | None, count: int, *, mmap: bool = True) -> Any:
+    """The faiss file at path, checked to be an index of count dim-d vectors."""
     import faiss
 
     # Memory-mapped: a query reads the codes of the cells it scans, not the whole file.
-    got = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    if not isinstance(got, faiss.IndexIVFScalarQuantizer) or got.d != index.dim or got.nlist != nlist \
-            or got.ntotal != len(index):
-        raise ValueError("index.faiss is not the index it should be")
+    got = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
+    if not isinstance(got, faiss.IndexIVFScalarQuantizer) or got.d != dim or got.ntotal != count \
+            or (nlist is not None and got.nlist != nlist):
+        raise ValueError(f"{path.name} is not the index it should be")
     return got
+
 
 
 def _previous(folder: Path, index: VectorIndex) -> tuple[Path, dict[str, Any]] | None:

@@ -3,9 +3,9 @@
 The vectors of one model are read from SQLite once into a contiguous float32 matrix, in
 path order, kept in a cache folder beside the database
 
-    <db>.vectors-<model key>-<state key>/   vectors.npy ids.npy taken.npy camera.npy
-                                            path_offsets.npy paths.npy id_sorted.npy
-                                            id_rows.npy info.json
+    <db>.vectors-<model key>-<state key>/   vectors.f32 [slots.npy] ids.npy taken.npy
+                                            camera.npy path_offsets.npy paths.npy
+                                            id_sorted.npy id_rows.npy info.json
 
 and memory-mapped (np.load(mmap_mode="r")) by every later query, so a query costs one
 matrix-vector product and a partial sort, however many rows the database has. The state
@@ -15,8 +15,9 @@ local time zone, so a change to the database names another folder: a stale cache
 read, only removed.
 A new cache is built from the newest older one of the same database when there is one
 (vectors_update.py): the rows stamped after it (migrations/0003_export_stamp.sql) are read
-from SQLite, the others copied, so a re-index that changed 1% of the vectors costs the next
-query a copy of the matrix, not a read of every vector from SQLite.
+from SQLite and appended to the older cache's vectors.f32, which the new one shares
+(vector_store.py), so a re-index that changed 1% of the vectors costs the next query the
+changed rows and the small per-row arrays, not a read or a copy of every vector.
 Where the folder cannot be written (a read-only folder or mount), or the database predates
 the counter, the matrix is built in memory for the one command.
 """
@@ -40,6 +41,7 @@ from . import db, state
 from .config import absolute, looks_like_path
 from .errors import SearchError
 from .progress import Progress, no_progress
+from .vector_store import RowView, new_store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +128,7 @@ class VectorIndex:
 
     model: str
     dim: int
-    vectors: np.ndarray  # (n, dim) float32, L2-normalised rows
+    vectors: np.ndarray | RowView  # (n, dim) float32, L2-normalised rows
     ids: np.ndarray  # (n,) int64: files.id
     taken: np.ndarray  # (n,) int64: local wall-clock seconds (EXIF DateTimeOriginal, else mtime)
     camera: np.ndarray  # (n,) int32: index into cameras, -1 when the file has no EXIF Model
@@ -138,6 +140,8 @@ class VectorIndex:
     stamp: int | None = None  # the record stamp it was read at; None: unknown
     id_sorted: np.ndarray | None = None  # ids ascending, and the row of each
     id_rows: np.ndarray | None = None
+    slots: np.ndarray | None = None  # row -> row of vectors.f32, where it is shared (vector_store.py)
+    store_rows: int | None = None  # rows of vectors.f32 this cache may read
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -196,11 +200,12 @@ def load_index(
         try:
             out = _Arrays(tmp, count, model.dim)
             previous = _previous(folder, model, version) if folder is not None and stamp is not None else None
+            cameras = None
             if previous is not None:
                 from .vectors_update import copy_forward
 
                 cameras = copy_forward(conn, model, out, previous, progress)
-            else:
+            if cameras is None:
                 cameras = _read_all(conn, model, out, progress)
             index = out.finish(model, cameras, version, stamp)
             if tmp is None:
@@ -229,13 +234,25 @@ class _Arrays:
 
     def __init__(self, tmp: Path | None, count: int, dim: int) -> None:
         self.tmp = tmp
-        self.vectors = self.array("vectors", (count, dim), np.float32)
+        self.dim = dim
+        self.vectors: Any = None  # matrix() or share()
+        self.slots: np.ndarray | None = None
+        self.store_rows = count
         self.ids = self.array("ids", (count,), np.int64)
         self.taken = self.array("taken", (count,), np.int64)
         self.camera = self.array("camera", (count,), np.int32)
         self.offsets = self.array("path_offsets", (count + 1,), np.int64)
         self.offsets[0] = 0
         self.blob = b""  # the paths, UTF-8, one after another
+
+    def matrix(self) -> np.ndarray:
+        """A store of its own, row i at slot i."""
+        self.vectors = new_store(self.tmp, len(self.ids), self.dim)
+        return self.vectors
+
+    def share(self, store: np.ndarray, slots: np.ndarray) -> None:
+        """Rows in a store shared with older caches."""
+        self.vectors, self.slots, self.store_rows = RowView(store, slots), slots, len(store)
 
     def array(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         if self.tmp is None:
@@ -252,11 +269,15 @@ class _Arrays:
         id_sorted[:] = np.asarray(self.ids)[order]
         if self.tmp is not None:
             np.save(self.tmp / "paths.npy", paths)
-            for arr in (self.vectors, self.ids, self.taken, self.camera, self.offsets, id_rows, id_sorted):
+            if self.slots is not None:
+                np.save(self.tmp / "slots.npy", self.slots)
+            else:
+                self.vectors.flush()
+            for arr in (self.ids, self.taken, self.camera, self.offsets, id_rows, id_sorted):
                 arr.flush()
         return VectorIndex(model.model, model.dim, self.vectors, self.ids, self.taken, self.camera, cameras,
                            PathTable(paths, self.offsets), origin="memory", version=version, stamp=stamp,
-                           id_sorted=id_sorted, id_rows=id_rows)
+                           id_sorted=id_sorted, id_rows=id_rows, slots=self.slots, store_rows=self.store_rows)
 
 
 def normalised_block(rows: list[tuple], dim: int) -> np.ndarray:
@@ -274,6 +295,7 @@ def normalised_block(rows: list[tuple], dim: int) -> np.ndarray:
 def _read_all(conn: sqlite3.Connection, model: state.ModelVectors, out: _Arrays, progress: Progress) -> list[str]:
     """Fill out with every vector of the model, read from SQLite; the camera names."""
     count = len(out.ids)
+    vectors = out.matrix()
     names: dict[str, int] = {}
     blob = bytearray()
     i = 0
@@ -283,7 +305,7 @@ def _read_all(conn: sqlite3.Connection, model: state.ModelVectors, out: _Arrays,
             if i + k > count:
                 raise SearchError("the database changed while its vectors were read")  # not in one snapshot
             encoded = [row[1].encode("utf-8", "surrogateescape") for row in rows]
-            out.vectors[i : i + k] = normalised_block(rows, model.dim)
+            vectors[i : i + k] = normalised_block(rows, model.dim)
             out.ids[i : i + k] = [row[0] for row in rows]
             out.taken[i : i + k] = [NO_DATE if row[3] is None else row[3] for row in rows]
             out.camera[i : i + k] = [-1 if row[4] is None else names.setdefault(str(row[4]), len(names))
@@ -299,30 +321,33 @@ def _read_all(conn: sqlite3.Connection, model: state.ModelVectors, out: _Arrays,
 
 
 def _current(model: state.ModelVectors, version: tuple[str, int]) -> Any:
+    """Whether an info.json is that of the cache of this model at this state."""
+    identity = _identity(model, version)
+
     def check(info: dict[str, Any]) -> bool:
-        return info == _info(model, version, info["count"], info["cameras"], info.get("record_stamp"))
+        return all(info.get(key) == value for key, value in identity.items())
 
     return check
 
 
-def _info(model: state.ModelVectors, version: tuple[str, int], count: int, cameras: list[str],
-          stamp: int | None) -> dict[str, Any]:
-    # The stamp is not part of what makes a cache current (a change to a file's size moves
-    # it, not the counter): it only says which rows an update from this cache must read.
+def _identity(model: state.ModelVectors, version: tuple[str, int]) -> dict[str, Any]:
     return {"format": CACHE_FORMAT, "model": model.model, "dim": model.dim, "database_id": version[0],
-            "vectors_version": version[1], "timezone": _timezone(), "count": count, "cameras": cameras,
-            "record_stamp": stamp}
+            "vectors_version": version[1], "timezone": _timezone()}
 
 
 def _write_info(tmp: Path, model: state.ModelVectors, version: tuple[str, int], stamp: int | None,
                 index: VectorIndex) -> None:
     # Written last, and every file fsynced before the folder is renamed into place: a
-    # folder under its final name is complete, even after a power loss.
-    info = _info(model, version, len(index), index.cameras, stamp)
+    # folder under its final name is complete, even after a power loss. (The stamp says
+    # which rows an update from this cache must read; a shared store was fsynced as it
+    # grew.)
+    info = {**_identity(model, version), "count": len(index), "cameras": index.cameras, "record_stamp": stamp,
+            "store_rows": index.store_rows, "shared": index.slots is not None}
     (tmp / "info.json").write_text(json.dumps(info), encoding="utf-8")
     for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        if f.name != "vectors.f32" or index.slots is None:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def _previous(folder: Path, model: state.ModelVectors, version: tuple[str, int]) -> VectorIndex | None:
@@ -406,7 +431,16 @@ def _open_cache(folder: Path, model: state.ModelVectors, check: Any) -> VectorIn
                 raise ValueError(f"{name}.npy is {arr.shape} {arr.dtype}")
             return arr
 
-        vectors = load("vectors", (count, model.dim), np.float32)
+        store = open_store(folder, int(info["store_rows"]), model.dim)
+        vectors: np.ndarray | RowView = store
+        slots = None
+        if info["shared"]:
+            slots = load("slots", (count,), np.int64)
+            if count and not 0 <= int(slots.min()) <= int(slots.max()) < len(store):
+                raise ValueError("slots.npy points outside vectors.f32")
+            vectors = RowView(store, slots)
+        elif len(store) != count:
+            raise ValueError(f"vectors.f32 holds {len(store)} rows, not {count}")
         ids = load("ids", (count,), np.int64)
         taken = load("taken", (count,), np.int64)
         camera = load("camera", (count,), np.int32)
@@ -422,4 +456,4 @@ def _open_cache(folder: Path, model: state.ModelVectors, check: Any) -> VectorIn
     return VectorIndex(model.model, model.dim, vectors, ids, taken, camera, list(info["cameras"]),
                        PathTable(paths, offsets), origin="cache", folder=folder,
                        version=(info["database_id"], info["vectors_version"]), stamp=info["record_stamp"],
-                       id_sorted=id_sorted, id_rows=id_rows)
+                       id_sorted=id_sorted, id_rows=id_rows, slots=slots, store_rows=len(store))

@@ -1,5 +1,6 @@
-"""A new vector cache from an older one: the rows changed since are read from SQLite, the
-others copied from the older cache's memory map.
+"""A new vector cache from an older one: the rows changed since are read from SQLite and
+appended to the older cache's store, which the new one shares (vector_store.py), or, when
+that store would hold too many dead rows, the kept rows copied into a new one.
 
 What the older cache holds is the database as it was at its record stamp (every change to
 a row's vector, path, status, model or EXIF stamps the row with a later value; a deleted
@@ -13,26 +14,31 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import state
 from .errors import SearchError
 from .progress import Progress
+from .vector_store import STORE, RowView, link_and_append, open_store
 
 if TYPE_CHECKING:
     from .vectors import VectorIndex, _Arrays
 
-# Rows read from SQLite per step (a 65,536 x 768 float32 block is 192 MiB).
-COPY_PAGE = 65_536
 KEY_PAGE = 65_536
+# A shared store is copied into one of its own (its dead rows dropped) before it would
+# hold more than this many times the rows of the cache: exhaustive queries scan them all.
+COMPACT = 1.5
+# Share of changed rows above which the cache is read again from SQLite, whole.
+UPDATE_MAX_SHARE = 0.25
 
 
 def copy_forward(conn: sqlite3.Connection, model: state.ModelVectors, out: _Arrays, previous: VectorIndex,
-                 progress: Progress) -> list[str]:
+                 progress: Progress) -> list[str] | None:
     """Fill out with the model's rows as they are now, from previous and the changed rows;
-    return the camera names (previous's first, so the copied codes keep their meaning)."""
+    return the camera names (previous's first, so the copied codes keep their meaning).
+    None, with nothing filled, when so much changed that reading everything is cheaper."""
     from .vectors import NO_DATE, normalised_block
 
     assert previous.stamp is not None
@@ -40,34 +46,56 @@ def copy_forward(conn: sqlite3.Connection, model: state.ModelVectors, out: _Arra
     ids, stamps, encoded = _keys(conn, model, count)
     old = previous.rows_of(ids)
     fresh = (old < 0) | (stamps > previous.stamp)
+    if fresh.sum() > UPDATE_MAX_SHARE * count:
+        return None
     keep = np.flatnonzero(~fresh)
     names = {name: i for i, name in enumerate(previous.cameras)}
     out.ids[:] = ids
     with progress("updating vectors", count) as tick:
         out.taken[keep] = previous.taken[old[keep]]
         out.camera[keep] = previous.camera[old[keep]]
-        # Both sides are in path order: the rows kept are a few long runs, each one copy.
-        runs = _runs(old[keep], keep)
-        if not _copy_file_runs(previous, out, runs, model.dim * 4):
-            for src, dst, k in runs:
-                out.vectors[dst : dst + k] = previous.vectors[src : src + k]
-        tick(len(keep))
         changed = np.flatnonzero(fresh)
         rows = state.search_rows_by_id(conn, model.model, model.dim, ids[changed].tolist())
         if len(rows) != len(changed):
             raise SearchError("the database changed while its vectors were read")
         rows.sort(key=lambda row: row[0])
         at = changed[np.argsort(ids[changed], kind="stable")]  # positions in the same (id) order
-        for start in range(0, len(rows), COPY_PAGE):
-            page, dst = rows[start : start + COPY_PAGE], at[start : start + COPY_PAGE]
-            out.vectors[dst] = normalised_block(page, model.dim)
-            out.taken[dst] = [NO_DATE if row[3] is None else row[3] for row in page]
-            out.camera[dst] = [-1 if row[4] is None else names.setdefault(str(row[4]), len(names)) for row in page]
-            tick(len(dst))
+        block = normalised_block(rows, model.dim) if rows else np.empty((0, model.dim), dtype=np.float32)
+        out.taken[at] = [NO_DATE if row[3] is None else row[3] for row in rows]
+        out.camera[at] = [-1 if row[4] is None else names.setdefault(str(row[4]), len(names)) for row in rows]
+        old_slots = old[keep] if previous.slots is None else np.asarray(previous.slots)[old[keep]]
+        _vectors(out, previous, keep, old_slots, at, block)
+        tick(count)
     lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=count)
     out.offsets[1:] = np.cumsum(lengths)
     out.blob = b"".join(encoded)
     return list(names)
+
+
+def _vectors(out: _Arrays, previous: VectorIndex, keep: np.ndarray, old_slots: np.ndarray, at: np.ndarray,
+             block: np.ndarray) -> None:
+    """The new cache's vectors: the kept rows (at old_slots of previous's store) and the
+    changed ones (block, for the rows at). Shared with previous where that is possible and
+    the store stays under COMPACT times the rows; else copied into a store of its own."""
+    dim = block.shape[1]
+    count = len(out.ids)
+    start = None
+    if out.tmp is not None and previous.folder is not None:
+        start = link_and_append(previous.folder, out.tmp, block, dim, max_rows=int(COMPACT * count))
+    if start is not None:
+        slots = np.empty(count, dtype=np.int64)
+        slots[keep] = old_slots
+        slots[at] = start + np.arange(len(at))
+        out.share(open_store(out.tmp, start + len(at), dim), slots)
+        return
+    vectors = out.matrix()
+    # Both sides are in path order: the rows kept are a few long runs, each one copy.
+    runs = _runs(old_slots, keep)
+    if not _copy_file_runs(previous, out, runs, dim * 4):
+        store = previous.vectors.store if isinstance(previous.vectors, RowView) else previous.vectors
+        for src, dst, k in runs:
+            vectors[dst : dst + k] = store[src : src + k]
+    vectors[at] = block
 
 
 def _runs(src: np.ndarray, dst: np.ndarray) -> list[tuple[int, int, int]]:
@@ -87,8 +115,8 @@ def _copy_file_runs(previous: VectorIndex, out: _Arrays, runs: list[tuple[int, i
     if previous.folder is None or out.tmp is None or not hasattr(os, "copy_file_range"):
         return False
     try:
-        with open(previous.folder / "vectors.npy", "rb") as src, open(out.tmp / "vectors.npy", "r+b") as dst:
-            src_at, dst_at = _data_offset(src), _data_offset(dst)
+        with open(previous.folder / STORE, "rb") as src, open(out.tmp / STORE, "r+b") as dst:
+            src_at = dst_at = 0
             for s, d, k in runs:
                 n, s_off, d_off = k * row_bytes, src_at + s * row_bytes, dst_at + d * row_bytes
                 while n:
@@ -99,16 +127,6 @@ def _copy_file_runs(previous: VectorIndex, out: _Arrays, runs: list[tuple[int, i
     except OSError:
         return False  # the caller copies them all through the memory maps
     return True
-
-
-def _data_offset(f: Any) -> int:
-    """Where the array data of an open .npy file starts."""
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        np.lib.format.read_array_header_1_0(f)
-    else:
-        np.lib.format.read_array_header_2_0(f)
-    return f.tell()
 
 
 def _keys(conn: sqlite3.Connection, model: state.ModelVectors, count: int) -> tuple[np.ndarray, np.ndarray, list[bytes]]:

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from conftest import bump_mtime, run_cli
 from test_search import copy_resized, index, json_lines, noise_photo, one_error_line
 
-from sqlindexer import ann, db, duplicates, search, state, vectors, vectors_update
+from sqlindexer import ann, db, duplicates, search, state, vector_store, vectors, vectors_update
 
 DIM = 32
 MODEL = "synthetic/m"
@@ -200,10 +200,19 @@ def test_an_update_gives_what_a_rebuild_gives(synthetic, tmp_path, monkeypatch):
     copied = []
     real_copy = vectors_update.copy_forward
     monkeypatch.setattr(vectors_update, "copy_forward", lambda *a: copied.append(1) or real_copy(*a))
-    for seed in (1, 2):  # twice: the second update starts from an updated index
-        change(path, seed, 40)
+    store_inode = (next(path.parent.glob("s.sqlite.vectors-*")) / vector_store.STORE).stat().st_ino
+    for seed in (1, 2):
+        # The first update shares the older cache's store and the older index's faiss file
+        # (2% of the rows changed); the second, from it, copies the store into a new one
+        # (told to compact) and writes a new faiss file (4% of the rows changed since).
+        if seed == 2:
+            monkeypatch.setattr(vectors_update, "COMPACT", 1.0)
+        change(path, seed, 20)
         conn, index, approx = load(path)
-        assert (index.origin, approx.origin, len(copied)) == ("built", "updated", seed)
+        assert (index.origin, approx.origin, len(copied)) == ("built", "delta" if seed == 1 else "updated", seed)
+        [folder] = path.parent.glob("s.sqlite.vectors-*")
+        shared = (folder / vector_store.STORE).stat().st_ino == store_inode
+        assert shared == (seed == 1) and (index.slots is not None) == (seed == 1)
         assert len(ann_folders(path)) == 1 and len(list(path.parent.glob("s.sqlite.vectors-*"))) == 1
         rebuilt_path = copy_db(path, tmp_path / f"rebuilt{seed}")  # the same database, no cache beside it
         rconn, rebuilt, rebuilt_ann = load(rebuilt_path)
@@ -219,6 +228,8 @@ def test_an_update_gives_what_a_rebuild_gives(synthetic, tmp_path, monkeypatch):
             exact = ranked(rebuilt, None, q)
             assert recall(ranked(index, approx, q), exact) >= 0.9
             assert recall(ranked(rebuilt, rebuilt_ann, q), exact) >= 0.9
+            new = search.Filters(cameras=("pixel",))  # only the rows added: beside the shared faiss file
+            assert ranked(index, approx, q, filters=new) == ranked(rebuilt, None, q, filters=new)
         groups = duplicates.cell_duplicate_groups(index, approx.cells_by_row(index), 0.95)
         again = duplicates.cell_duplicate_groups(rebuilt, rebuilt_ann.cells_by_row(rebuilt), 0.95)
         assert [g.members for g in groups] == [g.members for g in again]
@@ -239,7 +250,7 @@ def test_an_update_reads_the_state_of_its_vectors_while_an_index_run_writes(synt
         change(path, 4, 40)  # committed now, after the vectors were read
         approx = ann.load_ann(conn, index)
         assert approx.origin == "updated" and np.array_equal(approx.ids, index.id_sorted)
-        assert approx.faiss_index.ntotal == len(index)
+        assert approx.faiss_index.ntotal == len(index) and len(approx.extra_ids) == 0
         for row in (0, 1000, 2500):
             got = ranked(index, approx, np.array(index.vectors[row]), pin=row)
             assert got[0][0] == index.paths[row]
