@@ -23,6 +23,9 @@ fresh process:
                quarter deleted, a quarter new files), then the first query's cache
                update and index update, against the build's
 
+--crossover SIZES measures instead, in memory, where exhaustive search stops being fast
+enough (what chose ann.EXACT_BELOW and duplicates.DUPLICATES_EXACT_BELOW).
+
 Prints a table and writes JSON. The machine it ran on is shared: compare the ratios side
 by side, not the absolute figures with another run's.
 """
@@ -205,12 +208,19 @@ def main() -> None:
     ap.add_argument("--exhaustive-max", type=int, default=0, help="largest size to time duplicates --exhaustive on")
     ap.add_argument("--work", help="folder for the databases (default: a temporary folder, removed after)")
     ap.add_argument("--json", default="bench/results/search.json", help="where to write the results")
+    ap.add_argument("--crossover", metavar="SIZES",
+                    help="instead: exhaustive against approximate in memory at these sizes (e.g. 5000,20000,50000)")
     ap.add_argument("--step", help=argparse.SUPPRESS)
     ap.add_argument("--db", help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.step:
         print(json.dumps(measure(args.step, Path(args.db), args.queries, args.kind, args.rows)), file=sys.stderr)
+        return
+    if args.crossover:
+        rows = crossover([int(s) for s in args.crossover.split(",")], args.dim, args.kind, args.queries)
+        print(table(rows, list(rows[0])))
+        save(args.json, {"dim": args.dim, "top": TOP, "kind": args.kind, "machine": machine(), "crossover": rows})
         return
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="sqlindexer-search-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -230,6 +240,51 @@ def main() -> None:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
+
+
+
+def crossover(sizes: list[int], dim: int, kind: str, queries: int) -> list[dict]:
+    """Where exhaustive search stops being fast enough: per size, in memory (no database),
+    one exhaustive query and one approximate query (median ms, recall@20), the index's
+    build, and duplicates exhaustively and from the cells (seconds, without start-up)."""
+    import numpy as np
+
+    from sqlindexer import ann_build, duplicates, search, vectors
+    from sqlindexer.progress import no_progress
+
+    out = []
+    for n in sizes:
+        x, _ = _synthetic.vectors(n, dim, kind, pairs=n // 200)
+        blob = b"".join(path_of(i).encode() for i in range(n))
+        offsets = np.concatenate([[0], np.cumsum([len(path_of(i)) for i in range(n)])]).astype(np.int64)
+        index = vectors.VectorIndex("m", dim, x, np.arange(n, dtype=np.int64), np.zeros(n, np.int64),
+                                    np.full(n, -1, np.int32), [], vectors.PathTable(np.frombuffer(blob, np.uint8),
+                                                                                    offsets), origin="memory")
+        index.rows_of(np.empty(0, np.int64))  # the id lookup the index is built with
+        t0 = time.perf_counter()
+        approx = ann_build.build(index, no_progress)
+        build_s = time.perf_counter() - t0
+        qs = _synthetic.queries(queries + 1, dim, kind, n, query_seed=3)
+        t_exact, t_ann, found = [], [], 0
+        for q in qs:
+            t0 = time.perf_counter()
+            e = search._rank(index, q, TOP, search.Filters())
+            t_exact.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            a = search._rank(index, q, TOP, search.Filters(), ann=approx)
+            t_ann.append(time.perf_counter() - t0)
+            found += len({h.path for h in a.hits} & {h.path for h in e.hits})
+        t0 = time.perf_counter()
+        every = duplicates.duplicate_groups(index, THRESHOLD)
+        dup_exact = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cells = duplicates.cell_duplicate_groups(index, approx.cells_by_row(index), THRESHOLD)
+        dup_cells = time.perf_counter() - t0
+        out.append({"rows": n, "exact ms": _ms(t_exact[1:]), "approx ms": _ms(t_ann[1:]),
+                    "R@20": found / (TOP * len(qs)), "index build s": build_s, "dup exhaustive s": dup_exact,
+                    "dup cells s": dup_cells, "same groups": [g.members for g in every] == [g.members for g in cells]})
+        print(json.dumps(out[-1]), flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ CANDIDATES_PER_HIT = 5
 DELTA_MAX_SHARE = 0.03
 # Nearest cells kept per row: a near-duplicate pair is a candidate when one's nearest cell
 # is among the other's.
-DUPLICATE_CELLS = 3
+DUPLICATE_CELLS = 4
 # k-means trains on this many sampled rows per cell (faiss warns below 39).
 TRAIN_PER_CELL = 64
 # Rows assigned to their cells per step (a 16,384 x 1,000 float32 block of scores is 62 MiB).

@@ -3,9 +3,13 @@
 Exhaustive below DUPLICATES_EXACT_BELOW vectors (or when asked): every pair, blockwise.
 Above it the candidate pairs come from the cells of the approximate index (ann.py): each
 row is compared with the rows whose nearest cell is one of its DUPLICATE_CELLS nearest,
-so the work falls from n^2 / 2 to about DUPLICATE_CELLS * n^2 / cells. Either way a pair
-counts on its exact float32 cosine, and the groups are the connected components of the
-pairs found.
+so the work falls from n^2 / 2 to about DUPLICATE_CELLS * n^2 / cells. The pairs of a
+cell are first screened on the vectors projected to PROJECTED dimensions (a random
+orthonormal projection, each row then normalised: squared distances are kept to within a
+few percent), and only those within SCREEN times the threshold's squared distance are
+compared in full. Either way
+a pair counts on its exact float32 cosine, and the groups are the connected components
+of the pairs found.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +32,12 @@ DUPLICATE_BLOCK = 2048
 # Every pair below this many vectors: there all pairs cost about what the cells do, and
 # every pair is seen. SQLINDEXER_EXACT_BELOW, when set, overrides it too.
 DUPLICATES_EXACT_BELOW = 20_000
+PROJECTED = 128
+# A pair at exactly the threshold has squared distance 2 (1 - threshold); projected, it
+# exceeds twice that with a probability of about 1e-9 at 128 dimensions (chi-squared).
+SCREEN = 2.0
+# Below this threshold the screen would pass most pairs of a cell: compare them in full.
+SCREEN_FROM = 0.75
 
 
 @dataclass
@@ -81,35 +92,64 @@ def cell_duplicate_groups(index: VectorIndex, cells: np.ndarray, threshold: floa
     near_cells, near_rows = near_cells[keep], near_rows[keep]
     near_order = np.argsort(near_cells, kind="stable")
     near_cuts = np.searchsorted(near_cells[near_order], np.arange(nlist + 1))
+    screened = threshold >= SCREEN_FROM and index.dim > PROJECTED
+    vectors = _project(index, progress) if screened else index.vectors
+    # Projected rows are compared at the cosine of SCREEN times the threshold's squared
+    # distance; every candidate then on its exact cosine.
+    level = 1.0 - SCREEN * (1.0 - threshold) if screened else threshold - 1e-6
     with progress("comparing", nlist) as tick:
         for c in range(nlist):
             home = home_order[home_cuts[c] : home_cuts[c + 1]]
             if len(home):
                 near = np.unique(near_rows[near_order[near_cuts[c] : near_cuts[c + 1]]])
-                _pairs_in_cell(index.vectors, home, near, threshold, block, parent)
+                x, y = _pairs_in_cell(vectors, home, near, level, block)
+                if len(x):  # each candidate on its exact cosine, as duplicate_groups has it
+                    exact = np.einsum("ij,ij->i", np.asarray(index.vectors[x]), np.asarray(index.vectors[y]))
+                    x, y = x[exact >= threshold], y[exact >= threshold]
+                if len(x):
+                    _union(parent, x, y)
             tick(1)
     return _groups(index, parent)
 
 
-def _pairs_in_cell(vectors: np.ndarray, home: np.ndarray, near: np.ndarray, threshold: float, block: int,
-                   parent: np.ndarray) -> None:
-    """Join the pairs at or above threshold among home, and between home and near."""
+def _project(index: VectorIndex, progress: Progress) -> np.ndarray:
+    """Every row projected to PROJECTED dimensions and normalised."""
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((index.dim, PROJECTED)))[0].astype(np.float32)
+    out = np.empty((len(index), PROJECTED), dtype=np.float32)
+    with progress("projecting", len(index)) as tick:
+        for start in range(0, len(index), 65_536):
+            stop = min(len(index), start + 65_536)
+            block = np.asarray(index.vectors[start:stop]) @ basis
+            norms = np.linalg.norm(block, axis=1, keepdims=True)
+            out[start:stop] = block / np.where(norms > 0, norms, 1.0)
+            tick(stop - start)
+    return out
+
+
+def _pairs_in_cell(vectors: Any, home: np.ndarray, near: np.ndarray, level: float,
+                   block: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs (rows) among home, and between home and near, at cosine level or above."""
     a_all = np.asarray(vectors[home])
     b_all = np.asarray(vectors[near]) if len(near) else None
+    xs, ys = [], []
     for i in range(0, len(home), block):
         a = a_all[i : i + block]
         for j in range(i, len(home), block):
             s = a @ a_all[j : j + block].T
             if j == i:
-                s[np.tril_indices(len(a), 0, s.shape[1])] = -np.inf
-            x, y = np.nonzero(s >= threshold)
-            if len(x):
-                _union(parent, home[x + i], home[y + j])
+                s[np.tril_indices(len(a), 0, s.shape[1])] = -np.inf  # each pair once, no self-pairs
+            x, y = np.nonzero(s >= level)
+            xs.append(home[x + i])
+            ys.append(home[y + j])
         if b_all is not None:
             for j in range(0, len(near), block):
-                x, y = np.nonzero(a @ b_all[j : j + block].T >= threshold)
-                if len(x):
-                    _union(parent, home[x + i], near[y + j])
+                x, y = np.nonzero(a @ b_all[j : j + block].T >= level)
+                xs.append(home[x + i])
+                ys.append(near[y + j])
+    if not xs:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def _check(threshold: float) -> None:
