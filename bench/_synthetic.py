@@ -10,7 +10,12 @@ Two distributions:
              norm (cosine ~0.5 inside a cluster, ~0 between clusters), cluster sizes
              drawn from a Zipf-like law.
 
-In both, `pairs` rows are replaced by near-copies of other rows at cosine ~0.97 (a resized
+  hierarchical  photos of events of themes: n / THEME_SIZE theme directions, n / CLUSTER_SIZE
+             events around them (cosine ~0.7 to their theme), each row its event plus
+             noise (cosine ~0.8 to its event, ~0.65 between two photos of one event,
+             ~0.35 across events of one theme, ~0 across themes); event sizes Zipf-like.
+
+In all three, `pairs` rows are replaced by near-copies of other rows at cosine ~0.97 (a resized
 or re-encoded photo), and the (original, copy) row numbers are returned.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 CLUSTER_SIZE = 100
+THEME_SIZE = 10_000
 COPY_NOISE = 0.25  # |noise| / |row| of a planted copy: cosine 1 / sqrt(1 + 0.25^2) ~ 0.970
 
 
@@ -27,15 +33,22 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def centres(n: int, dim: int, seed: int) -> np.ndarray:
+def centres(n: int, dim: int, seed: int, kind: str = "clustered") -> np.ndarray:
     rng = np.random.default_rng(seed + 1000)
-    return _unit(rng.standard_normal((max(1, n // CLUSTER_SIZE), dim), dtype=np.float32))
+    cs = _unit(rng.standard_normal((max(1, n // CLUSTER_SIZE), dim), dtype=np.float32))
+    if kind == "hierarchical":
+        themes = _unit(rng.standard_normal((max(1, n // THEME_SIZE), dim), dtype=np.float32))
+        cs = _unit(cs + themes[rng.integers(0, len(themes), size=len(cs))])
+    return cs
+
+
+SPREAD = {"clustered": 1.0, "hierarchical": 0.7}  # |noise| / |centre| of a row
 
 
 def blocks(n: int, dim: int, kind: str, *, seed: int = 0, block: int = 100_000):
     """Yield (start, rows) blocks of n unit vectors of the distribution `kind`."""
     rng = np.random.default_rng(seed)
-    cs = centres(n, dim, seed) if kind == "clustered" else None
+    cs = centres(n, dim, seed, kind) if kind != "random" else None
     if cs is not None:
         weights = 1.0 / np.arange(1, len(cs) + 1) ** 0.5
         weights /= weights.sum()
@@ -44,7 +57,7 @@ def blocks(n: int, dim: int, kind: str, *, seed: int = 0, block: int = 100_000):
         x = rng.standard_normal((k, dim), dtype=np.float32)
         if cs is not None:
             which = rng.choice(len(cs), size=k, p=weights)
-            x = _unit(x) + cs[which]
+            x = SPREAD[kind] * _unit(x) + cs[which]
         yield start, _unit(x)
 
 
@@ -73,7 +86,7 @@ def queries(n_queries: int, dim: int, kind: str, n: int, *, seed: int = 0, query
     not rows of the set."""
     rng = np.random.default_rng(seed + query_seed)
     q = _unit(rng.standard_normal((n_queries, dim), dtype=np.float32))
-    if kind == "clustered":
-        cs = centres(n, dim, seed)
-        q = _unit(q + cs[rng.integers(0, len(cs), size=n_queries)])
+    if kind != "random":
+        cs = centres(n, dim, seed, kind)
+        q = _unit(SPREAD[kind] * q + cs[rng.integers(0, len(cs), size=n_queries)])
     return q

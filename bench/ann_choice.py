@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """faiss-cpu against usearch on this machine: build time, query time and recall@20 (after
 exact re-scoring of the candidates against the float32 vectors), on the synthetic vectors
-of _synthetic.py (clustered and random). What chose the library of sqlindexer/ann.py.
+of _synthetic.py (clustered and random; --kinds). What chose the library of sqlindexer/ann.py.
 
   faiss IVF-SQ8   IndexIVFScalarQuantizer, 8-bit codes (768 bytes a vector), a flat
                   coarse quantizer, k-means on a sample; nprobe swept

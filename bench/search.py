@@ -3,7 +3,7 @@
 approximate index (sqlindexer/ann.py) against exhaustive search.
 
 For each size, fills a working database with that many vectors of _synthetic.py
-(--kind clustered or random, 1 in 200 rows a planted near-copy of another at cosine ~0.97;
+(--kind clustered, hierarchical or random, 1 in 200 rows a planted near-copy of another at cosine ~0.97;
 a camera model and a date in the EXIF of half of them), then measures, each step in a
 fresh process:
 
@@ -202,7 +202,7 @@ def one_size(rows: int, args, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000,1000000", help="comma-separated row counts (default 100k,1M)")
-    ap.add_argument("--kind", default="clustered", choices=["clustered", "random"], help="distribution (default clustered)")
+    ap.add_argument("--kind", default="clustered", choices=["clustered", "hierarchical", "random"], help="distribution (default clustered)")
     ap.add_argument("--dim", type=int, default=768, help="vector length (default 768, SigLIP 2 base)")
     ap.add_argument("--queries", type=int, default=50, help="queries of each kind per size (default 50)")
     ap.add_argument("--exhaustive-max", type=int, default=0, help="largest size to time duplicates --exhaustive on")

@@ -43,7 +43,7 @@ def copy_forward(conn: sqlite3.Connection, model: state.ModelVectors, out: _Arra
 
     assert previous.stamp is not None
     count = len(out.ids)
-    ids, stamps, encoded = _keys(conn, model, count)
+    ids, stamps, paths = _keys(conn, model, count)
     old = previous.rows_of(ids)
     fresh = (old < 0) | (stamps > previous.stamp)
     if fresh.sum() > UPDATE_MAX_SHARE * count:
@@ -66,9 +66,12 @@ def copy_forward(conn: sqlite3.Connection, model: state.ModelVectors, out: _Arra
         old_slots = old[keep] if previous.slots is None else np.asarray(previous.slots)[old[keep]]
         _vectors(out, previous, keep, old_slots, at, block)
         tick(count)
-    lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=count)
-    out.offsets[1:] = np.cumsum(lengths)
-    out.blob = b"".join(encoded)
+    out.blob = "".join(paths).encode("utf-8", "surrogateescape")
+    if len(out.blob) == sum(map(len, paths)):  # one byte a character: ASCII, as most paths are
+        out.offsets[1:] = np.cumsum(np.fromiter(map(len, paths), dtype=np.int64, count=count))
+    else:
+        lengths = (len(p.encode("utf-8", "surrogateescape")) for p in paths)
+        out.offsets[1:] = np.cumsum(np.fromiter(lengths, dtype=np.int64, count=count))
     return list(names)
 
 
@@ -129,20 +132,21 @@ def _copy_file_runs(previous: VectorIndex, out: _Arrays, runs: list[tuple[int, i
     return True
 
 
-def _keys(conn: sqlite3.Connection, model: state.ModelVectors, count: int) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
-    """ids, stamps and UTF-8 paths of the model's ok rows, in path order."""
+def _keys(conn: sqlite3.Connection, model: state.ModelVectors, count: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """ids, stamps and paths of the model's ok rows, in path order."""
     ids = np.empty(count, dtype=np.int64)
     stamps = np.empty(count, dtype=np.int64)
-    encoded: list[bytes] = []
+    paths: list[str] = []
     i = 0
     for rows in state.iter_search_keys(conn, model.model, page=KEY_PAGE):
         k = len(rows)
         if i + k > count:
             raise SearchError("the database changed while its vectors were read")
-        ids[i : i + k] = [row[0] for row in rows]
-        stamps[i : i + k] = [row[2] for row in rows]
-        encoded.extend(row[1].encode("utf-8", "surrogateescape") for row in rows)
+        page_ids, page_paths, page_stamps = zip(*rows)  # columns, in C
+        ids[i : i + k] = page_ids
+        stamps[i : i + k] = page_stamps
+        paths.extend(page_paths)
         i += k
     if i != count:
         raise SearchError("the database changed while its vectors were read")
-    return ids, stamps, encoded
+    return ids, stamps, paths

@@ -189,7 +189,7 @@ def change(path: Path, seed: int, k: int) -> None:
     for j, v in enumerate(fresh[k : 2 * k]):
         rw.execute("INSERT INTO files (path, size, mtime_ns, ctime_ns, status, model, dim, embedding, exif) "
                    "VALUES (?, 1, 1, 1, 'ok', ?, ?, ?, ?)",
-                   (f"/p/new/{seed}-{j}.jpg", MODEL, DIM, v.tobytes(), json.dumps({"Model": "Pixel"})))
+                   (f"/p/new/{'été-' if j % 2 else ''}{seed}-{j}.jpg", MODEL, DIM, v.tobytes(), json.dumps({"Model": "Pixel"})))
     rw.commit()
     rw.close()
 
