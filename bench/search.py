@@ -78,7 +78,6 @@ def fill(db_path: Path, rows: int, dim: int, kind: str) -> list[list[int]]:
 
     state.import_vectors(conn, records(), run)
     conn.close()
-    del x
     return np.asarray(pairs).tolist()
 
 

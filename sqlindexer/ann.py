@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 
-from . import state
 from .progress import Progress, no_progress
 from .vectors import STALE_TMP_SECONDS, VectorIndex
 
@@ -147,6 +146,11 @@ def load_ann(conn: sqlite3.Connection, index: VectorIndex, *, need_faiss: bool =
     (then nothing could keep the index, and building it for one query costs more than
     an exhaustive one)."""
     if index.folder is None or index.version is None:
+        return None
+    try:
+        import faiss  # noqa: F401 - a dependency; an install without it still answers, exhaustively
+    except ImportError as e:
+        log.warning("no approximate index (%s): searching exhaustively", e)
         return None
     folder = ann_folder(index)
     ann = _open(folder, index, need_faiss=need_faiss)

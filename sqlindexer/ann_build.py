@@ -25,8 +25,16 @@ from typing import Any
 import numpy as np
 
 from . import state
-from .ann import (ADD_PAGE, DELTA_MAX_SHARE, DUPLICATE_CELLS, TRAIN_PER_CELL, AnnIndex, cell_count,
-                  nearest_cells, read_faiss)
+from .ann import (
+    ADD_PAGE,
+    DELTA_MAX_SHARE,
+    DUPLICATE_CELLS,
+    TRAIN_PER_CELL,
+    AnnIndex,
+    cell_count,
+    nearest_cells,
+    read_faiss,
+)
 from .progress import Progress
 from .vectors import VectorIndex
 

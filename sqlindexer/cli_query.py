@@ -135,7 +135,7 @@ def similar(image: str, top: int, db_path: str, model_name: str | None, as_json:
               help="Cosine at or above which two images count as the same.")
 @click.option("--exhaustive", is_flag=True,
               help="Compare every pair of images, not only the candidate pairs of the approximate index "
-                   "(which it uses from 20,000 images on).")
+                   "(which it uses from 10,000 images on).")
 @db_option
 @model_option
 @output_option
@@ -146,7 +146,7 @@ def duplicates(threshold: float, exhaustive: bool, db_path: str, model_name: str
 
     A group is a connected component of the pairs whose cosine is at least the
     threshold. Each image is listed with its cosine to the group's first image.
-    From 20,000 images on, only the pairs that share a cell of the approximate index
+    From 10,000 images on, only the pairs that share a cell of the approximate index
     are compared (time about linear in the number of images; a near copy is almost
     always among them); --exhaustive compares every pair (quadratic).
 

@@ -31,7 +31,7 @@ from .vectors import VectorIndex, choose_model, load_index
 DUPLICATE_BLOCK = 2048
 # Every pair below this many vectors: there all pairs cost about what the cells do, and
 # every pair is seen. SQLINDEXER_EXACT_BELOW, when set, overrides it too.
-DUPLICATES_EXACT_BELOW = 20_000
+DUPLICATES_EXACT_BELOW = 10_000
 PROJECTED = 128
 # A pair at exactly the threshold has squared distance 2 (1 - threshold); projected, it
 # exceeds twice that with a probability of about 1e-9 at 128 dimensions (chi-squared).

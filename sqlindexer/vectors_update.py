@@ -24,7 +24,8 @@ from .progress import Progress
 from .vector_store import STORE, RowView, link_and_append, open_store
 
 if TYPE_CHECKING:
-    from .vectors import VectorIndex, _Arrays
+    from .vectors import VectorIndex
+    from .vectors_build import CacheArrays
 
 KEY_PAGE = 65_536
 # A shared store is copied into one of its own (its dead rows dropped) before it would
@@ -34,12 +35,13 @@ COMPACT = 1.5
 UPDATE_MAX_SHARE = 0.25
 
 
-def copy_forward(conn: sqlite3.Connection, model: state.ModelVectors, out: _Arrays, previous: VectorIndex,
+def copy_forward(conn: sqlite3.Connection, model: state.ModelVectors, out: CacheArrays, previous: VectorIndex,
                  progress: Progress) -> list[str] | None:
     """Fill out with the model's rows as they are now, from previous and the changed rows;
     return the camera names (previous's first, so the copied codes keep their meaning).
     None, with nothing filled, when so much changed that reading everything is cheaper."""
-    from .vectors import NO_DATE, normalised_block
+    from .vectors import NO_DATE
+    from .vectors_build import normalised_block
 
     assert previous.stamp is not None
     count = len(out.ids)
@@ -75,7 +77,7 @@ def copy_forward(conn: sqlite3.Connection, model: state.ModelVectors, out: _Arra
     return list(names)
 
 
-def _vectors(out: _Arrays, previous: VectorIndex, keep: np.ndarray, old_slots: np.ndarray, at: np.ndarray,
+def _vectors(out: CacheArrays, previous: VectorIndex, keep: np.ndarray, old_slots: np.ndarray, at: np.ndarray,
              block: np.ndarray) -> None:
     """The new cache's vectors: the kept rows (at old_slots of previous's store) and the
     changed ones (block, for the rows at). Shared with previous where that is possible and
@@ -111,7 +113,7 @@ def _runs(src: np.ndarray, dst: np.ndarray) -> list[tuple[int, int, int]]:
     return list(zip(src[starts].tolist(), dst[starts].tolist(), lengths.tolist()))
 
 
-def _copy_file_runs(previous: VectorIndex, out: _Arrays, runs: list[tuple[int, int, int]], row_bytes: int) -> bool:
+def _copy_file_runs(previous: VectorIndex, out: CacheArrays, runs: list[tuple[int, int, int]], row_bytes: int) -> bool:
     """Copy the runs of rows from the older cache's vectors.npy into the new one inside the
     kernel (copy_file_range: no page of either file mapped, or read into this process);
     False where that cannot be done (no such call, no files, another file system)."""

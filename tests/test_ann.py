@@ -69,8 +69,8 @@ def load(path: Path) -> tuple[sqlite3.Connection, vectors.VectorIndex, ann.AnnIn
     return conn, index, ann.load_ann(conn, index)
 
 
-def ranked(index, approx, query, *, pin=None, filters=search.Filters(), top=20) -> list[tuple[str, float]]:
-    results = search._rank(index, query, top, filters, pin=pin, ann=approx)
+def ranked(index, approx, query, *, pin=None, filters=None, top=20) -> list[tuple[str, float]]:
+    results = search._rank(index, query, top, filters or search.Filters(), pin=pin, ann=approx)
     assert results.approximate == (approx is not None)
     return [(h.path, h.score) for h in results.hits]
 
