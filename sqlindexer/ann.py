@@ -147,15 +147,14 @@ def load_ann(conn: sqlite3.Connection, index: VectorIndex, *, need_faiss: bool =
     an exhaustive one)."""
     if index.folder is None or index.version is None:
         return None
-    try:
-        import faiss  # noqa: F401 - a dependency; an install without it still answers, exhaustively
-    except ImportError as e:
-        log.warning("no approximate index (%s): searching exhaustively", e)
+    if need_faiss and not _have_faiss():
         return None
     folder = ann_folder(index)
     ann = _open(folder, index, need_faiss=need_faiss)
     if ann is not None:
         return ann
+    if not need_faiss and not _have_faiss():  # (duplicates only imports it to build)
+        return None
     if folder.exists():
         log.warning("rebuilding the approximate index %s: it is not the index of these vectors", folder)
         shutil.rmtree(folder, ignore_errors=True)
@@ -180,6 +179,15 @@ def load_ann(conn: sqlite3.Connection, index: VectorIndex, *, need_faiss: bool =
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _have_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401 - a dependency; an install without it still answers, exhaustively
+    except ImportError as e:
+        log.warning("no approximate index (%s): searching exhaustively", e)
+        return False
+    return True
 
 
 def _info(index: VectorIndex, nlist: int, faiss_bytes: int, base: int, removed: int,
