@@ -1,35 +1,42 @@
 #!/usr/bin/env python3
-"""Query latency of search/similar over 10k, 100k and 1M synthetic 768-d vectors.
+"""search, similar and duplicates over 100k and 1M synthetic 768-d vectors: the
+approximate index (sqlindexer/ann.py) against exhaustive search.
 
-For each size, fills a working database with that many random L2-normalised float32
-vectors (paths in 1000-file folders, a camera model and a date in the EXIF of half of
-them), then measures, each step in a fresh process:
+For each size, fills a working database with that many vectors of _synthetic.py
+(--kind clustered, hierarchical or random, 1 in 200 rows a planted near-copy of another at cosine ~0.97;
+a camera model and a date in the EXIF of half of them), then measures, each step in a
+fresh process:
 
-  build        the first query: read every vector from SQLite into the cache folder beside
-               the database (<db>.vectors-*/), written once per change to the database
-  load         a later query: open the cache (np.load mmap_mode="r") and check it is current
-  query        one query on the loaded cache: matrix-vector product, np.argpartition top 20,
-               paths of the hits (median of --queries random queries)
-  filtered     the same with --camera and --after filters (half the rows pass)
-  floor        brute force on an in-memory contiguous matrix: M @ q and np.argpartition,
-               nothing else (median)
-  sqlite scan  what the cache avoids: every query reading the vectors from SQLite row by
-               row (one query; skipped above --scan-max rows)
-  CLI similar  `image-indexer similar <an indexed path> --top 20` end to end, in a fresh
-               process (Python start-up and imports included; no model: the query vector
-               is the stored one)
-  CLI status   `image-indexer status --json` end to end, in a fresh process
+  build        the first query: the vector cache read from SQLite (cache s) and the
+               approximate index built from it (index s)
+  query        in one process, cache and index loaded: --queries text-like queries (new
+               points of the distribution) and as many `similar` queries (indexed rows),
+               top 20, through the approximate index and exhaustively: median ms of each,
+               and recall@20 (share of the exhaustive top 20 the approximate one returns);
+               the same for text-like queries with a --camera filter that passes half
+               the rows
+  duplicates   `image-indexer duplicates --threshold 0.95 --json` end to end, in a fresh
+               process, Python start-up included, index already built: seconds, and the
+               share of the planted pairs that end up in one group (--exhaustive too, up
+               to --exhaustive-max rows)
+  update       1% of the rows changed as a --reindex changes them (half re-embedded, a
+               quarter deleted, a quarter new files), then the first query's cache
+               update and index update, against the build's
 
-The database and cache files stay in the OS page cache between steps (the machine has
-the memory for it), so "load" is a warm load; a first query after a reboot reads the
-matrix from disk once. Prints a table and writes JSON.
+--crossover SIZES measures instead, in memory, where exhaustive search stops being fast
+enough (what chose ann.EXACT_BELOW and duplicates.DUPLICATES_EXACT_BELOW).
+
+Prints a table and writes JSON. The machine it ran on is shared: compare the ratios side
+by side, not the absolute figures with another run's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -37,150 +44,246 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import child, cli, machine, save, table  # noqa: E402
+import _synthetic  # noqa: E402
+from _common import child, machine, save, table  # noqa: E402
 
 MODEL = "bench/siglip2-768"
 TOP = 20
+THRESHOLD = 0.95
+CAMERAS = ["Canon EOS 5D", "NIKON D1X", "Pixel 7"]
 
 
-def fill(db_path: Path, rows: int, dim: int) -> None:
+def path_of(i: int) -> str:
+    return f"/photos/{i // 1000:04d}/IMG_{i:07d}.jpg"
+
+
+def fill(db_path: Path, rows: int, dim: int, kind: str) -> list[list[int]]:
+    """The database, and the planted (original, copy) row pairs."""
     import numpy as np
 
     from sqlindexer import db, runs, state
 
     conn = db.connect(db_path)
     run = runs.start_run(conn, mode="reindex", model=MODEL, config={}, pid=0)
-    rng = np.random.default_rng(0)
-    cameras = ["Canon EOS 5D", "NIKON D1X", "Pixel 7"]
+    x, pairs = _synthetic.vectors(rows, dim, kind, pairs=rows // 200)
 
     def records():
-        for start in range(0, rows, 10_000):
-            block = rng.standard_normal((min(10_000, rows - start), dim), dtype=np.float32)
-            block /= np.linalg.norm(block, axis=1, keepdims=True)
-            for k, v in enumerate(block):
-                i = start + k
-                exif = {}
-                if i % 2:
-                    exif = {"Model": cameras[i % 3],
-                            "ExifOffset": {"DateTimeOriginal": f"20{10 + i % 14}:06:01 12:00:00"}}
-                yield state.Imported(path=f"/photos/{i // 1000:04d}/IMG_{i:07d}.jpg", size=3_000_000 + i,
-                                     mtime_ns=1_700_000_000_000_000_000 + i, ctime_ns=1_700_000_000_000_000_000,
-                                     vector=v.tobytes(), dim=dim, width=4000, height=3000, exif=exif)
+        for i in range(rows):
+            exif = {}
+            if i % 2:
+                exif = {"Model": CAMERAS[i % 3], "ExifOffset": {"DateTimeOriginal": f"20{10 + i % 14}:06:01 12:00:00"}}
+            yield state.Imported(path=path_of(i), size=3_000_000 + i, mtime_ns=1_700_000_000_000_000_000 + i,
+                                 ctime_ns=1_700_000_000_000_000_000, vector=x[i].astype("<f4").tobytes(), dim=dim,
+                                 width=4000, height=3000, exif=exif)
 
     state.import_vectors(conn, records(), run)
     conn.close()
+    return np.asarray(pairs).tolist()
+
+
+def change(db_path: Path, rows: int, dim: int, share: float) -> int:
+    """Change `share` of the rows as a re-index would: re-embedded, deleted, added."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    k = max(4, int(rows * share))
+    picked = rng.choice(rows, size=k, replace=False)
+    conn = sqlite3.connect(db_path)
+    with conn:
+        for i in picked[: k // 2]:
+            v = rng.standard_normal(dim).astype("<f4")
+            conn.execute("UPDATE files SET embedding = ?, mtime_ns = mtime_ns + 1 WHERE path = ?",
+                         ((v / np.linalg.norm(v)).tobytes(), path_of(int(i))))
+        conn.executemany("DELETE FROM files WHERE path = ?", [(path_of(int(i)),) for i in picked[k // 2 : 3 * k // 4]])
+        for j in range(k - 3 * k // 4):
+            v = rng.standard_normal(dim).astype("<f4")
+            conn.execute("INSERT INTO files (path, size, mtime_ns, ctime_ns, status, model, dim, embedding) "
+                         "VALUES (?, 1, 1, 1, 'ok', ?, ?, ?)",
+                         (f"/photos/new/IMG_{j:07d}.jpg", MODEL, dim, (v / np.linalg.norm(v)).tobytes()))
+    conn.close()
+    return k
 
 
 def _ms(seconds: list[float]) -> float:
     return statistics.median(seconds) * 1000
 
 
-def measure(step: str, db_path: Path, queries: int) -> dict:
+def measure(step: str, db_path: Path, queries: int, kind: str, rows: int) -> dict:
     import numpy as np
 
-    from sqlindexer import db, records, search, vectors
+    from sqlindexer import ann, db, search, vectors
 
-    t0 = time.perf_counter()
     conn = db.open_readonly(db_path)
     model = vectors.choose_model(conn, MODEL, where=str(db_path))
-    t_model = time.perf_counter() - t0
-    if step == "scan":
-        q = np.random.default_rng(1).standard_normal(model.dim).astype(np.float32)
-        t0 = time.perf_counter()
-        ids, paths, blobs = [], [], []
-        for rows in records.iter_search_rows(conn, model.model, model.dim):
-            for r in rows:
-                ids.append(r[0])
-                paths.append(r[1])
-                blobs.append(np.frombuffer(r[2], dtype="<f4"))
-        s = np.stack(blobs) @ q
-        best = np.argpartition(-s, TOP)[:TOP]
-        [paths[i] for i in best[np.argsort(-s[best])]]
-        return {"scan_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
     index = vectors.load_index(conn, db_path, model)
-    loaded = time.perf_counter() - t0 + t_model
-    if step == "build":
-        assert index.origin == "built", index.origin
-        return {"build_s": loaded, "cache_mb": sum(f.stat().st_size for f in index.folder.iterdir()) / 2**20}
-    assert index.origin == "cache", index.origin
-    rng = np.random.default_rng(2)
-    qs = rng.standard_normal((queries + 1, model.dim)).astype(np.float32)
-    filters = search.Filters.build(cameras=["canon", "nikon", "pixel"], after="2010")
-    plain, filtered, floor = [], [], []
-    for i, q in enumerate(qs):  # the first of each is a warm-up
-        t0 = time.perf_counter()
-        hits = search.top_k(index, q, TOP)
-        plain.append(time.perf_counter() - t0)
-        assert len(hits) == TOP
-        t0 = time.perf_counter()
-        search.top_k(index, q, TOP, search.select(index, filters))
-        filtered.append(time.perf_counter() - t0)
-    matrix = np.array(index.vectors)  # in memory, contiguous: the floor
-    for q in qs:
-        t0 = time.perf_counter()
-        s = matrix @ (q / np.linalg.norm(q))
-        np.argpartition(-s, TOP)[:TOP]
-        floor.append(time.perf_counter() - t0)
-    return {"load_ms": loaded * 1000, "query_ms": _ms(plain[1:]), "filtered_ms": _ms(filtered[1:]),
-            "floor_ms": _ms(floor[1:]), "query_p90_ms": sorted(plain[1:])[int(0.9 * queries)] * 1000}
+    t1 = time.perf_counter()
+    approx = ann.load_ann(conn, index)
+    t2 = time.perf_counter()
+    if step in ("build", "update"):
+        return {f"{step}_cache_s": t1 - t0, f"{step}_index_s": t2 - t1, f"{step}_origin": [index.origin, approx.origin],
+                "index_mb": sum(f.stat().st_size for f in ann.ann_folder(index).iterdir()) / 2**20,
+                "cache_mb": sum(f.stat().st_size for f in index.folder.iterdir()) / 2**20}
+    assert index.origin == "cache" and approx.origin == "cache", (index.origin, approx.origin)
+    out = {"load_ms": (t2 - t0) * 1000}
+    texts = _synthetic.queries(queries + 1, model.dim, kind, rows, query_seed=3)
+    rng = np.random.default_rng(4)
+    images = [int(r) for r in rng.choice(len(index), size=queries + 1, replace=False)]
+    cameras = search.Filters.build(cameras=["canon", "nikon"])  # two thirds of the half with EXIF
+    cases = {"text": [(q, None, search.Filters()) for q in texts],
+             "similar": [(np.array(index.vectors[r]), r, search.Filters()) for r in images],
+             "filtered": [(q, None, cameras) for q in texts]}
+    for name, cases_of in cases.items():
+        t_ann, t_exact, found = [], [], 0
+        for q, pin, filters in cases_of:  # the first of each is a warm-up
+            t0 = time.perf_counter()
+            a = search._rank(index, q, TOP, filters, pin=pin, ann=approx)
+            t_ann.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            e = search._rank(index, q, TOP, filters, pin=pin)
+            t_exact.append(time.perf_counter() - t0)
+            assert a.approximate and not e.approximate
+            found += len({h.path for h in a.hits} & {h.path for h in e.hits})
+        out.update({f"{name}_ms": _ms(t_ann[1:]), f"{name}_exact_ms": _ms(t_exact[1:]),
+                    f"{name}_recall": found / (TOP * len(cases_of))})
+    return out
+
+
+def duplicates_found(stdout: str, pairs: list[list[int]]) -> float:
+    group_of = {}
+    for line in stdout.splitlines():
+        g = json.loads(line)
+        for image in g["images"]:
+            group_of[image["path"]] = g["group"]
+    hit = sum(1 for a, b in pairs if group_of.get(path_of(a)) is not None
+              and group_of.get(path_of(a)) == group_of.get(path_of(b)))
+    return hit / max(1, len(pairs))
+
+
+def run_duplicates(db_path: Path, pairs, *extra) -> tuple[float, float, int]:
+    import subprocess
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "sqlindexer", "duplicates", "--db", str(db_path), "--threshold",
+                           str(THRESHOLD), "--json", *extra], env=env, capture_output=True, text=True, check=True)
+    seconds = time.perf_counter() - t0
+    return seconds, duplicates_found(done.stdout, pairs), len(done.stdout.splitlines())
+
+
+def one_size(rows: int, args, work: Path) -> dict:
+    db_path = work / f"db{rows}.sqlite"
+    t0 = time.perf_counter()
+    pairs = fill(db_path, rows, args.dim, args.kind)
+    print(f"filled {db_path.name}: {rows} rows of {args.dim}-d {args.kind} vectors in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    row = {"rows": rows, "kind": args.kind, "planted": len(pairs), "db MB": db_path.stat().st_size / 2**20}
+
+    def step(name: str) -> dict:
+        _, rss, err = child([sys.executable, __file__, "--step", name, "--db", str(db_path), "--queries",
+                             str(args.queries), "--kind", args.kind, "--rows", str(rows)], env=dict(os.environ, SQLINDEXER_EXACT_BELOW="0"))
+        return {**json.loads(err.strip().splitlines()[-1]), f"{name}_rss_mb": rss / 2**20}
+
+    row.update(step("build"))
+    row.update(step("query"))
+    row["dup_s"], row["dup_found"], row["dup_groups"] = run_duplicates(db_path, pairs)
+    if rows <= args.exhaustive_max:
+        row["dup_exhaustive_s"], row["dup_exhaustive_found"], _ = run_duplicates(db_path, pairs, "--exhaustive")
+    row["changed"] = change(db_path, rows, args.dim, 0.01)
+    row.update(step("update"))
+    row["update_share"] = (row["update_cache_s"] + row["update_index_s"]) / (row["build_cache_s"] + row["build_index_s"])
+    print(json.dumps(row), flush=True)
+    for p in work.glob(f"db{rows}.sqlite*"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated row counts (default 10k,100k,1M)")
+    ap.add_argument("--sizes", default="100000,1000000", help="comma-separated row counts (default 100k,1M)")
+    ap.add_argument("--kind", default="clustered", choices=["clustered", "hierarchical", "random"], help="distribution (default clustered)")
     ap.add_argument("--dim", type=int, default=768, help="vector length (default 768, SigLIP 2 base)")
-    ap.add_argument("--queries", type=int, default=20, help="queries timed per size (default 20)")
-    ap.add_argument("--scan-max", type=int, default=100_000, help="largest size to time the SQLite scan on")
+    ap.add_argument("--queries", type=int, default=50, help="queries of each kind per size (default 50)")
+    ap.add_argument("--exhaustive-max", type=int, default=0, help="largest size to time duplicates --exhaustive on")
     ap.add_argument("--work", help="folder for the databases (default: a temporary folder, removed after)")
     ap.add_argument("--json", default="bench/results/search.json", help="where to write the results")
+    ap.add_argument("--crossover", metavar="SIZES",
+                    help="instead: exhaustive against approximate in memory at these sizes (e.g. 5000,20000,50000)")
     ap.add_argument("--step", help=argparse.SUPPRESS)
     ap.add_argument("--db", help=argparse.SUPPRESS)
+    ap.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.step:
-        print(json.dumps(measure(args.step, Path(args.db), args.queries)), file=sys.stderr)
+        print(json.dumps(measure(args.step, Path(args.db), args.queries, args.kind, args.rows)), file=sys.stderr)
         return
-
+    if args.crossover:
+        rows = crossover([int(s) for s in args.crossover.split(",")], args.dim, args.kind, args.queries)
+        print(table(rows, list(rows[0])))
+        save(args.json, {"dim": args.dim, "top": TOP, "kind": args.kind, "machine": machine(), "crossover": rows})
+        return
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="sqlindexer-search-"))
     work.mkdir(parents=True, exist_ok=True)
-    results = []
     try:
-        for rows in (int(s) for s in args.sizes.split(",")):
-            db_path = work / f"db{rows}.sqlite"
-            t0 = time.perf_counter()
-            fill(db_path, rows, args.dim)
-            print(f"filled {db_path.name}: {rows} rows of {args.dim}-d vectors in {time.perf_counter() - t0:.0f} s",
-                  flush=True)
-            row = {"rows": rows, "db MB": db_path.stat().st_size / 2**20}
-
-            def step(name: str) -> dict:
-                _, rss, err = child([sys.executable, __file__, "--step", name, "--db", str(db_path),
-                                     "--queries", str(args.queries)])
-                return {**json.loads(err.strip().splitlines()[-1]), f"{name}_rss_mb": rss / 2**20}
-
-            row.update(step("build"))
-            row.update(step("query"))
-            if rows <= args.scan_max:
-                row.update(step("scan"))
-            seconds, _, _ = cli("similar", f"/photos/{(rows // 2) // 1000:04d}/IMG_{rows // 2:07d}.jpg",
-                                "--db", db_path, "--top", TOP, "--json")
-            row["cli_similar_s"] = seconds
-            row["cli_status_s"], _, _ = cli("status", "--db", db_path, "--json")
-            results.append(row)
-            print(json.dumps(row), flush=True)
-            for p in work.glob(f"db{rows}.sqlite*"):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        print(f"\n{args.dim}-d float32 vectors, top {TOP}; each step a fresh process, files in the page cache\n")
-        shown = [{"rows": r["rows"], "build s": r["build_s"], "cache MB": r["cache_mb"], "load ms": r["load_ms"],
-                  "query ms": r["query_ms"], "filtered ms": r["filtered_ms"], "floor ms": r["floor_ms"],
-                  "sqlite scan s": r.get("scan_s"), "CLI similar s": r["cli_similar_s"],
-                  "CLI status s": r["cli_status_s"]} for r in results]
+        results = [one_size(int(s), args, work) for s in args.sizes.split(",")]
+        print(f"\n{args.dim}-d {args.kind} vectors, top {TOP}, duplicates at cosine >= {THRESHOLD}\n")
+        shown = [{"rows": r["rows"], "cache s": r["build_cache_s"], "index s": r["build_index_s"],
+                  "index MB": r["index_mb"], "text ms": r["text_ms"], "exact ms": r["text_exact_ms"],
+                  "text R@20": r["text_recall"], "similar ms": r["similar_ms"], "similar R@20": r["similar_recall"],
+                  "filtered ms": r["filtered_ms"], "filtered R@20": r["filtered_recall"], "dup s": r["dup_s"],
+                  "dup found": r["dup_found"], "dup exh. s": r.get("dup_exhaustive_s"),
+                  "update s": r["update_cache_s"] + r["update_index_s"], "update share": r["update_share"],
+                  "query RSS MB": r["query_rss_mb"]} for r in results]
         print(table(shown, list(shown[0])))
-        save(args.json, {"dim": args.dim, "top": TOP, "queries": args.queries, "machine": machine(),
-                         "results": results})
+        save(args.json, {"dim": args.dim, "top": TOP, "kind": args.kind, "queries": args.queries,
+                         "machine": machine(), "results": results})
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
+
+
+
+def crossover(sizes: list[int], dim: int, kind: str, queries: int) -> list[dict]:
+    """Where exhaustive search stops being fast enough: per size, in memory (no database),
+    one exhaustive query and one approximate query (median ms, recall@20), the index's
+    build, and duplicates exhaustively and from the cells (seconds, without start-up)."""
+    import numpy as np
+
+    from sqlindexer import ann_build, duplicates, search, vectors
+    from sqlindexer.progress import no_progress
+
+    out = []
+    for n in sizes:
+        x, _ = _synthetic.vectors(n, dim, kind, pairs=n // 200)
+        blob = b"".join(path_of(i).encode() for i in range(n))
+        offsets = np.concatenate([[0], np.cumsum([len(path_of(i)) for i in range(n)])]).astype(np.int64)
+        index = vectors.VectorIndex("m", dim, x, np.arange(n, dtype=np.int64), np.zeros(n, np.int64),
+                                    np.full(n, -1, np.int32), [], vectors.PathTable(np.frombuffer(blob, np.uint8),
+                                                                                    offsets), origin="memory")
+        index.rows_of(np.empty(0, np.int64))  # the id lookup the index is built with
+        t0 = time.perf_counter()
+        approx = ann_build.build(index, no_progress)
+        build_s = time.perf_counter() - t0
+        qs = _synthetic.queries(queries + 1, dim, kind, n, query_seed=3)
+        t_exact, t_ann, found = [], [], 0
+        for q in qs:
+            t0 = time.perf_counter()
+            e = search._rank(index, q, TOP, search.Filters())
+            t_exact.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            a = search._rank(index, q, TOP, search.Filters(), ann=approx)
+            t_ann.append(time.perf_counter() - t0)
+            found += len({h.path for h in a.hits} & {h.path for h in e.hits})
+        t0 = time.perf_counter()
+        every = duplicates.duplicate_groups(index, THRESHOLD)
+        dup_exact = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cells = duplicates.cell_duplicate_groups(index, approx.cells_by_row(index), THRESHOLD)
+        dup_cells = time.perf_counter() - t0
+        out.append({"rows": n, "exact ms": _ms(t_exact[1:]), "approx ms": _ms(t_ann[1:]),
+                    "R@20": found / (TOP * len(qs)), "index build s": build_s, "dup exhaustive s": dup_exact,
+                    "dup cells s": dup_cells, "same groups": [g.members for g in every] == [g.members for g in cells]})
+        print(json.dumps(out[-1]), flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -20,6 +20,12 @@ def _top_option(f: Any) -> Any:
                         help="How many images to list.")(f)
 
 
+def _exact_option(f: Any) -> Any:
+    return click.option("--exact", "--exhaustive", "exact", is_flag=True,
+                        help="Compare the query with every image, not only the approximate index's candidates "
+                             "(which it uses from 50,000 images on).")(f)
+
+
 class _DateParam(click.ParamType):
     name = "date"
 
@@ -121,9 +127,10 @@ def _echo_hits(results: Any, as_json: bool) -> None:
 @db_option
 @model_option
 @_filter_options
+@_exact_option
 @output_option
 @_page_options
-def search(query: str, top: int, db_path: str, model_name: str | None, as_json: bool | None,
+def search(query: str, top: int, db_path: str, model_name: str | None, as_json: bool | None, exact: bool,
            html_path: str | None, open_page: bool, **filters: Any) -> None:
     """Find the indexed images that best match a text (SigLIP 2's text tower).
 
@@ -143,7 +150,7 @@ def search(query: str, top: int, db_path: str, model_name: str | None, as_json: 
 
     def work(conn: Any) -> Any:
         results = search_text(conn, db_path, query, top=top, model_name=model_name,
-                              filters=Filters.build(**filters), progress=tqdm_progress)
+                              filters=Filters.build(**filters), progress=tqdm_progress, exact=exact)
         _echo_hits(results, as_json)
         return target and _hits_page(conn, db_path, target, results, f"Search: {query}")
 
@@ -158,9 +165,10 @@ def search(query: str, top: int, db_path: str, model_name: str | None, as_json: 
 @db_option
 @model_option
 @_filter_options
+@_exact_option
 @output_option
 @_page_options
-def similar(image: str, top: int, db_path: str, model_name: str | None, as_json: bool | None,
+def similar(image: str, top: int, db_path: str, model_name: str | None, as_json: bool | None, exact: bool,
             html_path: str | None, open_page: bool, **filters: Any) -> None:
     """Find the indexed images most like an image.
 
@@ -183,7 +191,7 @@ def similar(image: str, top: int, db_path: str, model_name: str | None, as_json:
 
     def work(conn: Any) -> Any:
         results = search_image(conn, db_path, image, top=top, model_name=model_name,
-                               filters=Filters.build(**filters), progress=tqdm_progress)
+                               filters=Filters.build(**filters), progress=tqdm_progress, exact=exact)
         _echo_hits(results, as_json)
         title = f"Similar to {os.path.basename(os.path.abspath(image))}"
         return target and _hits_page(conn, db_path, target, results, title, query_image=image)
@@ -199,18 +207,23 @@ def similar(image: str, top: int, db_path: str, model_name: str | None, as_json:
 @click.option("--exact", is_flag=True,
               help="Only byte-identical files, from their fingerprints (no vector is read; --threshold and "
                    "--model do not apply).")
+@click.option("--exhaustive", is_flag=True,
+              help="Compare every pair of images, not only the candidate pairs of the approximate index "
+                   "(which it uses from 10,000 images on).")
 @db_option
 @model_option
 @output_option
 @_page_options
-def duplicates(threshold: float, exact: bool, db_path: str, model_name: str | None, as_json: bool | None,
-               html_path: str | None, open_page: bool) -> None:
+def duplicates(threshold: float, exact: bool, exhaustive: bool, db_path: str, model_name: str | None,
+               as_json: bool | None, html_path: str | None, open_page: bool) -> None:
     """List groups of near-identical images (resized, re-encoded or lightly edited
     copies), largest group first.
 
     A group is a connected component of the pairs whose cosine is at least the
     threshold. Each image is listed with its cosine to the group's first image.
-    Comparing every pair takes time quadratic in the number of images.
+    From 10,000 images on, only the pairs that share a cell of the approximate index
+    are compared (time about linear in the number of images; a near copy is almost
+    always among them); --exhaustive compares every pair (quadratic).
 
     With --exact, groups of files with the same content (the cheap answer to "which
     copies can I delete"), the group whose extra copies take the most bytes first.
@@ -232,7 +245,7 @@ def duplicates(threshold: float, exact: bool, db_path: str, model_name: str | No
 
     def work(conn: Any) -> Any:
         model, compared, groups = find_duplicates(conn, db_path, threshold=threshold, model_name=model_name,
-                                                  progress=tqdm_progress)
+                                                  progress=tqdm_progress, exhaustive=exhaustive)
         _echo_groups(model, compared, groups, threshold, as_json)
         return target and _groups_page(conn, db_path, target, model, compared, groups, threshold)
 

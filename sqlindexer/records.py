@@ -200,6 +200,55 @@ def vector_model_keys(conn: sqlite3.Connection) -> list[tuple[str, int]]:
 _FACTS_BATCH = 500  # paths per lookup (under SQLite's limit on host parameters)
 
 
+# -- incremental updates of the search cache and its approximate index ------------------
+def search_stamp(conn: sqlite3.Connection) -> int | None:
+    """The record stamp (migrations/0003_export_stamp.sql) of the rows a query reads now;
+    None for a database that predates it: then a cache can only be built whole."""
+    value = get_meta(conn, RECORD_STAMP)
+    return None if value is None else int(value)
+
+
+def iter_search_keys(conn: sqlite3.Connection, model: str, *, page: int = 4096) -> Iterator[list[tuple]]:
+    """Pages of (id, path, stamp) for the ok rows of one model, in path order: an update of
+    the search cache reads the rows changed after its stamp, and only those, whole."""
+    cur = conn.cursor()
+    cur.row_factory = None
+    # Read from files_scan alone (it holds path, status, model and stamp, and the rowid):
+    # no row with its vector is touched. The unary + keep the planner on it, in path order.
+    cur.execute("SELECT id, path, stamp FROM files WHERE +status = 'ok' AND +model = ? ORDER BY path", (model,))
+    while rows := cur.fetchmany(page):
+        yield rows
+
+
+def search_rows_by_id(conn: sqlite3.Connection, model: str, dim: int, ids: Sequence[int]) -> list[tuple]:
+    """(id, path, embedding, taken, camera) of the given ok rows of one model, as
+    iter_search_rows gives them, in no particular order."""
+    out: list[tuple] = []
+    cur = conn.cursor()
+    cur.row_factory = None
+    for start in range(0, len(ids), _FACTS_BATCH):
+        chunk = [int(i) for i in ids[start : start + _FACTS_BATCH]]
+        cur.execute(
+            f"SELECT id, path, embedding, {_TAKEN}, camera FROM ("
+            "SELECT id, path, embedding, mtime_ns, "
+            "CASE WHEN json_valid(exif) THEN json_extract(exif, '$.ExifOffset.DateTimeOriginal') END AS t, "
+            "CASE WHEN json_valid(exif) THEN json_extract(exif, '$.Model') END AS camera "
+            f"FROM files WHERE id IN ({', '.join('?' * len(chunk))}) AND status = 'ok' AND model = ? AND dim = ?)",
+            (*chunk, model, dim),
+        )
+        out.extend(cur.fetchall())
+    return out
+
+
+def ids_changed_since(conn: sqlite3.Connection, model: str, stamp: int) -> list[int]:
+    """ids of the ok rows of one model stamped after `stamp` (read from files_scan)."""
+    cur = conn.cursor()
+    cur.row_factory = None
+    cur.execute("SELECT id FROM files WHERE +status = 'ok' AND +model = ? AND stamp > ?", (model, stamp))
+    return [row[0] for row in cur.fetchall()]
+
+
+
 # -- what a results page shows of each image (contact_sheet.py) -------------------------
 @dataclass(frozen=True)
 class ImageFacts:

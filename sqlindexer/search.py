@@ -3,6 +3,8 @@ one model (vectors.py reads them).
 
 Core code: no Click, no printing, and no torch unless a query has to be embedded (that
 goes through embed.Embedder, imported late). The database is only ever opened read-only.
+From ann.exact_below() vectors on, the candidates of a query come from the approximate
+index (ann.py) unless it is asked to be exact; they are always re-scored exactly here.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .progress import Progress, no_progress
 from .vectors import NO_DATE, VectorIndex, choose_model, load_index
 
 if TYPE_CHECKING:
+    from .ann import AnnIndex
     from .embed import Embedder
 
 
@@ -152,6 +155,7 @@ class Results:
     total: int  # rows of the model
     origin: str
     query_seconds: float = 0.0
+    approximate: bool = False  # the candidates came from the approximate index
 
 
 def _embedder(model: str, embedder_factory: Callable[..., Embedder] | None) -> Embedder:
@@ -161,9 +165,20 @@ def _embedder(model: str, embedder_factory: Callable[..., Embedder] | None) -> E
     return embedder_factory(model, device="cpu", dtype="float32")
 
 
+def approximate_index(conn: sqlite3.Connection, index: VectorIndex, *, exact: bool = False,
+                      progress: Progress = no_progress) -> AnnIndex | None:
+    """The approximate index to take a query's candidates from; None for an exhaustive
+    search (asked for, or too few vectors for an index to pay)."""
+    from . import ann
+
+    if exact or len(index) < ann.exact_below():
+        return None
+    return ann.load_ann(conn, index, progress=progress)
+
+
 def search_text(conn: sqlite3.Connection, db_path: str | os.PathLike[str], text: str, *, top: int,
                 model_name: str | None = None, filters: Filters = Filters(), progress: Progress = no_progress,
-                embedder_factory: Callable[..., Embedder] | None = None) -> Results:
+                embedder_factory: Callable[..., Embedder] | None = None, exact: bool = False) -> Results:
     """The images whose vectors best match a text, by SigLIP 2's text tower."""
     if not text.strip():
         raise SearchError("the query text is empty")
@@ -173,12 +188,13 @@ def search_text(conn: sqlite3.Connection, db_path: str | os.PathLike[str], text:
         raise SearchError(f"model {model.model} gives {query.shape[0]}-d text vectors, its image vectors in "
                           f"the database are {model.dim}-d")
     index = load_index(conn, db_path, model, progress=progress)
-    return _rank(index, query, top, filters)
+    ann = approximate_index(conn, index, exact=exact, progress=progress)
+    return _rank(index, query, top, filters, ann=ann)
 
 
 def search_image(conn: sqlite3.Connection, db_path: str | os.PathLike[str], image: str, *, top: int,
                  model_name: str | None = None, filters: Filters = Filters(), progress: Progress = no_progress,
-                 embedder_factory: Callable[..., Embedder] | None = None) -> Results:
+                 embedder_factory: Callable[..., Embedder] | None = None, exact: bool = False) -> Results:
     """The images most like an image: its stored vector when it is indexed, else the image
     embedded now, decoded exactly as the indexer decodes (decode.prepare)."""
     model = choose_model(conn, model_name, where=str(absolute(db_path)))
@@ -194,7 +210,8 @@ def search_image(conn: sqlite3.Connection, db_path: str | os.PathLike[str], imag
                               f"{model.dim}-d")
     else:
         raise SearchError(f"{image} is not indexed in {absolute(db_path)} and is not an image file")
-    return _rank(index, query, top, filters, pin=row)
+    ann = approximate_index(conn, index, exact=exact, progress=progress)
+    return _rank(index, query, top, filters, pin=row, ann=ann)
 
 
 def embed_image_file(embedder: Embedder, path: str) -> np.ndarray:
@@ -211,12 +228,25 @@ def embed_image_file(embedder: Embedder, path: str) -> np.ndarray:
     return embedder.embed_images([Image.fromarray(prepared.pixels, "RGB")])[0]
 
 
-def _rank(index: VectorIndex, query: np.ndarray, top: int, filters: Filters, *, pin: int | None = None) -> Results:
-    """top_k over the rows that pass the filters; a pinned row (the indexed query image)
-    comes first, before an identical copy that ties with it (or, by rounding, beats it)."""
+def _rank(index: VectorIndex, query: np.ndarray, top: int, filters: Filters, *, pin: int | None = None,
+          ann: AnnIndex | None = None) -> Results:
+    """top_k over the rows that pass the filters (or over the approximate index's
+    candidates among them); a pinned row (the indexed query image) comes first, before an
+    identical copy that ties with it (or, by rounding, beats it)."""
     started = time.perf_counter()
     rows = select(index, filters)
-    hits = top_k(index, query, top + (pin is not None), rows)
+    k = top + (pin is not None)
+    ranked = rows
+    if ann is not None and (rows is None or len(rows) >= _exact_below()):
+        candidates = ann.candidates(index, normalise(query, index.dim), k, rows)
+        # Too few candidates (a filter that passes few rows of the cells scanned): exhaustive.
+        if len(candidates) >= min(k, len(index) if rows is None else len(rows)):
+            ranked = candidates
+        else:
+            ann = None
+    else:
+        ann = None
+    hits = top_k(index, query, k, ranked)
     if pin is not None and (rows is None or pin in rows):
         path = index.paths[pin]
         score = next((h.score for h in hits if h.path == path), None)
@@ -226,4 +256,11 @@ def _rank(index: VectorIndex, query: np.ndarray, top: int, filters: Filters, *, 
         hits = [Hit(rank, s, p) for rank, (s, p) in enumerate(ranked, start=1)]
     hits = hits[:top]
     considered = len(index) if rows is None else len(rows)
-    return Results(index.model, hits, considered, len(index), index.origin, time.perf_counter() - started)
+    return Results(index.model, hits, considered, len(index), index.origin, time.perf_counter() - started,
+                   approximate=ann is not None)
+
+
+def _exact_below() -> int:
+    from .ann import exact_below
+
+    return exact_below()

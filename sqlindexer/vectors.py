@@ -3,8 +3,9 @@
 The vectors of one model are read from SQLite once into a contiguous float32 matrix, in
 path order, kept in a cache folder beside the database
 
-    <db>.vectors-<model key>-<state key>/   vectors.npy ids.npy taken.npy camera.npy
-                                            path_offsets.npy paths.npy info.json
+    <db>.vectors-<model key>-<state key>/   vectors.f32 [slots.npy] ids.npy taken.npy
+                                            camera.npy path_offsets.npy paths.npy
+                                            id_sorted.npy id_rows.npy info.json
 
 and memory-mapped (np.load(mmap_mode="r")) by every later query, so a query costs one
 matrix-vector product and a partial sort, however many rows the database has. The state
@@ -12,6 +13,11 @@ key is a hash of the database's id and change counter (migrations/0002_search.sq
 bump the counter on every change to a vector or to the metadata the filters read) and of the
 local time zone, so a change to the database names another folder: a stale cache is never
 read, only removed.
+A new cache is built from the newest older one of the same database when there is one
+(vectors_update.py): the rows stamped after it (migrations/0003_export_stamp.sql) are read
+from SQLite and appended to the older cache's vectors.f32, which the new one shares
+(vector_store.py), so a re-index that changed 1% of the vectors costs the next query the
+changed rows and the small per-row arrays, not a read or a copy of every vector.
 Where the folder cannot be written (a read-only folder or mount), or the database predates
 the counter, the matrix is built in memory for the one command.
 """
@@ -35,10 +41,11 @@ from . import db, records
 from .config import absolute, looks_like_path
 from .errors import SearchError
 from .progress import Progress, no_progress
+from .vector_store import RowView, open_store
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # Rows per fetch while the matrix is built.
 BUILD_PAGE = 4096
 # A stale temporary cache folder (its builder died) is removed after this long.
@@ -121,7 +128,7 @@ class VectorIndex:
 
     model: str
     dim: int
-    vectors: np.ndarray  # (n, dim) float32, L2-normalised rows
+    vectors: np.ndarray | RowView  # (n, dim) float32, L2-normalised rows
     ids: np.ndarray  # (n,) int64: files.id
     taken: np.ndarray  # (n,) int64: local wall-clock seconds (EXIF DateTimeOriginal, else mtime)
     camera: np.ndarray  # (n,) int32: index into cameras, -1 when the file has no EXIF Model
@@ -129,9 +136,26 @@ class VectorIndex:
     paths: PathTable
     origin: str  # "cache" (reused), "built" (cache written now) or "memory" (no cache)
     folder: Path | None = None
+    version: tuple[str, int] | None = None  # (database id, change counter) it was read at
+    stamp: int | None = None  # the record stamp it was read at; None: unknown
+    id_sorted: np.ndarray | None = None  # ids ascending, and the row of each
+    id_rows: np.ndarray | None = None
+    slots: np.ndarray | None = None  # row -> row of vectors.f32, where it is shared (vector_store.py)
+    store_rows: int | None = None  # rows of vectors.f32 this cache may read
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """The rows of the given files.id values, -1 for an id the index does not hold."""
+        if self.id_sorted is None or self.id_rows is None:
+            self.id_rows = np.argsort(self.ids, kind="stable")
+            self.id_sorted = np.asarray(self.ids)[self.id_rows]
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(self.id_sorted):
+            return np.full(len(ids), -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.id_sorted, ids), len(self.id_sorted) - 1)
+        return np.where(self.id_sorted[pos] == ids, self.id_rows[pos], -1).astype(np.int64)
 
 
 def _timezone() -> str:
@@ -154,15 +178,17 @@ def load_index(
     progress: Progress = no_progress,
 ) -> VectorIndex:
     """The model's vectors: from the cache when it is current, else read from SQLite (and
-    cached when the folder is writable)."""
+    cached when the folder is writable), from an older cache and the rows changed since
+    when there is one."""
     db_path = absolute(db_path)
     # One read transaction: the counter that names the cache and the rows it is built
     # from are the same snapshot, whatever an index run commits meanwhile.
     with db.transaction(conn, immediate=False):
         version = records.vectors_version(conn)
+        stamp = records.search_stamp(conn)
         folder = cache_folder(db_path, model, version) if version else None
         if folder is not None:
-            index = _open_cache(folder, model, version)
+            index = _open_cache(folder, model, _current(model, version))
             if index is not None:
                 return index
         else:
@@ -172,10 +198,21 @@ def load_index(
             raise SearchError(f"no vectors of model {model.model} in {db_path}")
         tmp = _make_tmp(folder) if folder is not None else None
         try:
-            index = _build(conn, model, count, tmp, progress)
+            from .vectors_build import CacheArrays, read_all
+
+            out = CacheArrays(tmp, count, model.dim)
+            previous = _previous(folder, model, version) if folder is not None and stamp is not None else None
+            cameras = None
+            if previous is not None:
+                from .vectors_update import copy_forward
+
+                cameras = copy_forward(conn, model, out, previous, progress)
+            if cameras is None:
+                cameras = read_all(conn, model, out, progress)
+            index = out.finish(model, cameras, version, stamp)
             if tmp is None:
                 return index
-            _write_info(tmp, model, version, index)
+            _write_info(tmp, model, version, stamp, index)
             published = _publish(tmp, folder, model, version)
             return published if published is not None else index
         finally:
@@ -193,68 +230,56 @@ def _make_tmp(folder: Path) -> Path | None:
     return tmp
 
 
-def _build(conn: sqlite3.Connection, model: records.ModelVectors, count: int, tmp: Path | None,
-           progress: Progress) -> VectorIndex:
-    dim = model.dim
+def _current(model: records.ModelVectors, version: tuple[str, int]) -> Any:
+    """Whether an info.json is that of the cache of this model at this state."""
+    identity = _identity(model, version)
 
-    def array(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        if tmp is None:
-            return np.empty(shape, dtype=dtype)
-        return np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+    def check(info: dict[str, Any]) -> bool:
+        return all(info.get(key) == value for key, value in identity.items())
 
-    vectors = array("vectors", (count, dim), np.float32)
-    ids = array("ids", (count,), np.int64)
-    taken = array("taken", (count,), np.int64)
-    camera = array("camera", (count,), np.int32)
-    offsets = array("path_offsets", (count + 1,), np.int64)
-    offsets[0] = 0
-    names: dict[str, int] = {}
-    blob = bytearray()
-    i = 0
-    with progress("reading vectors", count) as tick:
-        for rows in records.iter_search_rows(conn, model.model, dim, page=BUILD_PAGE):
-            k = len(rows)
-            if i + k > count:
-                raise SearchError("the database changed while its vectors were read")  # not in one snapshot
-            encoded = [row[1].encode("utf-8", "surrogateescape") for row in rows]
-            data = b"".join(row[2] for row in rows)
-            if len(data) != k * dim * 4:
-                bad = next(row[1] for row in rows if len(row[2]) != dim * 4)
-                raise SearchError(f"the vector of {bad} is not {dim} float32 values; run the index command again")
-            block = np.frombuffer(data, dtype="<f4").reshape(k, dim)
-            norms = np.linalg.norm(block, axis=1, keepdims=True)
-            # Stored vectors are normalised already; imported ones are checked here.
-            vectors[i : i + k] = block / np.where(norms > 0, norms, 1.0)
-            ids[i : i + k] = [row[0] for row in rows]
-            taken[i : i + k] = [NO_DATE if row[3] is None else row[3] for row in rows]
-            camera[i : i + k] = [-1 if row[4] is None else names.setdefault(str(row[4]), len(names)) for row in rows]
-            offsets[i + 1 : i + k + 1] = len(blob) + np.cumsum([len(e) for e in encoded])
-            blob += b"".join(encoded)
-            i += k
-            tick(k)
-    if i != count:
-        raise SearchError("the database changed while its vectors were read")
-    paths = np.frombuffer(bytes(blob), dtype=np.uint8)
-    if tmp is not None:
-        np.save(tmp / "paths.npy", paths)
-        for arr in (vectors, ids, taken, camera, offsets):
-            arr.flush()
-    return VectorIndex(model.model, dim, vectors, ids, taken, camera, list(names), PathTable(paths, offsets),
-                       origin="memory")
+    return check
 
 
-def _info(model: records.ModelVectors, version: tuple[str, int], count: int, cameras: list[str]) -> dict[str, Any]:
+def _identity(model: records.ModelVectors, version: tuple[str, int]) -> dict[str, Any]:
     return {"format": CACHE_FORMAT, "model": model.model, "dim": model.dim, "database_id": version[0],
-            "vectors_version": version[1], "timezone": _timezone(), "count": count, "cameras": cameras}
+            "vectors_version": version[1], "timezone": _timezone()}
 
 
-def _write_info(tmp: Path, model: records.ModelVectors, version: tuple[str, int], index: VectorIndex) -> None:
+def _write_info(tmp: Path, model: records.ModelVectors, version: tuple[str, int], stamp: int | None,
+                index: VectorIndex) -> None:
     # Written last, and every file fsynced before the folder is renamed into place: a
-    # folder under its final name is complete, even after a power loss.
-    (tmp / "info.json").write_text(json.dumps(_info(model, version, len(index), index.cameras)), encoding="utf-8")
+    # folder under its final name is complete, even after a power loss. (The stamp says
+    # which rows an update from this cache must read; a shared store was fsynced as it
+    # grew.)
+    info = {**_identity(model, version), "count": len(index), "cameras": index.cameras, "record_stamp": stamp,
+            "store_rows": index.store_rows, "shared": index.slots is not None}
+    (tmp / "info.json").write_text(json.dumps(info), encoding="utf-8")
     for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        if f.name != "vectors.f32" or index.slots is None:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _previous(folder: Path, model: records.ModelVectors, version: tuple[str, int]) -> VectorIndex | None:
+    """The newest cache of the same model and database older than this state, to update
+    from; None when there is none (or none that is whole and current in its own terms)."""
+    prefix = folder.name.rsplit("-", 1)[0] + "-"
+    best: tuple[int, Path, dict[str, Any]] | None = None
+    for entry in folder.parent.iterdir():
+        if not entry.name.startswith(prefix) or ".tmp-" in entry.name or entry == folder:
+            continue
+        try:
+            info = json.loads((entry / "info.json").read_text(encoding="utf-8"))
+            older = (info.get("database_id") == version[0] and isinstance(info.get("record_stamp"), int)
+                     and info.get("vectors_version", version[1]) < version[1])
+        except (OSError, ValueError, AttributeError):
+            continue
+        if older and (best is None or info["vectors_version"] > best[0]):
+            best = (info["vectors_version"], entry, info)
+    if best is None:
+        return None
+    old_version = (version[0], best[0])
+    return _open_cache(best[1], model, _current(model, old_version))
 
 
 def _publish(tmp: Path, folder: Path, model: records.ModelVectors, version: tuple[str, int]) -> VectorIndex | None:
@@ -262,7 +287,7 @@ def _publish(tmp: Path, folder: Path, model: records.ModelVectors, version: tupl
         os.rename(tmp, folder)
     except OSError:
         # Another query built the same cache meanwhile (or a broken one is in the way).
-        index = _open_cache(folder, model, version)
+        index = _open_cache(folder, model, _current(model, version))
         if index is not None:
             return index
         shutil.rmtree(folder, ignore_errors=True)
@@ -272,7 +297,7 @@ def _publish(tmp: Path, folder: Path, model: records.ModelVectors, version: tupl
             log.warning("cannot put the vector cache in place (%s); keeping it in memory", e.strerror or e)
             return None
     _remove_stale(folder, version)
-    index = _open_cache(folder, model, version)
+    index = _open_cache(folder, model, _current(model, version))
     if index is not None:
         index.origin = "built"
     return index
@@ -302,12 +327,12 @@ def _remove_stale(current: Path, version: tuple[str, int]) -> None:
         shutil.rmtree(entry, ignore_errors=True)
 
 
-def _open_cache(folder: Path, model: records.ModelVectors, version: tuple[str, int]) -> VectorIndex | None:
-    """The cached matrix, memory-mapped; None when it is missing or not what it should be."""
+def _open_cache(folder: Path, model: records.ModelVectors, check: Any) -> VectorIndex | None:
+    """The cached matrix, memory-mapped; None when it is missing or fails check(info)."""
     try:
         info = json.loads((folder / "info.json").read_text(encoding="utf-8"))
         count = info["count"]
-        if info != _info(model, version, count, info["cameras"]):
+        if not check(info):
             return None
 
         def load(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -316,16 +341,29 @@ def _open_cache(folder: Path, model: records.ModelVectors, version: tuple[str, i
                 raise ValueError(f"{name}.npy is {arr.shape} {arr.dtype}")
             return arr
 
-        vectors = load("vectors", (count, model.dim), np.float32)
+        store = open_store(folder, int(info["store_rows"]), model.dim)
+        vectors: np.ndarray | RowView = store
+        slots = None
+        if info["shared"]:
+            slots = load("slots", (count,), np.int64)
+            if count and not 0 <= int(slots.min()) <= int(slots.max()) < len(store):
+                raise ValueError("slots.npy points outside vectors.f32")
+            vectors = RowView(store, slots)
+        elif len(store) != count:
+            raise ValueError(f"vectors.f32 holds {len(store)} rows, not {count}")
         ids = load("ids", (count,), np.int64)
         taken = load("taken", (count,), np.int64)
         camera = load("camera", (count,), np.int32)
         offsets = load("path_offsets", (count + 1,), np.int64)
         paths = load("paths", (int(offsets[-1]),), np.uint8)
+        id_sorted = load("id_sorted", (count,), np.int64)
+        id_rows = load("id_rows", (count,), np.int64)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("ignoring the broken vector cache %s: %s", folder, e)
         return None
     return VectorIndex(model.model, model.dim, vectors, ids, taken, camera, list(info["cameras"]),
-                       PathTable(paths, offsets), origin="cache", folder=folder)
+                       PathTable(paths, offsets), origin="cache", folder=folder,
+                       version=(info["database_id"], info["vectors_version"]), stamp=info["record_stamp"],
+                       id_sorted=id_sorted, id_rows=id_rows, slots=slots, store_rows=len(store))

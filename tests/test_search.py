@@ -277,7 +277,7 @@ def test_cache_is_reused_until_a_reindex_changes_vectors(runner, tmp_path, tiny_
     first, err = query()
     assert "vectors cached now" in err
     [folder] = cache_folders(dbp)
-    inode = (folder / "vectors.npy").stat().st_ino
+    inode = (folder / "vectors.f32").stat().st_ino
     again, err = query()
     assert "vectors from the cache" in err and again == first
 
@@ -285,7 +285,7 @@ def test_cache_is_reused_until_a_reindex_changes_vectors(runner, tmp_path, tiny_
     index(runner, photos, out, tiny_model, "--reindex")
     unchanged, err = query()
     assert "vectors from the cache" in err and unchanged == first
-    assert cache_folders(dbp) == [folder] and (folder / "vectors.npy").stat().st_ino == inode
+    assert cache_folders(dbp) == [folder] and (folder / "vectors.f32").stat().st_ino == inode
 
     # New content for p1: another vector, so another cache; the stale one is removed.
     noise_photo(photos / "p1.jpg", 99)
@@ -328,7 +328,7 @@ def test_unwritable_cache_folder_falls_back_to_memory(runner, library, monkeypat
 def test_broken_cache_is_rebuilt(runner, library):
     run_cli(runner, ["similar", library["photos"] / "misc" / "n6.jpg", "--db", library["db"], "--top", 1])
     [folder] = cache_folders(library["db"])
-    (folder / "vectors.npy").write_bytes(b"not an array")
+    (folder / "vectors.f32").write_bytes(b"not an array")
     result = run_cli(runner, ["similar", library["photos"] / "misc" / "n6.jpg", "--db", library["db"], "--top", 1])
     assert "ignoring the broken vector cache" in result.stderr and "cached now" in result.stderr
     assert json_lines(result.stdout)[0]["score"] == pytest.approx(1.0, abs=1e-5)
