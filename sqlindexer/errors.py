@@ -57,3 +57,8 @@ class EmbedError(IndexerError):
 class RayError(IndexerError):
     """--engine ray cannot run: Ray is missing, the cluster cannot be reached, a node cannot
     see the inputs, or the Ray job failed."""
+
+
+class BackendError(IndexerError):
+    """The requested inference backend (--backend) cannot run here: OpenVINO is not
+    installed, refuses this CPU, or was asked to run on a GPU."""

@@ -1,0 +1,225 @@
+"""The SigLIP 2 vision tower's encoder and head, run by OpenVINO on the CPU.
+
+The patch embedding and the naflex position-embedding resize depend on each image's
+spatial shape and are a small part of the tower's work: they stay in torch (embed.py).
+What follows them (the encoder layers, the post-layernorm and the attention-pooling
+head) sees one shape for every batch, since batches are padded to max_num_patches: it is
+converted once with openvino.convert_model, saved as OpenVINO IR in a cache folder, and
+compiled with OpenVINO's model cache there, so a later run pays neither the conversion
+nor the compile.
+
+openvino is imported only here, and only when this backend is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import BackendError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "SQLINDEXER_OPENVINO_CACHE"
+# --dtype -> OpenVINO's INFERENCE_PRECISION_HINT; auto leaves OpenVINO its own choice for
+# the CPU (bf16 where the CPU has native bf16 arithmetic, f32 otherwise).
+PRECISIONS = {"auto": None, "float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+# Images per inference request. The batch dimension is dynamic, so the last, shorter
+# chunk of a batch is not padded (see docs/performance-cpu.md for the measurements).
+CHUNK = 8
+# The architectures whose tower has the parts converted here (embeddings, encoder,
+# post_layernorm, a head that takes the patch mask).
+SUPPORTED = ("siglip2", "siglip2_vision_model")
+# Bumped when the converted graph changes, so that old IR in the cache is not reused.
+_FORMAT = 1
+
+
+def installed() -> bool:
+    """Whether openvino can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check(device: str, model_type: str, model_name: str) -> None:
+    """Raise BackendError, in one line, where --backend openvino cannot run."""
+    if device != "cpu":
+        raise BackendError(f"--backend openvino runs on the CPU only, not --device {device} "
+                           "(use --device cpu, or --backend torch for the GPU)")
+    if not installed():
+        raise BackendError("--backend openvino: OpenVINO is not installed (pip install 'image-indexer[openvino]', "
+                           "or use --backend torch)")
+    if model_type not in SUPPORTED:
+        raise BackendError(f"--backend openvino supports SigLIP 2 models only; {model_name!r} is a "
+                           f"{model_type or 'model of unknown type'} (use --backend torch)")
+    try:
+        devices = _core().available_devices
+    except Exception as e:  # noqa: BLE001 - a broken install, or a CPU its plugin refuses
+        raise BackendError(f"--backend openvino: OpenVINO cannot start ({_one_line(e)}); use --backend torch") from None
+    if "CPU" not in devices:
+        raise BackendError("--backend openvino: OpenVINO's CPU plugin refuses this CPU (use --backend torch)")
+
+
+def cache_root() -> Path:
+    """Where converted models and compiled blobs are kept: $SQLINDEXER_OPENVINO_CACHE,
+    else image-indexer/openvino in the user's cache folder."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "image-indexer" / "openvino"
+
+
+_core_lock = threading.Lock()
+_core_instance: Any = None
+
+
+def _core() -> Any:
+    global _core_instance
+    with _core_lock:
+        if _core_instance is None:
+            import openvino
+
+            _core_instance = openvino.Core()
+        return _core_instance
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+class Tower:
+    """The compiled encoder and head: (n, P, D) float32 embedded patches and the (n, P)
+    patch mask -> (n, D) float32 pooled features (not normalised)."""
+
+    def __init__(self, compiled: Any, *, chunk: int = CHUNK) -> None:
+        import openvino
+
+        self._compiled = compiled
+        self.chunk = chunk
+        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32"
+        requests = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self._queue = openvino.AsyncInferQueue(compiled, max(1, requests))
+        self._lock = threading.Lock()
+
+    def __call__(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        import numpy as np
+
+        n = len(embeds)
+        out: list[Any] = [None] * ((n + self.chunk - 1) // self.chunk)
+
+        def done(request: Any, index: int) -> None:
+            out[index] = request.get_output_tensor(0).data.copy()
+
+        # One batch at a time: the queue's requests are shared state.
+        with self._lock:
+            self._queue.set_callback(done)
+            for index, i in enumerate(range(0, n, self.chunk)):
+                self._queue.start_async([embeds[i : i + self.chunk], mask[i : i + self.chunk]], index)
+            self._queue.wait_all()
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def compile_tower(tower: Any, *, max_patches: int, dtype: str, cache: Path | None = None) -> Tower:
+    """tower (a transformers Siglip2VisionModel, float32) -> its encoder and head compiled by
+    OpenVINO for the CPU at --dtype's precision; converted IR and compiled blobs are read
+    from the cache folder when there, written to it when not."""
+    cache = cache or cache_root()
+    hint = PRECISIONS[dtype]
+    xml = cache / "ir" / _key(tower, max_patches) / "encoder_head.xml"
+    core = _core()
+    try:
+        if not xml.is_file():
+            _convert(tower, max_patches, xml)
+        config = {"CACHE_DIR": str(cache / "compiled"), "PERFORMANCE_HINT": "LATENCY"}
+        if hint:
+            config["INFERENCE_PRECISION_HINT"] = hint
+        compiled = core.compile_model(str(xml), "CPU", config)
+    except BackendError:
+        raise
+    except Exception as e:  # noqa: BLE001 - conversion, disk and plugin errors alike
+        raise BackendError(f"--backend openvino: cannot compile the vision tower ({_one_line(e)})") from None
+    return Tower(compiled)
+
+
+def _wrapper(tower: Any) -> Any:
+    """The part of the tower after the embeddings, as a module of (embeds, mask)."""
+    import torch
+
+    class EncoderHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.post_layernorm, self.head = tower.encoder, tower.post_layernorm, tower.head
+
+        def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            # The additive mask transformers builds for the encoder's attention: padding
+            # positions are never attended to. Built here, from the mask alone, so the
+            # graph has no branch on its values.
+            blocked = (mask[:, None, None, :] == 0).to(embeds.dtype)
+            additive = blocked * torch.finfo(embeds.dtype).min
+            hidden = self.encoder(inputs_embeds=embeds, attention_mask=additive)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state
+            return self.head(self.post_layernorm(hidden), mask)
+
+    return EncoderHead().eval()
+
+
+def _convert(tower: Any, max_patches: int, xml: Path) -> None:
+    import openvino
+    import torch
+
+    width = int(tower.config.hidden_size)
+    embeds = torch.randn(2, max_patches, width)
+    # Padding in the example, so that any branch the model's own code takes on the mask
+    # (transformers skips an all-ones mask) is traced with the mask in use.
+    mask = torch.ones(2, max_patches, dtype=torch.int64)
+    mask[1, max_patches // 2 :] = 0
+    log.info("openvino: converting the vision tower (once; kept in %s)", xml.parent.parent.parent)
+    # The tracer warns about each Python branch of transformers' code; the example's
+    # padding above is what makes those branches the right ones.
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = openvino.convert_model(_wrapper(tower), example_input=(embeds, mask),
+                                       input=[openvino.PartialShape([-1, max_patches, width]),
+                                              openvino.PartialShape([-1, max_patches])])
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name and renamed, so a run killed while saving leaves no
+    # half-written IR for the next run to trust.
+    tmp = xml.with_name(f".{os.getpid()}.{xml.name}")
+    openvino.save_model(model, str(tmp), compress_to_fp16=False)
+    tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+    tmp.replace(xml)
+
+
+def _key(tower: Any, max_patches: int) -> str:
+    """A name for the converted IR: the tower's config, the shape, the versions of the
+    converting libraries and, for every weight tensor, its sum and an even sample of its
+    values (every weight counts in the sum; hashing all the bytes would cost about a
+    second per run on the base model)."""
+    import openvino
+    import torch
+    import transformers
+
+    h = hashlib.sha256()
+    h.update(json.dumps([_FORMAT, max_patches, openvino.__version__, transformers.__version__,
+                         torch.__version__, tower.config.to_json_string()]).encode())
+    for name, tensor in tower.state_dict().items():
+        if name.startswith("embeddings."):
+            continue
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 256)
+        h.update(name.encode() + str(tuple(tensor.shape)).encode())
+        h.update(repr(float(tensor.sum(dtype=torch.float64))).encode())
+        h.update(flat[::step].to(torch.float32).numpy().tobytes())
+    return h.hexdigest()[:24]
