@@ -62,7 +62,7 @@ def _macos_features() -> set[str]:
     found = set()
     for key, name in _MACOS_SYSCTL.items():
         try:
-            done = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=2)
+            done = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=2, check=False)
         except (OSError, subprocess.SubprocessError):
             continue
         if done.returncode == 0 and done.stdout.strip() == "1":
@@ -79,7 +79,7 @@ def _torch_features() -> set[str]:
         try:
             if getattr(cpu, probe)():
                 found.add(name)
-        except Exception:  # noqa: BLE001 - a private probe that this torch may lack
+        except Exception:  # noqa: BLE001, S112 - a private probe that this torch may lack
             continue
     return found
 
@@ -97,7 +97,7 @@ def model_name() -> str:
     if sys.platform == "darwin":
         try:
             done = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                  timeout=2)
+                                  timeout=2, check=False)
             if done.returncode == 0 and done.stdout.strip():
                 return done.stdout.strip()
         except (OSError, subprocess.SubprocessError):

@@ -24,6 +24,7 @@ from .model_load import (  # noqa: F401 - quiet_transformers, _weights_options: 
     quiet_transformers,
     read_config,
     resolve_device,
+    weights_identity,
 )
 from .patches import PatchSpec
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "DTYPES", "Embedder", "PatchSpec", "resolve_backend", "resolve_dtype", "resolve_device"]
+__all__ = ["BACKENDS", "DTYPES", "Embedder", "PatchSpec", "resolve_backend", "resolve_device", "resolve_dtype"]
 
 BACKENDS = ("auto", "torch", "openvino")
 CPU_CHUNK = 8
@@ -159,9 +160,15 @@ class Embedder:
             cpu.auto_dtype()  # logs what the CPU does natively; OpenVINO makes its own choice
         model.eval()
         tower = model if self._vision_only else model.vision_model
-        self._tower = ov_vision.compile_tower(tower, max_patches=self.max_num_patches, dtype=self.requested_dtype)
-        # Only the embeddings stay in torch; the rest of the weights are OpenVINO's now.
+        xml = ov_vision.convert_tower(tower, max_patches=self.max_num_patches, dtype=self.requested_dtype,
+                                      source=weights_identity(self.model_name))
+        # Only the embeddings stay in torch; the rest of the weights are OpenVINO's, and
+        # are let go before it compiles its own copy, so the two are never held at once.
         self._model = tower.embeddings.to(dtype=torch.float32)
+        for module in (tower, model):  # the caller holds the model too: empty it
+            for name, _ in list(module.named_children()):
+                setattr(module, name, None)
+        self._tower = ov_vision.compile_tower(xml, dtype=self.requested_dtype)
         self.dtype = torch.float32
         self.precision = self._tower.precision
 

@@ -88,6 +88,29 @@ def _has_safetensors(name: str) -> bool | None:
         return None
 
 
+def weights_identity(name: str) -> str:
+    """The checkpoint's weight files as "file size mtime_ns" lines (a local folder, or a hub
+    snapshot in the cache, whose files are named by their content hash); "" where unknown."""
+    from pathlib import Path
+
+    lines = []
+    for file in (*_SAFETENSORS, "pytorch_model.bin", "pytorch_model.bin.index.json"):
+        path: str | None = os.path.join(os.path.expanduser(name), file)
+        if not os.path.isdir(os.path.expanduser(name)):
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                found = try_to_load_from_cache(name, file)
+                path = found if isinstance(found, str) else None
+            except Exception:  # noqa: BLE001 - not a hub id
+                path = None
+        if path and os.path.isfile(path):
+            real = Path(path).resolve()
+            st = real.stat()
+            lines.append(f"{real} {st.st_size} {st.st_mtime_ns}")
+    return "\n".join(lines)
+
+
 def _weights_options(name: str) -> dict[str, Any]:
     """from_pretrained options that keep a checkpoint from running code: never the
     checkpoint's own Python (trust_remote_code), safetensors whenever it has them (plain

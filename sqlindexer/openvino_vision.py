@@ -41,7 +41,7 @@ CHUNK = 8
 # post_layernorm, a head that takes the patch mask).
 SUPPORTED = ("siglip2", "siglip2_vision_model")
 # Bumped when the converted graph changes, so that old IR in the cache is not reused.
-_FORMAT = 1
+_FORMAT = 2
 
 
 def installed() -> bool:
@@ -131,24 +131,48 @@ class Tower:
         return np.concatenate(out).astype(np.float32, copy=False)
 
 
-def compile_tower(tower: Any, *, max_patches: int, dtype: str, cache: Path | None = None) -> Tower:
-    """tower (a transformers Siglip2VisionModel, float32) -> its encoder and head compiled by
-    OpenVINO for the CPU at --dtype's precision; converted IR and compiled blobs are read
-    from the cache folder when there, written to it when not."""
-    cache = cache or cache_root()
-    hint = PRECISIONS[dtype]
-    xml = cache / "ir" / _key(tower, max_patches) / "encoder_head.xml"
-    core = _core()
+def convert_tower(tower: Any, *, max_patches: int, dtype: str, source: str = "", cache: Path | None = None) -> Path:
+    """tower (a transformers Siglip2VisionModel, float32) -> the OpenVINO IR of its encoder
+    and head for --dtype, converted now or read from the cache folder.
+
+    A 16-bit computation gets IR whose weights are stored as float16: a bf16 computation
+    rounds them further anyway, and the smaller file is what OpenVINO maps into memory next
+    to its own bf16 copy (peak RSS ~180 MB less on the base model). float32 gets float32
+    weights. source names the checkpoint's files (model_load.weights_identity)."""
+    folder = (cache or cache_root()) / "ir" / _key(tower, max_patches, source)
+    sixteen = _compute_precision(dtype) in ("bf16", "f16")
+    xml = folder / ("encoder_head_f16.xml" if sixteen else "encoder_head.xml")
+    if xml.is_file():
+        return xml
     try:
-        if not xml.is_file():
-            _convert(tower, max_patches, xml)
-        config = {"CACHE_DIR": str(cache / "compiled"), "PERFORMANCE_HINT": "LATENCY"}
-        if hint:
-            config["INFERENCE_PRECISION_HINT"] = hint
-        compiled = core.compile_model(str(xml), "CPU", config)
-    except BackendError:
-        raise
-    except Exception as e:  # noqa: BLE001 - conversion, disk and plugin errors alike
+        other = folder / ("encoder_head.xml" if sixteen else "encoder_head_f16.xml")
+        if sixteen and other.is_file():
+            model = _core().read_model(str(other))  # a re-save, much quicker than converting
+        else:
+            model = _convert(tower, max_patches, folder)
+        _save(model, xml, compress_to_fp16=sixteen)
+    except Exception as e:  # noqa: BLE001 - tracing, conversion and disk errors alike
+        raise BackendError(f"--backend openvino: cannot convert the vision tower ({_one_line(e)})") from None
+    return xml
+
+
+def _compute_precision(dtype: str) -> str:
+    """What OpenVINO will compute in for --dtype: the hint, or for auto the CPU plugin's
+    own default on this CPU."""
+    hint = PRECISIONS[dtype]
+    return hint or _core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def compile_tower(xml: Path, *, dtype: str, cache: Path | None = None) -> Tower:
+    """The IR compiled for the CPU at --dtype's precision, through OpenVINO's model cache (a
+    second run reads the compiled blob instead of compiling)."""
+    config = {"CACHE_DIR": str((cache or cache_root()) / "compiled"), "PERFORMANCE_HINT": "LATENCY"}
+    hint = PRECISIONS[dtype]
+    if hint:
+        config["INFERENCE_PRECISION_HINT"] = hint
+    try:
+        compiled = _core().compile_model(str(xml), "CPU", config)
+    except Exception as e:  # noqa: BLE001 - disk and plugin errors alike
         raise BackendError(f"--backend openvino: cannot compile the vision tower ({_one_line(e)})") from None
     return Tower(compiled)
 
@@ -175,7 +199,7 @@ def _wrapper(tower: Any) -> Any:
     return EncoderHead().eval()
 
 
-def _convert(tower: Any, max_patches: int, xml: Path) -> None:
+def _convert(tower: Any, max_patches: int, folder: Path) -> Any:
     import openvino
     import torch
 
@@ -185,41 +209,45 @@ def _convert(tower: Any, max_patches: int, xml: Path) -> None:
     # (transformers skips an all-ones mask) is traced with the mask in use.
     mask = torch.ones(2, max_patches, dtype=torch.int64)
     mask[1, max_patches // 2 :] = 0
-    log.info("openvino: converting the vision tower (once; kept in %s)", xml.parent.parent.parent)
+    log.info("openvino: converting the vision tower (once; kept in %s)", folder)
     # The tracer warns about each Python branch of transformers' code; the example's
     # padding above is what makes those branches the right ones.
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = openvino.convert_model(_wrapper(tower), example_input=(embeds, mask),
-                                       input=[openvino.PartialShape([-1, max_patches, width]),
-                                              openvino.PartialShape([-1, max_patches])])
+        return openvino.convert_model(_wrapper(tower), example_input=(embeds, mask),
+                                      input=[openvino.PartialShape([-1, max_patches, width]),
+                                             openvino.PartialShape([-1, max_patches])])
+
+
+def _save(model: Any, xml: Path, *, compress_to_fp16: bool) -> None:
+    import openvino
+
     xml.parent.mkdir(parents=True, exist_ok=True)
     # Written under a temporary name and renamed, so a run killed while saving leaves no
     # half-written IR for the next run to trust.
     tmp = xml.with_name(f".{os.getpid()}.{xml.name}")
-    openvino.save_model(model, str(tmp), compress_to_fp16=False)
+    openvino.save_model(model, str(tmp), compress_to_fp16=compress_to_fp16)
     tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
     tmp.replace(xml)
 
 
-def _key(tower: Any, max_patches: int) -> str:
+def _key(tower: Any, max_patches: int, source: str) -> str:
     """A name for the converted IR: the tower's config, the shape, the versions of the
-    converting libraries and, for every weight tensor, its sum and an even sample of its
-    values (every weight counts in the sum; hashing all the bytes would cost about a
-    second per run on the base model)."""
+    converting libraries, the checkpoint's files (path, size, mtime) and an even sample of
+    every weight tensor's values. Only a sample: the weights are memory-mapped, and reading
+    them all would bring the whole checkpoint into memory next to OpenVINO's copy."""
     import openvino
     import torch
     import transformers
 
     h = hashlib.sha256()
     h.update(json.dumps([_FORMAT, max_patches, openvino.__version__, transformers.__version__,
-                         torch.__version__, tower.config.to_json_string()]).encode())
+                         torch.__version__, source, tower.config.to_json_string()]).encode())
     for name, tensor in tower.state_dict().items():
         if name.startswith("embeddings."):
             continue
         flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // 256)
+        step = max(1, flat.numel() // 64)
         h.update(name.encode() + str(tuple(tensor.shape)).encode())
-        h.update(repr(float(tensor.sum(dtype=torch.float64))).encode())
         h.update(flat[::step].to(torch.float32).numpy().tobytes())
     return h.hexdigest()[:24]

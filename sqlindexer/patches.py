@@ -31,7 +31,7 @@ class PatchSpec:
     def of(cls, processor: Any) -> PatchSpec | None:
         """The spec of a SigLIP 2 naflex processor whose steps are the standard ones; None for
         anything else, which then goes through the processor itself."""
-        get = lambda name: getattr(processor, name, None)  # noqa: E731
+        get = lambda name: getattr(processor, name, None)
         if not type(processor).__name__.startswith("Siglip2ImageProcessor"):
             return None
         if not (get("do_rescale") and get("do_normalize") and get("do_resize") is not False):
