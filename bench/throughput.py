@@ -1,27 +1,35 @@
 #!/usr/bin/env python3
-"""Indexing throughput, side by side: the model alone, our indexer, the original tool's loop.
+"""Indexing throughput, side by side: the vision tower alone, our indexer, the original tool's loop.
 
 Generates --photos photo-like JPEGs (4000x3000, 2-4 MB) and --small small ones (640x480),
 builds a random SigLIP 2 of the exact base shape (hidden 768, 12 layers, 12 heads, patch 16,
-256 patches: it times like google/siglip2-base-patch16-naflex), then times, each in a fresh
-process:
+256 patches: it times like google/siglip2-base-patch16-naflex), then times:
 
-  (a) model only     the vision tower's forward pass on ready processor tensors, at the
-                     faster of --batch-size and 8 images per forward
-  (b) image-indexer  the CLI end to end: fresh database, decode, embed, export
+  (a) tower alone    every backend and precision (--paths; on a CPU torch float32, torch
+                     bfloat16, OpenVINO f32, OpenVINO with its own precision), in one
+                     process, in interleaved rounds, on the same ready batches of
+                     --batch-size images (PatchSpec-packed, as the indexer feeds them):
+                     images/s, the ratio to torch float32 and the least cosine of its
+                     vectors to torch float32's; load time cold and, for OpenVINO, warm
+                     (from its cache)
+  (b) image-indexer  end to end, each in a fresh process: the CLI with default settings,
+                     then sqlindexer.run.run_index with each forced choice of
+                     --paths (fresh database, decode, embed, export), peak RSS of each
   (c) reference      the original tool's sequential loop: open -> convert("RGB") ->
                      processor on --batch-size full-size images -> full model's
-                     get_image_features
+                     get_image_features (float32)
 
-and prints images/s, the ratios b/a and b/c, and the peak RSS (process tree) of b and c.
+and prints images/s, b against torch float32's tower alone (b/a32) and against the
+original loop (b/c). --workers-sweep repeats (b) with default settings for each listed
+--workers. The CPU's model name and its bf16-relevant flags are printed and saved with the
+figures.
 It also times what feeds the model in (b), without a model: one process decoding and
 resizing ('decode img/s/core'), the decode workers together ('feed', --workers or all usable
-cores, nothing else running), the packing of patches that the main
-process does on their output ('pack', embed.PatchSpec) and, for comparison, the model's
-own image processor on the same small images ('processor', what the main process ran
-before PatchSpec), so that on a GPU, where the model is fast, the table shows the bound.
-On CUDA, (a) runs in the dtype the indexer picks (bf16/fp16) and (c) in float32, as the
-original tool does.
+cores, nothing else running) and the packing of patches that the main process does on
+their output ('pack', embed.PatchSpec) and, for comparison, the model's own image processor
+on the same small images ('processor', what the main process ran before PatchSpec).
+On CUDA, (a) runs torch in the dtype the indexer picks (bf16/fp16) and (c) in float32, as
+the original tool does; OpenVINO paths are CPU only.
 (b) is given twice: wall clock of the whole command (Python start-up and model load
 included) and the embedding phase alone, as the indexer logs it.
 """
@@ -76,38 +84,69 @@ def _make_photo(job: tuple[Path, tuple[int, int], int]) -> None:
     Image.fromarray(arr).save(p, "JPEG", quality=92)
 
 
-# (a) runs in the dtype the indexer picks for the device (its --dtype auto), inputs already
-# on the device: the ceiling that (b) is measured against.
-MODEL_ONLY = r"""
-import json, sys, time, torch, warnings
+# (a): every path on the same ready batches, rounds interleaved so that a machine shared
+# with other work slows all paths alike; images/s is the median round.
+TOWER = r"""
+import json, statistics, sys, time, warnings
 warnings.simplefilter("ignore")
 from pathlib import Path
-from PIL import Image
-from transformers import AutoImageProcessor, Siglip2VisionModel
-from transformers.utils import logging; logging.set_verbosity_error()
-from sqlindexer.embed import resolve_device, _resolve_dtype
-model_dir, folder, n, bs, device = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-device = resolve_device(device)
-dtype = _resolve_dtype("auto", device)
-sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-proc = AutoImageProcessor.from_pretrained(model_dir)
-model = Siglip2VisionModel.from_pretrained(model_dir).eval().to(device=device, dtype=dtype)
-ims = [Image.open(p).convert("RGB") for p in sorted(folder.iterdir())[:bs]]
-best = {}
-for size in sorted({bs, 8}):  # the model alone at its best batch size
-    inputs = {k: v.to(device) for k, v in proc(images=ims[:size], return_tensors="pt").items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    with torch.inference_mode():
-        for _ in range(3):
-            model(**inputs)  # warm-up
-        sync()
-        done, t0 = 0, time.perf_counter()
-        while done < n or time.perf_counter() - t0 < 2:  # at least 2 s: a GPU is fast
-            model(**inputs); done += size
-        sync()
-    best[size] = done / (time.perf_counter() - t0)
-size = max(best, key=best.get)
-print(json.dumps({"images_per_s": best[size], "batch": size, "all": best, "dtype": str(dtype)}), file=sys.stderr)
+import numpy as np
+from sqlindexer.embed import Embedder
+from sqlindexer.decode import DecodeOptions, prepare
+model_dir, folder, bs, device, seconds = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
+paths = [tuple(p.split(":")) for p in sys.argv[6].split(",")]
+emb, loads = {}, {}
+for backend, dtype in paths:
+    t = time.perf_counter()
+    emb[backend, dtype] = Embedder(model_dir, device=device, dtype=dtype, backend=backend).load()
+    loads[backend, dtype] = [time.perf_counter() - t]
+    if backend == "openvino":  # again: the converted tower and compiled blob come from the cache
+        t = time.perf_counter()
+        emb[backend, dtype] = Embedder(model_dir, device=device, dtype=dtype, backend=backend).load()
+        loads[backend, dtype].append(time.perf_counter() - t)
+first = next(iter(emb.values()))
+options = DecodeOptions(patch_size=first.patch_size, max_num_patches=first.max_num_patches)
+arrays = [prepare(str(p), options).pixels for p in sorted(folder.iterdir())[:bs]]
+spec = first._patch_spec
+packed = spec.pack(arrays)
+vectors = {k: e.embed_pixels(packed, spec=spec) for k, e in emb.items()}  # warm-up, and the vectors
+rates = {k: [] for k in emb}
+t_end = time.perf_counter() + seconds
+rounds = 0
+while rounds < 2 or (time.perf_counter() < t_end and rounds < 20):
+    for k, e in emb.items():
+        t = time.perf_counter()
+        e.embed_pixels(packed, spec=spec)
+        if device == "cuda":
+            import torch; torch.cuda.synchronize()
+        rates[k].append(len(arrays) / (time.perf_counter() - t))
+    rounds += 1
+ref = vectors.get(("torch", "float32"), next(iter(vectors.values())))
+out = []
+for k, e in emb.items():
+    cos = (vectors[k].astype(np.float64) * ref).sum(-1)
+    out.append({"backend": k[0], "dtype": k[1], "precision": e.precision, "images_per_s": statistics.median(rates[k]),
+                "rounds": len(rates[k]), "min_cos": float(cos.min()), "load_s": loads[k]})
+print(json.dumps(out), file=sys.stderr)
+"""
+
+# (b) with a forced choice, through the public entry point: a factory that gives the
+# Embedder its backend, for a Config that has no backend field yet.
+FORCED = r"""
+import dataclasses, functools, logging, sys, time
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+from sqlindexer import config as cfg
+from sqlindexer.embed import Embedder
+from sqlindexer.run import run_index
+folder, out, model_dir, bs, device, backend, dtype, workers = sys.argv[1:9]
+values = dict(input_dirs=(folder,), output_file=out, model_name=model_dir, batch_size=int(bs), device=device,
+              dtype=dtype, workers=int(workers) if workers else None)
+factory = None
+if "backend" in {f.name for f in dataclasses.fields(cfg.Config)}:
+    values["backend"] = backend
+else:
+    factory = functools.partial(Embedder, backend=backend)
+run_index(cfg.build(None, values), embedder_factory=factory)
 """
 
 REFERENCE = r"""
@@ -184,6 +223,54 @@ print(json.dumps({"feed_per_s": (len(paths) - 1) / (t1 - first), "pack_per_s": p
 """
 
 EMBED_LINE = re.compile(r"embedded (\d+) images in ([\d.]+) s")
+LOADED_LINE = re.compile(r"loaded .+ on (\w+ \([^)]*\))")
+
+
+def cpu_record() -> dict[str, object]:
+    """The CPU's model name, its flags that decide the dtype, and that decision."""
+    from sqlindexer import cpu
+
+    flags = cpu.features()
+    shown = sorted(f for f in flags if f in {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                                             "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "bf16", "i8mm"})
+    dtype, reason = cpu.choose_dtype(flags)
+    return {"model": cpu.model_name(), "flags": shown, "auto_dtype": f"{dtype} ({reason})"}
+
+
+def parse_paths(text: str) -> list[tuple[str, str]]:
+    paths = [tuple(p.split(":")) for p in text.split(",") if p]
+    if not all(len(p) == 2 for p in paths):
+        raise SystemExit(f"--paths: backend:dtype pairs, comma-separated (got {text!r})")
+    return paths  # type: ignore[return-value]
+
+
+def tower_alone(model: Path, folder: Path, args: argparse.Namespace, paths: list[tuple[str, str]]) -> list[dict]:
+    _, _, err = child([sys.executable, "-c", TOWER, str(model), str(folder), str(args.batch_size), args.device,
+                       str(args.seconds), ",".join(f"{b}:{d}" for b, d in paths)])
+    return json.loads(err.strip().splitlines()[-1])
+
+
+def end_to_end(model: Path, folder: Path, args: argparse.Namespace, forced: tuple[str, str] | None,
+               workers: int | None) -> dict:
+    """One run of (b) on a fresh database: default settings through the CLI, or a forced
+    backend and dtype through run_index."""
+    out = folder.parent / "index.jsonl"
+    for f in (out, out.with_suffix(".sqlite")):
+        f.unlink(missing_ok=True)
+    if forced is None:
+        extra = ["--workers", workers] if workers is not None else []
+        seconds, rss, err = cli("-i", folder, "-o", out, "--model-name", model, "--batch-size", args.batch_size,
+                                "--device", args.device, "--engine", args.engine, *extra)
+    else:
+        seconds, rss, err = child([sys.executable, "-c", FORCED, str(folder), str(out), str(model),
+                                   str(args.batch_size), args.device, forced[0], forced[1],
+                                   "" if workers is None else str(workers)],
+                                  env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    m = EMBED_LINE.search(err)
+    loaded = LOADED_LINE.search(err)
+    n = len(list(folder.iterdir()))
+    return {"e2e": n / seconds, "embed": int(m.group(1)) / float(m.group(2)) if m else None, "rss": rss,
+            "how": loaded.group(1) if loaded else "?"}
 
 
 def main() -> None:
@@ -192,21 +279,41 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=96, help="640x480 JPEGs (default 96)")
     ap.add_argument("--batch-size", type=int, default=32, help="batch size for a, b and c (default 32)")
     ap.add_argument("--workers", type=int, default=None, help="image-indexer --workers (default: its own default)")
+    ap.add_argument("--workers-sweep", default="",
+                    help="comma-separated --workers values: (b) with default settings again for each")
     ap.add_argument("--device", default="auto", help="image-indexer --device (default auto)")
+    ap.add_argument("--paths", default=None,
+                    help="backend:dtype pairs for (a) and forced (b) (default on a CPU: torch:float32,"
+                         "torch:bfloat16,openvino:float32,openvino:auto; with a GPU: torch:float32,torch:auto)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="time (a) for about this long (default 20)")
     ap.add_argument("--unique", type=int, default=None,
                     help="generate only this many distinct images per set and copy them up to the count "
                          "(default: all distinct; large GPU runs need thousands of photos)")
     ap.add_argument("--skip-reference", action="store_true", help="do not run (c) (slow on big sets)")
+    ap.add_argument("--skip-forced", action="store_true", help="(b) with default settings only")
     ap.add_argument("--engine", choices=("local", "ray"), default="local",
                     help="image-indexer --engine for b (default local; ray starts or joins a local Ray instance)")
     ap.add_argument("--tiny", action="store_true", help="use a tiny model instead of the base shape (smoke test)")
-    ap.add_argument("--workdir", help="keep images and model here (default: a temporary folder, removed after)")
+    ap.add_argument("--workdir", help="keep images, model and OpenVINO cache here (default: a temporary folder)")
     ap.add_argument("--json", default="bench/results/throughput.json", help="where to write the results")
     args = ap.parse_args()
 
+    import torch
+
+    from sqlindexer import openvino_vision
     from sqlindexer.testing import BASE, TINY, build_random_siglip2
 
+    gpu = args.device in ("cuda", "mps") or (args.device == "auto" and torch.cuda.is_available())
+    default_paths = "torch:float32,torch:auto" if gpu else "torch:float32,torch:bfloat16,openvino:float32,openvino:auto"
+    paths = parse_paths(args.paths or default_paths)
+    if not openvino_vision.installed():
+        print("openvino is not installed: its paths are left out", flush=True)
+        paths = [p for p in paths if p[0] != "openvino"]
+    sweep = [int(w) for w in args.workers_sweep.split(",") if w]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sqlindexer-throughput-"))
+    # The first (a) run converts the tower into this cache: (b) then loads it warm, as a
+    # user's second run would; (a)'s load_s shows both.
+    os.environ[openvino_vision.CACHE_ENV] = str(work / "openvino-cache")
     try:
         model = work / ("model-tiny" if args.tiny else "model-base")
         if not (model / "config.json").exists():
@@ -214,7 +321,7 @@ def main() -> None:
             build_random_siglip2(model, shape=TINY if args.tiny else BASE, with_tokenizer=False)
         sets = {"photo 4000x3000": (work / "photos", args.photos, (4000, 3000)),
                 "small 640x480": (work / "small", args.small, (640, 480))}
-        rows = []
+        towers, rows = [], []
         for label, (folder, n, size) in sets.items():
             if n <= 0:
                 continue
@@ -222,53 +329,65 @@ def main() -> None:
                 shutil.rmtree(folder, ignore_errors=True)
                 print(f"generating {n} {label} JPEGs ...", flush=True)
                 make_photos(folder, n, size, seed=len(label), unique=args.unique)
-            mb = sum(p.stat().st_size for p in folder.iterdir()) / n / 2**20
-            _, _, err = child([sys.executable, "-c", MODEL_ONLY, str(model), str(folder), str(max(n, args.batch_size)),
-                               str(args.batch_size), args.device])
-            model_only = json.loads(err.strip().splitlines()[-1])
-            a = model_only["images_per_s"]
-            _, _, err = child([sys.executable, "-c", FEED_ONLY, str(model), str(folder), str(args.batch_size),
-                               str(args.workers or "")])
-            feed = json.loads(err.strip().splitlines()[-1])
-            out = work / "index.jsonl"
-            for f in (out, out.with_suffix(".sqlite")):
-                f.unlink(missing_ok=True)
-            extra = ["--workers", args.workers] if args.workers is not None else []
-            t_b, rss_b, err = cli("-i", folder, "-o", out, "--model-name", model, "--batch-size", args.batch_size,
-                                  "--device", args.device, "--engine", args.engine, *extra)
-            m = EMBED_LINE.search(err)
-            b_embed = int(m.group(1)) / float(m.group(2)) if m else None
-            b = n / t_b
-            if args.skip_reference:
-                t_c, rss_c, c = None, None, {"images_per_s": None, "wall_images_per_s": None}
-            else:
-                t_c, rss_c, err = child([sys.executable, "-c", REFERENCE, str(model), str(folder),
-                                         str(args.batch_size), args.device])
-                c = json.loads(err.strip().splitlines()[-1])
-            rows.append({
-                "images": f"{n} {label} ({mb:.1f} MB)",
-                "a model img/s": a, "a batch": model_only["batch"],
-                "b e2e img/s": b, "b embed img/s": b_embed,
-                "c ref img/s": c["images_per_s"],
-                "decode img/s/core": feed["decode_per_core"], "feed img/s": feed["feed_per_s"],
-                "pack img/s": feed["pack_per_s"],
-                "processor img/s": feed["preprocess_per_s"],
-                "b/a": (b_embed or b) / a,
-                "b/c": (b_embed or b) / c["images_per_s"] if c["images_per_s"] else None,
-                "b/c wall": b / c["wall_images_per_s"] if c["wall_images_per_s"] else None,
-                "RSS b MB": rss_b / 2**20, "RSS c MB": rss_c / 2**20 if rss_c else None,
-                "a dtype": model_only["dtype"].replace("torch.", ""),
-            })
-        cols = ["images", "a model img/s", "a batch", "a dtype", "b e2e img/s", "b embed img/s", "c ref img/s", "decode img/s/core", "feed img/s", "pack img/s", "processor img/s", "b/a", "b/c", "b/c wall",
-                "RSS b MB", "RSS c MB"]
-        print(f"\n{device_name()}, batch size {args.batch_size}, {'tiny' if args.tiny else 'base-shape'} model; "
-              "b/a and b/c use b's embedding phase, 'b/c wall' whole commands (start-up and model load included)\n")
-        print(table(rows, cols))
-        save(args.json, {"batch_size": args.batch_size, "tiny": args.tiny, "device": device_name(),
-                         "machine": machine(), "rows": rows})
+            rows += measure_set(label, folder, n, model, args, paths, sweep, towers)
+        cpu_info = cpu_record()
+        print(f"\n{device_name()}; CPU {cpu_info['model']}, flags {' '.join(cpu_info['flags'])}; "
+              f"--dtype auto on the CPU: {cpu_info['auto_dtype']}; batch size {args.batch_size}, "
+              f"{'tiny' if args.tiny else 'base-shape'} model\n")
+        print("(a) the vision tower alone, side by side in one process\n")
+        print(table(towers, ["images", "path", "precision", "img/s", "vs torch f32", "min cos", "load s", "rounds"]))
+        print("\n(b) end to end, each in a fresh process; b/a32: b's embedding phase against torch float32's "
+              "tower alone; b/c: against the original loop; 'wall' columns whole commands\n")
+        print(table(rows, ["images", "run", "how", "b e2e img/s", "b embed img/s", "b/a32", "b/c", "b/c wall",
+                           "RSS MB"]))
+        print("\nfeed (no model)\n")
+        print(table([r for r in rows if "decode img/s/core" in r],
+                    ["images", "decode img/s/core", "feed img/s", "pack img/s", "processor img/s", "c ref img/s",
+                     "RSS c MB"]))
+        save(args.json, {"batch_size": args.batch_size, "tiny": args.tiny, "device": device_name(), "cpu": cpu_info,
+                         "machine": machine(), "tower": towers, "rows": rows})
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def measure_set(label: str, folder: Path, n: int, model: Path, args: argparse.Namespace,
+                paths: list[tuple[str, str]], sweep: list[int], towers: list[dict]) -> list[dict]:
+    mb = sum(p.stat().st_size for p in folder.iterdir()) / n / 2**20
+    images = f"{n} {label} ({mb:.1f} MB)"
+    tower = tower_alone(model, folder, args, paths)
+    base = next((t["images_per_s"] for t in tower if (t["backend"], t["dtype"]) == ("torch", "float32")), None)
+    for t in tower:
+        towers.append({"images": images, "path": f"{t['backend']} {t['dtype']}", "precision": t["precision"],
+                       "img/s": t["images_per_s"], "vs torch f32": t["images_per_s"] / base if base else None,
+                       "min cos": f"{t['min_cos']:.6f}", "load s": " / ".join(f"{x:.1f}" for x in t["load_s"]),
+                       "rounds": t["rounds"]})
+    _, _, err = child([sys.executable, "-c", FEED_ONLY, str(model), str(folder), str(args.batch_size),
+                       str(args.workers or "")])
+    feed = json.loads(err.strip().splitlines()[-1])
+    if args.skip_reference:
+        rss_c, c = None, {"images_per_s": None, "wall_images_per_s": None}
+    else:
+        _, rss_c, err = child([sys.executable, "-c", REFERENCE, str(model), str(folder), str(args.batch_size),
+                               args.device])
+        c = json.loads(err.strip().splitlines()[-1])
+    runs: list[tuple[str, tuple[str, str] | None, int | None]] = [("default", None, args.workers)]
+    runs += [(f"default, --workers {w}", None, w) for w in sweep]
+    if not args.skip_forced:
+        runs += [(f"{b} {d}", (b, d), args.workers) for b, d in paths]
+    rows = []
+    for name, forced, workers in runs:
+        r = end_to_end(model, folder, args, forced, workers)
+        speed = r["embed"] or r["e2e"]
+        rows.append({"images": images, "run": name, "how": r["how"], "b e2e img/s": r["e2e"],
+                     "b embed img/s": r["embed"], "b/a32": speed / base if base else None,
+                     "b/c": speed / c["images_per_s"] if c["images_per_s"] else None,
+                     "b/c wall": r["e2e"] / c["wall_images_per_s"] if c["wall_images_per_s"] else None,
+                     "RSS MB": r["rss"] / 2**20})
+    rows[0].update({"decode img/s/core": feed["decode_per_core"], "feed img/s": feed["feed_per_s"],
+                    "pack img/s": feed["pack_per_s"], "processor img/s": feed["preprocess_per_s"],
+                    "c ref img/s": c["images_per_s"], "RSS c MB": rss_c / 2**20 if rss_c else None})
+    return rows
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 OUTPUT_FORMATS = ("jsonl", "pkl")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+BACKENDS = ("auto", "torch", "openvino")
 ENGINES = ("local", "ray")
 # Pillow's own default (Image.MAX_IMAGE_PIXELS), written out so that reading the config
 # does not import Pillow.
@@ -87,8 +88,10 @@ FIELDS: tuple[Field, ...] = (
           metavar="PATTERN", noun="gitignore patterns"),
     Field("workers", int, None, "Processes that decode and resize images ahead of the model; 0 decodes in-process.",
           min=0, max=256, metavar="N", default_text="number of usable CPU cores"),
-    Field("dtype", str, "auto", "Model precision; auto is bfloat16 (or float16) on CUDA and float32 elsewhere.",
-          choices=DTYPES),
+    Field("dtype", str, "auto", "Model precision; auto is bfloat16 (or float16) on CUDA, and on a CPU bfloat16 "
+          "where it computes it natively (AVX512-BF16, AMX, Arm BF16), else float32.", choices=DTYPES),
+    Field("backend", str, "auto", "What runs the vision tower; auto is OpenVINO on a CPU where it is installed "
+          "(pip install 'image-indexer[openvino]'), else torch.", choices=BACKENDS),
     # No maximum and no "unlimited": that would let one file take all the memory there is.
     Field("max_image_pixels", int, DEFAULT_MAX_IMAGE_PIXELS,
           "Larger images fail as decompression bombs (Pillow's limit).", min=1, metavar="N", noun="pixels"),

@@ -69,3 +69,8 @@ class RayError(IndexerError):
 
 class PageError(IndexerError):
     """A results page (--html) cannot be written where it was asked for."""
+
+
+class BackendError(IndexerError):
+    """The requested inference backend (--backend) cannot run here: OpenVINO is not
+    installed, refuses this CPU, or was asked to run on a GPU."""

@@ -160,7 +160,8 @@ def embed(config: Config, options: DecodeOptions, pending: Iterable[state.Pendin
         # core, so the decode tasks never take them all.
         ds = ds.map_batches(_EmbedActor, batch_size=config.batch_size, batch_format="pyarrow",
                             fn_constructor_kwargs={"model_name": config.model_name, "device": config.device,
-                                                   "dtype": config.dtype, "dim": embedder.dim},
+                                                   "dtype": config.dtype, "dim": embedder.dim,
+                                                   "backend": config.backend},
                             compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=per_worker,
                             num_cpus=1 if not per_worker else None)
         started()
@@ -242,10 +243,10 @@ _EMBEDDED = {"id": "int64", "path": "string", "size": "int64", "mtime_ns": "int6
 class _EmbedActor:
     """One model per actor (per GPU), loaded once, embedding decoded rows batch by batch."""
 
-    def __init__(self, model_name: str, device: str, dtype: str, dim: int) -> None:
+    def __init__(self, model_name: str, device: str, dtype: str, dim: int, backend: str = "auto") -> None:
         from .embed import Embedder
 
-        self.embedder = Embedder(model_name, device=device, dtype=dtype).load()
+        self.embedder = Embedder(model_name, device=device, dtype=dtype, backend=backend).load()
         self.dim = dim
 
     def __call__(self, batch: Any) -> Any:

@@ -81,6 +81,10 @@ def run_index(config: Config, *, progress: Progress = no_progress, embedder_fact
         from .ray_engine import require_ray
 
         require_ray()  # before any work
+    elif config.backend == "openvino":
+        from .openvino_vision import check_choice
+
+        check_choice(config.device)  # before any work
     with RunLock(config.state_db_path, wait=wait_for_lock), _database(config.state_db_path) as conn:
         ctx = _start(conn, config, progress)
         with _recorded(ctx):
@@ -263,7 +267,9 @@ def _prepared_embedder(config: Config, embedder_factory: Callable[..., Any] | No
     # With Ray the model runs on the cluster's actors: here it only gives the input
     # geometry and the vector size, whatever GPU this machine lacks.
     device = "cpu" if config.engine == "ray" else config.device
-    return embedder_factory(config.model_name, device=device, dtype=config.dtype).prepare()
+    # (Backend checks with Ray: the actors run the model, on the cluster's devices.)
+    backend = "torch" if config.engine == "ray" else config.backend
+    return embedder_factory(config.model_name, device=device, dtype=config.dtype, backend=backend).prepare()
 
 
 def _engine(config: Config) -> Any:

@@ -41,6 +41,13 @@ def other_tiny_model(tmp_path_factory) -> Path:
     return build_random_siglip2(tmp_path_factory.mktemp("tiny-siglip2-b"), seed=1, with_tokenizer=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _openvino_cache(tmp_path_factory):
+    """OpenVINO's converted and compiled models in one folder per session (not the user's
+    cache): the tiny tower is converted once, then read back by every run."""
+    os.environ["SQLINDEXER_OPENVINO_CACHE"] = str(tmp_path_factory.mktemp("openvino-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _hermetic(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

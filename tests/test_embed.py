@@ -39,9 +39,11 @@ def reference(tiny_model):
 
 @pytest.fixture(scope="module")
 def embedder(tiny_model):
+    """torch float32: these tests compare paths to 1e-5, below bfloat16's rounding (the
+    other backends and precisions are held to torch float32 in test_backends.py)."""
     from sqlindexer.embed import Embedder
 
-    return Embedder(str(tiny_model), device="cpu").load()
+    return Embedder(str(tiny_model), device="cpu", dtype="float32", backend="torch").load()
 
 
 def index(runner, folder: Path, out: Path, model: Path, *extra) -> dict[str, dict]:

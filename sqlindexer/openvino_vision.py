@@ -1,0 +1,256 @@
+"""The SigLIP 2 vision tower's encoder and head, run by OpenVINO on the CPU.
+
+The patch embedding and the naflex position-embedding resize depend on each image's
+spatial shape and are a small part of the tower's work: they stay in torch (embed.py).
+What follows them (the encoder layers, the post-layernorm and the attention-pooling
+head) sees one shape for every batch, since batches are padded to max_num_patches: it is
+converted once with openvino.convert_model, saved as OpenVINO IR in a cache folder, and
+compiled with OpenVINO's model cache there, so a later run pays neither the conversion
+nor the compile.
+
+openvino is imported only here, and only when this backend is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import BackendError, one_line
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "SQLINDEXER_OPENVINO_CACHE"
+# --dtype -> OpenVINO's INFERENCE_PRECISION_HINT; auto leaves OpenVINO its own choice for
+# the CPU (bf16 where the CPU has native bf16 arithmetic, f32 otherwise).
+PRECISIONS = {"auto": None, "float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+# Images per inference request. The batch dimension is dynamic, so the last, shorter
+# chunk of a batch is not padded (see docs/performance-cpu.md for the measurements).
+CHUNK = 8
+# The architectures whose tower has the parts converted here (embeddings, encoder,
+# post_layernorm, a head that takes the patch mask).
+SUPPORTED = ("siglip2", "siglip2_vision_model")
+# Bumped when the converted graph changes, so that old IR in the cache is not reused.
+_FORMAT = 2
+
+
+def installed() -> bool:
+    """Whether openvino can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_choice(device: str) -> None:
+    """What can be told of --backend openvino before any work: the device and the install."""
+    if device not in ("cpu", "auto"):
+        raise BackendError(f"--backend openvino runs on the CPU only, not --device {device} "
+                           "(use --device cpu, or --backend torch for the GPU)")
+    if not installed():
+        raise BackendError("--backend openvino: OpenVINO is not installed (pip install 'image-indexer[openvino]', "
+                           "or use --backend torch)")
+
+
+def check(device: str, model_type: str, model_name: str) -> None:
+    """Raise BackendError, in one line, where --backend openvino cannot run."""
+    check_choice(device)
+    if device != "cpu":
+        raise BackendError(f"--backend openvino runs on the CPU only, not --device {device} "
+                           "(use --device cpu, or --backend torch for the GPU)")
+    if model_type not in SUPPORTED:
+        raise BackendError(f"--backend openvino supports SigLIP 2 models only; {model_name!r} is a "
+                           f"{model_type or 'model of unknown type'} (use --backend torch)")
+    try:
+        devices = _core().available_devices
+    except Exception as e:  # noqa: BLE001 - a broken install, or a CPU its plugin refuses
+        raise BackendError(f"--backend openvino: OpenVINO cannot start ({one_line(e)}); use --backend torch") from None
+    if "CPU" not in devices:
+        raise BackendError("--backend openvino: OpenVINO's CPU plugin refuses this CPU (use --backend torch)")
+
+
+def cache_root() -> Path:
+    """Where converted models and compiled blobs are kept: $SQLINDEXER_OPENVINO_CACHE,
+    else image-indexer/openvino in the user's cache folder."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "image-indexer" / "openvino"
+
+
+_core_lock = threading.Lock()
+_core_instance: Any = None
+
+
+def _core() -> Any:
+    global _core_instance
+    with _core_lock:
+        if _core_instance is None:
+            import openvino
+
+            _core_instance = openvino.Core()
+        return _core_instance
+
+
+class Tower:
+    """The compiled encoder and head: (n, P, D) float32 embedded patches and the (n, P)
+    patch mask -> (n, D) float32 pooled features (not normalised)."""
+
+    def __init__(self, compiled: Any, *, chunk: int = CHUNK) -> None:
+        import openvino
+
+        self._compiled = compiled
+        self.chunk = chunk
+        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32"
+        requests = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self._queue = openvino.AsyncInferQueue(compiled, max(1, requests))
+        self._lock = threading.Lock()
+
+    def __call__(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        import numpy as np
+
+        n = len(embeds)
+        out: list[Any] = [None] * ((n + self.chunk - 1) // self.chunk)
+
+        def done(request: Any, index: int) -> None:
+            out[index] = request.get_output_tensor(0).data.copy()
+
+        # One batch at a time: the queue's requests are shared state.
+        with self._lock:
+            self._queue.set_callback(done)
+            for index, i in enumerate(range(0, n, self.chunk)):
+                self._queue.start_async([embeds[i : i + self.chunk], mask[i : i + self.chunk]], index)
+            self._queue.wait_all()
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def convert_tower(tower: Any, *, max_patches: int, dtype: str, source: str = "", cache: Path | None = None) -> Path:
+    """tower (a transformers Siglip2VisionModel, float32) -> the OpenVINO IR of its encoder
+    and head for --dtype, converted now or read from the cache folder.
+
+    A 16-bit computation gets IR whose weights are stored as float16: a bf16 computation
+    rounds them further anyway, and the smaller file is what OpenVINO maps into memory next
+    to its own bf16 copy (peak RSS ~180 MB less on the base model). float32 gets float32
+    weights. source names the checkpoint's files (model_load.weights_identity)."""
+    folder = (cache or cache_root()) / "ir" / _key(tower, max_patches, source)
+    sixteen = _compute_precision(dtype) in ("bf16", "f16")
+    xml = folder / ("encoder_head_f16.xml" if sixteen else "encoder_head.xml")
+    if xml.is_file():
+        return xml
+    try:
+        other = folder / ("encoder_head.xml" if sixteen else "encoder_head_f16.xml")
+        if sixteen and other.is_file():
+            model = _core().read_model(str(other))  # a re-save, much quicker than converting
+        else:
+            model = _convert(tower, max_patches, folder)
+        _save(model, xml, compress_to_fp16=sixteen)
+    except Exception as e:  # noqa: BLE001 - tracing, conversion and disk errors alike
+        raise BackendError(f"--backend openvino: cannot convert the vision tower ({one_line(e)})") from None
+    return xml
+
+
+def _compute_precision(dtype: str) -> str:
+    """What OpenVINO will compute in for --dtype: the hint, or for auto the CPU plugin's
+    own default on this CPU."""
+    hint = PRECISIONS[dtype]
+    return hint or _core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def compile_tower(xml: Path, *, dtype: str, cache: Path | None = None) -> Tower:
+    """The IR compiled for the CPU at --dtype's precision, through OpenVINO's model cache (a
+    second run reads the compiled blob instead of compiling)."""
+    config = {"CACHE_DIR": str((cache or cache_root()) / "compiled"), "PERFORMANCE_HINT": "LATENCY"}
+    hint = PRECISIONS[dtype]
+    if hint:
+        config["INFERENCE_PRECISION_HINT"] = hint
+    try:
+        compiled = _core().compile_model(str(xml), "CPU", config)
+    except Exception as e:  # noqa: BLE001 - disk and plugin errors alike
+        raise BackendError(f"--backend openvino: cannot compile the vision tower ({one_line(e)})") from None
+    return Tower(compiled)
+
+
+def _wrapper(tower: Any) -> Any:
+    """The part of the tower after the embeddings, as a module of (embeds, mask)."""
+    import torch
+
+    class EncoderHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.post_layernorm, self.head = tower.encoder, tower.post_layernorm, tower.head
+
+        def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            # The additive mask transformers builds for the encoder's attention: padding
+            # positions are never attended to. Built here, from the mask alone, so the
+            # graph has no branch on its values.
+            blocked = (mask[:, None, None, :] == 0).to(embeds.dtype)
+            additive = blocked * torch.finfo(embeds.dtype).min
+            hidden = self.encoder(inputs_embeds=embeds, attention_mask=additive)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state
+            return self.head(self.post_layernorm(hidden), mask)
+
+    return EncoderHead().eval()
+
+
+def _convert(tower: Any, max_patches: int, folder: Path) -> Any:
+    import openvino
+    import torch
+
+    width = int(tower.config.hidden_size)
+    embeds = torch.randn(2, max_patches, width)
+    # Padding in the example, so that any branch the model's own code takes on the mask
+    # (transformers skips an all-ones mask) is traced with the mask in use.
+    mask = torch.ones(2, max_patches, dtype=torch.int64)
+    mask[1, max_patches // 2 :] = 0
+    log.info("openvino: converting the vision tower (once; kept in %s)", folder)
+    # The tracer warns about each Python branch of transformers' code; the example's
+    # padding above is what makes those branches the right ones.
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return openvino.convert_model(_wrapper(tower), example_input=(embeds, mask),
+                                      input=[openvino.PartialShape([-1, max_patches, width]),
+                                             openvino.PartialShape([-1, max_patches])])
+
+
+def _save(model: Any, xml: Path, *, compress_to_fp16: bool) -> None:
+    import openvino
+
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name and renamed, so a run killed while saving leaves no
+    # half-written IR for the next run to trust.
+    tmp = xml.with_name(f".{os.getpid()}.{xml.name}")
+    openvino.save_model(model, str(tmp), compress_to_fp16=compress_to_fp16)
+    tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+    tmp.replace(xml)
+
+
+def _key(tower: Any, max_patches: int, source: str) -> str:
+    """A name for the converted IR: the tower's config, the shape, the versions of the
+    converting libraries, the checkpoint's files (path, size, mtime) and an even sample of
+    every weight tensor's values. Only a sample: the weights are memory-mapped, and reading
+    them all would bring the whole checkpoint into memory next to OpenVINO's copy."""
+    import openvino
+    import torch
+    import transformers
+
+    h = hashlib.sha256()
+    h.update(json.dumps([_FORMAT, max_patches, openvino.__version__, transformers.__version__,
+                         torch.__version__, source, tower.config.to_json_string()]).encode())
+    for name, tensor in tower.state_dict().items():
+        if name.startswith("embeddings."):
+            continue
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 64)
+        h.update(name.encode() + str(tuple(tensor.shape)).encode())
+        h.update(flat[::step].to(torch.float32).numpy().tobytes())
+    return h.hexdigest()[:24]

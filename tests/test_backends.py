@@ -1,0 +1,273 @@
+"""The CPU's dtype choice, the --backend choice and its errors, and that every backend and
+precision gives the vectors of torch float32: on the real model code (a tiny random SigLIP 2),
+on generated images and on the shared corpus."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, make_photo
+
+from sqlindexer import cpu
+from sqlindexer import openvino_vision as ov_vision
+from sqlindexer.errors import BackendError
+
+needs_openvino = pytest.mark.skipif(not ov_vision.installed(), reason="openvino is not installed (the openvino extra)")
+
+
+# -- the CPU's dtype ---------------------------------------------------------------------
+@pytest.mark.parametrize(("features", "want"), [
+    ({"avx2", "fma", "avx512f", "avx512_bf16"}, ("bfloat16", "avx512_bf16")),  # Zen 4, Cooper Lake
+    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, ("bfloat16", "amx_bf16")),  # Sapphire Rapids
+    ({"fp", "asimd", "sve", "bf16"}, ("bfloat16", "bf16")),  # Graviton 3, Apple M2 (sysctl FEAT_BF16)
+    ({"AVX512_BF16"}, ("bfloat16", "avx512_bf16")),
+    ({"sse4_2", "avx", "avx2", "fma", "f16c"}, ("float32", "no native bfloat16")),  # the earlier AVX2 machine
+    ({"avx2", "avx512f", "avx512_vnni"}, ("float32", "no native bfloat16")),  # Ice Lake: AVX-512, no bf16
+    ({"fp", "asimd"}, ("float32", "no native bfloat16")),
+    (set(), ("float32", "no native bfloat16")),
+])
+def test_dtype_follows_the_cpu_s_features(features, want):
+    assert cpu.choose_dtype(features) == want
+
+
+def test_this_cpu_s_features_and_the_log_line(caplog, monkeypatch):
+    found = cpu.features()
+    assert isinstance(found, frozenset) and all(isinstance(f, str) and f == f.lower() for f in found)
+    if sys.platform.startswith("linux"):
+        assert found, "no CPU flags read from /proc/cpuinfo"
+    dtype, reason = cpu.choose_dtype(found)
+    monkeypatch.setattr(cpu, "_logged", False)
+    with caplog.at_level(logging.INFO, logger="sqlindexer.cpu"):
+        assert cpu.auto_dtype() == dtype
+        assert cpu.auto_dtype() == dtype
+    lines = [r.getMessage() for r in caplog.records if r.name == "sqlindexer.cpu"]
+    assert lines == [f"cpu: {dtype} ({reason})"]  # once per process
+
+
+def test_auto_dtype_on_a_cpu_is_the_cpu_s_choice():
+    import torch
+
+    from sqlindexer.embed import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == getattr(torch, cpu.choose_dtype(cpu.features())[0])
+    assert resolve_dtype("float32", "cpu") == torch.float32
+    assert resolve_dtype("auto", "mps") == torch.float32
+
+
+def test_importing_the_embedder_imports_nothing_heavy():
+    code = ("import sys, sqlindexer.embed, sqlindexer.cpu, sqlindexer.openvino_vision, sqlindexer.config\n"
+            "heavy = [m for m in ('torch', 'transformers', 'openvino', 'numpy') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+
+
+# -- the backend choice ------------------------------------------------------------------
+def test_auto_backend_picks_by_device_and_install():
+    from sqlindexer.embed import resolve_backend
+
+    kw = {"model_type": "siglip2", "model_name": "m"}
+    assert resolve_backend("auto", "cuda", **kw) == "torch"
+    assert resolve_backend("auto", "mps", **kw) == "torch"
+    assert resolve_backend("torch", "cpu", **kw) == "torch"
+    assert resolve_backend("auto", "cpu", **kw) == ("openvino" if ov_vision.installed() else "torch")
+    # A model OpenVINO's conversion does not know runs in torch under auto.
+    assert resolve_backend("auto", "cpu", model_type="clip", model_name="m") == "torch"
+
+
+def assert_one_line(e: BaseException, *needles: str) -> None:
+    text = str(e)
+    assert "\n" not in text and text.strip() == text, text
+    for needle in needles:
+        assert needle in text, text
+
+
+@pytest.mark.parametrize(("device", "backend", "needles"), [
+    ("cuda", "openvino", ("--backend openvino", "cuda")),
+    ("mps", "openvino", ("--backend openvino", "mps")),
+    ("cpu", "tensorrt", ("tensorrt", "auto, torch, openvino")),
+])
+def test_bad_backend_choices_are_one_line_errors_before_any_work(tiny_model, device, backend, needles):
+    from sqlindexer.embed import Embedder
+
+    emb = Embedder(str(tiny_model), device=device, backend=backend)
+    with pytest.raises(BackendError) as e:
+        emb.prepare()
+    assert_one_line(e.value, *needles)
+    assert emb._model is None
+
+
+def test_openvino_backend_for_a_model_it_cannot_run(tmp_path):
+    """A checkpoint of another architecture (here a tiny CLIP, saved by transformers)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from sqlindexer.embed import Embedder
+
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    CLIPModel(CLIPConfig(text_config=small, vision_config={**small, "image_size": 32, "patch_size": 16})).save_pretrained(
+        tmp_path / "clip")
+    CLIPImageProcessor().save_pretrained(tmp_path / "clip")
+    with pytest.raises(BackendError) as e:
+        Embedder(str(tmp_path / "clip"), device="cpu", backend="openvino").prepare()
+    if ov_vision.installed():
+        assert_one_line(e.value, "--backend openvino", "SigLIP 2", "clip")
+    else:
+        assert_one_line(e.value, "--backend openvino", "not installed")
+    assert Embedder(str(tmp_path / "clip"), device="cpu").prepare().backend == "torch"
+
+
+def test_openvino_not_installed_is_a_one_line_error(tiny_model):
+    # A fresh process in which openvino cannot be imported, as on a machine without it.
+    code = ("import sys\n"
+            "sys.modules['openvino'] = None\n"
+            "from sqlindexer.embed import Embedder\n"
+            "from sqlindexer.errors import BackendError\n"
+            f"assert Embedder({str(tiny_model)!r}, device='cpu').prepare().backend == 'torch'\n"
+            "try:\n"
+            f"    Embedder({str(tiny_model)!r}, device='cpu', backend='openvino').prepare()\n"
+            "except BackendError as e:\n"
+            "    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1 and "--backend openvino" in lines[0] and "not installed" in lines[0], done.stdout
+
+
+# -- the same vectors --------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ov_cache(tmp_path_factory):
+    """One OpenVINO cache for the session: the tiny tower is converted once."""
+    path = tmp_path_factory.mktemp("openvino-cache")
+    old = os.environ.get(ov_vision.CACHE_ENV)
+    os.environ[ov_vision.CACHE_ENV] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop(ov_vision.CACHE_ENV, None)
+    else:
+        os.environ[ov_vision.CACHE_ENV] = old
+
+
+# (backend, dtype, least cosine to torch float32): 0.9999 for float32 paths, 0.999 for
+# 16-bit ones (OpenVINO runs float16 as bf16 on a CPU without native fp16).
+PATHS = [("torch", "bfloat16", 0.999), ("openvino", "float32", 0.9999), ("openvino", "bfloat16", 0.999),
+         ("openvino", "auto", 0.999), ("openvino", "float16", 0.999), ("torch", "auto", 0.999)]
+
+
+@pytest.fixture(scope="module")
+def embedders(tiny_model, ov_cache):
+    from sqlindexer.embed import Embedder
+
+    made = {("torch", "float32"): Embedder(str(tiny_model), device="cpu", dtype="float32", backend="torch").load()}
+    for backend, dtype, _ in PATHS:
+        if backend == "openvino" and not ov_vision.installed():
+            continue
+        made[backend, dtype] = Embedder(str(tiny_model), device="cpu", dtype=dtype, backend=backend).load()
+    return made
+
+
+def prepared(paths: list[Path], emb) -> list[np.ndarray]:
+    from sqlindexer.decode import DecodeOptions, prepare
+
+    options = DecodeOptions(patch_size=emb.patch_size, max_num_patches=emb.max_num_patches)
+    out = [prepare(str(p), options) for p in paths]
+    assert all(p.error is None for p in out), [p.error for p in out if p.error]
+    return [p.pixels for p in out]
+
+
+def check_paths(embedders, arrays: list[np.ndarray]) -> dict[tuple[str, str], float]:
+    want = embedders["torch", "float32"].embed_resized(arrays)
+    worst = {}
+    for backend, dtype, least in PATHS:
+        if (backend, dtype) not in embedders:
+            continue
+        got = embedders[backend, dtype].embed_resized(arrays)
+        assert got.shape == want.shape and got.dtype == np.float32
+        cos = (got.astype(np.float64) * want).sum(-1)  # both L2-normalised
+        worst[backend, dtype] = float(cos.min())
+        assert cos.min() >= least, (backend, dtype, float(cos.min()))
+    return worst
+
+
+def test_every_backend_gives_torch_float32_s_vectors_on_generated_images(embedders, tmp_path):
+    sizes = [(64, 48), (40, 300), (500, 500), (1000, 250), (17, 9), (333, 777), (4000, 3000), (256, 256)]
+    paths = [make_photo(tmp_path / f"g{i}.jpg", size=s, seed=i) for i, s in enumerate(sizes)]
+    # 11 images: one full chunk of 8, a shorter one of 3, and padding of several sizes.
+    paths += [make_photo(tmp_path / f"h{i}.png", size=(90 + 31 * i, 60), seed=20 + i) for i in range(3)]
+    check_paths(embedders, prepared(paths, embedders["torch", "float32"]))
+
+
+def test_every_backend_gives_torch_float32_s_vectors_on_the_corpus(embedders, corpus, manifest, capsys):
+    picks = sorted(rel for rel, row in manifest.items()
+                   if rel.startswith("real/") and row["format"] in ("JPEG", "PNG", "WEBP") and row["load_status"] == "ok")
+    assert len(picks) >= 10, picks
+    # Every third keeps the run short on two cores and still spans formats, sizes and sources.
+    picks = picks[::3]
+    worst = check_paths(embedders, prepared([corpus / rel for rel in picks], embedders["torch", "float32"]))
+    with capsys.disabled():
+        print(f"\n{len(picks)} corpus images, least cosine to torch float32: "
+              + ", ".join(f"{b} {d} {c:.6f}" for (b, d), c in worst.items()))
+
+
+def test_processor_path_through_openvino(embedders):
+    """Images not at a target size go through the model's own processor, then the same tower."""
+    if ("openvino", "float32") not in embedders:
+        pytest.skip("openvino is not installed (the openvino extra)")
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    ims = [Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)) for h, w in [(48, 64), (300, 40)]]
+    want = embedders["torch", "float32"].embed_images(ims)
+    got = embedders["openvino", "float32"].embed_images(ims)
+    assert float((got * want).sum(-1).min()) >= 0.9999
+
+
+@needs_openvino
+def test_a_second_load_reads_the_converted_tower_from_the_cache(tiny_model, embedders, ov_cache, caplog):
+    from sqlindexer.embed import Embedder
+
+    # One conversion: float32 weights for the f32 computation, the same stored as float16
+    # for the 16-bit ones.
+    folders = list((ov_cache / "ir").iterdir())
+    assert len(folders) == 1
+    assert sorted(p.name for p in folders[0].glob("*.xml")) == ["encoder_head.xml", "encoder_head_f16.xml"]
+    assert all(p.with_suffix(".bin").is_file() for p in folders[0].glob("*.xml"))
+    assert any((ov_cache / "compiled").iterdir())  # OpenVINO's compiled blobs
+    with caplog.at_level(logging.INFO):
+        emb = Embedder(str(tiny_model), device="cpu", dtype="float32", backend="openvino").load()
+    assert not [r for r in caplog.records if "converting" in r.getMessage()]
+    assert emb.backend == "openvino" and emb.precision == "f32"
+    assert [r.getMessage() for r in caplog.records if r.name == "sqlindexer.embed"] == [
+        f"loaded {tiny_model} on cpu (openvino, f32)"]
+
+
+@needs_openvino
+def test_openvino_with_device_auto_runs_on_the_cpu(tiny_model, ov_cache):
+    from sqlindexer.embed import Embedder
+
+    emb = Embedder(str(tiny_model), backend="openvino").prepare()
+    assert (emb.device, emb.backend) == ("cpu", "openvino")
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (["--backend", "openvino", "--device", "cuda"], ["--backend openvino", "cuda"]),
+    (["--backend", "tensorrt"], ["--backend", "tensorrt"]),
+])
+def test_bad_backend_on_the_command_line_stops_before_the_scan(runner, tmp_path, tiny_model, args, needles):
+    from conftest import make_photo, run_cli
+
+    make_photo(tmp_path / "photos" / "a.jpg")
+    out = tmp_path / "index.jsonl"
+    result = run_cli(runner, ["-i", tmp_path / "photos", "-o", out, "--model-name", tiny_model, *args], ok=False)
+    assert result.exit_code in (1, 2), result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 or "Usage:" in result.stderr, result.stderr
+    assert all(n in result.stderr for n in needles), result.stderr
+    assert not (tmp_path / "index.sqlite").exists()  # nothing scanned, no database made
