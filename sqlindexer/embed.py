@@ -163,11 +163,13 @@ class Embedder:
                                       source=weights_identity(self.model_name))
         # Only the embeddings stay in torch; the rest of the weights are OpenVINO's, and
         # are let go before it compiles its own copy, so the two are never held at once.
-        self._model = tower.embeddings.to(dtype=torch.float32)
+        embeddings = tower.embeddings.to(dtype=torch.float32)
         for module in (tower, model):  # the caller holds the model too: empty it
             for name, _ in list(module.named_children()):
                 setattr(module, name, None)
+        # Set only once compiled: a failed compile leaves the Embedder unloaded.
         self._tower = ov_vision.compile_tower(xml, dtype=self.requested_dtype)
+        self._model = embeddings
         self.dtype = torch.float32
         self.precision = self._tower.precision
 
@@ -281,7 +283,8 @@ class Embedder:
         import torch
 
         # A query is one short text: on a CPU, casting the text tower to bfloat16 costs
-        # more than its forward pass saves (docs/performance-cpu.md), so auto is float32.
+        # about what its one forward pass saves (docs/performance-cpu.md), so auto keeps
+        # float32, the vectors the image side is compared with at full precision.
         if self.requested_dtype == "auto" and self.device == "cpu":
             return torch.float32
         return resolve_dtype(self.requested_dtype, self.device)
