@@ -161,8 +161,9 @@ class Results:
 def _embedder(model: str, embedder_factory: Callable[..., Embedder] | None) -> Embedder:
     if embedder_factory is None:
         from .embed import Embedder as embedder_factory  # noqa: N813 - deferred: imports torch
-    # One query: the CPU answers it sooner than a GPU could be set up.
-    return embedder_factory(model, device="cpu", dtype="float32")
+    # One query: the CPU answers it sooner than a GPU could be set up, and torch sooner than
+    # an OpenVINO tower that may first have to be converted.
+    return embedder_factory(model, device="cpu", dtype="float32", backend="torch")
 
 
 def approximate_index(conn: sqlite3.Connection, index: VectorIndex, *, exact: bool = False,

@@ -230,8 +230,12 @@ def test_processor_path_through_openvino(embedders):
 
 
 @needs_openvino
-def test_a_second_load_reads_the_converted_tower_from_the_cache(tiny_model, embedders, ov_cache, caplog):
+def test_a_second_load_reads_the_converted_tower_from_the_cache(tiny_model, embedders, ov_cache, caplog,
+                                                                monkeypatch):
     from sqlindexer.embed import Embedder
+
+    # A CLI test earlier in the session may have set the package's logger not to propagate.
+    monkeypatch.setattr(logging.getLogger("sqlindexer"), "propagate", True)
 
     # One conversion: float32 weights for the f32 computation, the same stored as float16
     # for the 16-bit ones.
@@ -244,8 +248,8 @@ def test_a_second_load_reads_the_converted_tower_from_the_cache(tiny_model, embe
         emb = Embedder(str(tiny_model), device="cpu", dtype="float32", backend="openvino").load()
     assert not [r for r in caplog.records if "converting" in r.getMessage()]
     assert emb.backend == "openvino" and emb.precision == "f32"
-    assert [r.getMessage() for r in caplog.records if r.name == "sqlindexer.embed"] == [
-        f"loaded {tiny_model} on cpu (openvino, f32)"]
+    assert {r.getMessage() for r in caplog.records if r.name == "sqlindexer.embed"} == {
+        f"loaded {tiny_model} on cpu (openvino, f32)"}
 
 
 @needs_openvino

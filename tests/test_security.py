@@ -563,8 +563,11 @@ _SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|PRAGMA|WHER
 _SQL_FORMATTED = {
     "placeholders": "a run of '?' joined by commas",
     "','.join('?' * len(chunk))": "a run of '?' joined by commas",
+    "','.join(['(?, ?)'] * len(chunk))": "a run of '(?, ?)' rows joined by commas (content.py)",
+    "', '.join('?' * len(chunk))": "a run of '?' joined by commas",
     "sets": "column names from runs.COUNTERS (add_counts filters every key through it)",
     "', '.join(COUNTERS)": "the constant tuple of counter columns",
+    "columns": "the counter columns of runs.COUNTERS (or 0 AS the name) present in the table",
     "script": "a migration file shipped with the package",
     "number": "the migration's number, an int",
     "_TAKEN": "a constant SQL expression (state.py)",
