@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,6 +23,7 @@ from . import __version__, records
 from . import contact_sheet_html as markup
 from .config import absolute
 from .errors import PageError
+from .index_file import keep_mode
 from .progress import Progress, no_progress
 from .thumbnails import Size, Thumbnail, ThumbnailCache, size_for, thumbnails
 
@@ -159,7 +159,7 @@ def write_atomic(output: Path, data: bytes) -> None:
         raise PageError(f"cannot create {tmp}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            _keep_mode(f.fileno(), output)
+            keep_mode(f.fileno(), output)  # a page replacing one chmod'ed 600 stays private
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -169,13 +169,3 @@ def write_atomic(output: Path, data: bytes) -> None:
         if isinstance(e, OSError):
             raise PageError(f"cannot write {output}: {e.strerror or e}") from None
         raise
-
-
-def _keep_mode(fd: int, output: Path) -> None:
-    # A page that replaces one chmod'ed 600 stays private, as the index does.
-    try:
-        st = os.lstat(output)
-    except OSError:
-        return
-    if stat.S_ISREG(st.st_mode):
-        os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o777)

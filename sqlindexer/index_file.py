@@ -245,7 +245,7 @@ def write_index(
         except OSError as e:
             raise ExportError(f"cannot create {tmp}: {e.strerror or e}") from None
         with os.fdopen(fd, "wb", buffering=_WRITE_BUFFER) as f:
-            _keep_mode(f.fileno(), output)
+            keep_mode(f.fileno(), output)
             if previous is not None:
                 if fmt != "jsonl" or load is None:  # a caller's mistake, not a file we cannot use
                     raise TypeError("only a jsonl index is written from the last one, and it needs load")
@@ -271,7 +271,7 @@ def write_index(
     return count
 
 
-def _keep_mode(fd: int, output: Path) -> None:
+def keep_mode(fd: int, output: Path) -> None:
     """Give the new file the permissions of the index it replaces, as `sed -i` does, so an
     index chmod'ed 600 stays private; a first index gets 0o666 less the umask. A symlink
     at the output path is replaced by the new file (os.replace renames over the link, the
