@@ -244,7 +244,8 @@ def test_a_second_load_reads_the_converted_tower_from_the_cache(tiny_model, embe
     assert sorted(p.name for p in folders[0].glob("*.xml")) == ["encoder_head.xml", "encoder_head_f16.xml"]
     assert all(p.with_suffix(".bin").is_file() for p in folders[0].glob("*.xml"))
     assert any((ov_cache / "compiled").iterdir())  # OpenVINO's compiled blobs
-    with caplog.at_level(logging.INFO):
+    # (and its level: a query command sets it to WARNING).
+    with caplog.at_level(logging.INFO, logger="sqlindexer"):
         emb = Embedder(str(tiny_model), device="cpu", dtype="float32", backend="openvino").load()
     assert not [r for r in caplog.records if "converting" in r.getMessage()]
     assert emb.backend == "openvino" and emb.precision == "f32"
