@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, bump_mtime, cli_subprocess, mounted_tmpfs, run_cli
+from conftest import (REPO, bump_mtime, cli_subprocess, copy_resized, index, json_lines, mounted_tmpfs,
+                      one_error_line, run_cli)
 from PIL import Image
 
 from sqlindexer import thumbnails as thumbs_mod
@@ -61,27 +62,6 @@ def camera_exif(model: str, taken: str):
     exif[0x0110] = model  # Model
     exif.get_ifd(0x8769)[0x9003] = taken  # ExifOffset -> DateTimeOriginal
     return exif
-
-
-def copy_resized(src: Path, dst: Path, size: tuple[int, int], **save) -> Path:
-    with Image.open(src) as im:
-        im.convert("RGB").resize(size, Image.LANCZOS).save(dst, **save)
-    return dst
-
-
-def index(tree: Path, out: Path, model: Path):
-    return run_cli(CliRunner(), ["-i", tree, "-o", out, "--model-name", model, "--workers", "0"])
-
-
-def json_lines(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines()]
-
-
-def one_error_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[0]
 
 
 class Page(html.parser.HTMLParser):
@@ -153,7 +133,7 @@ def library(tmp_path_factory, tiny_model) -> dict:
     for seed, name in enumerate(HOSTILE, start=10):
         noise_photo(photos / name, seed)
     out = root / "index.jsonl"
-    index(photos, out, tiny_model)
+    index(CliRunner(), photos, out, tiny_model)
     return {"root": root, "photos": photos, "db": root / "index.sqlite",
             "paths": sorted(str(p) for p in photos.rglob("*") if p.is_file())}
 
@@ -268,7 +248,7 @@ def test_unreadable_images_get_a_placeholder_with_the_reason(runner, tmp_path, t
     photos = tmp_path / "photos"
     for seed in range(3):
         noise_photo(photos / f"p{seed}.jpg", seed)
-    index(photos, tmp_path / "index.jsonl", tiny_model)
+    index(runner, photos, tmp_path / "index.jsonl", tiny_model)
     (photos / "p1.jpg").write_bytes(b"no longer a JPEG")
     (photos / "p2.jpg").unlink()
     page_path = tmp_path / "page.html"
@@ -289,7 +269,7 @@ def test_thumbnails_are_cached_beside_the_database_and_reused(runner, tmp_path, 
     for seed in range(3):
         noise_photo(photos / f"p{seed}.jpg", seed)
     dbp = tmp_path / "index.sqlite"
-    index(photos, tmp_path / "index.jsonl", tiny_model)
+    index(runner, photos, tmp_path / "index.jsonl", tiny_model)
     args = ["duplicates", "--db", dbp, "--threshold", "0.01", "--html", tmp_path / "page.html"]
     first = run_cli(runner, args)
     assert "thumbnails: 0 from the cache, 3 made)" in first.stderr
@@ -598,7 +578,7 @@ def test_placeholder_renders_as_text_in_a_browser(runner, browser, tmp_path, tin
     photos = tmp_path / "photos"
     for seed in range(2):
         noise_photo(photos / f"p{seed}.jpg", seed)
-    index(photos, tmp_path / "index.jsonl", tiny_model)
+    index(runner, photos, tmp_path / "index.jsonl", tiny_model)
     (photos / "p1.jpg").write_bytes(b"broken")
     page = tmp_path / "page.html"
     run_cli(runner, ["search", "x", "--db", tmp_path / "index.sqlite", "--html", page])
@@ -611,7 +591,7 @@ def test_placeholder_renders_as_text_in_a_browser(runner, browser, tmp_path, tin
 @pytest.fixture(scope="module")
 def corpus_db(corpus, tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("html-corpus") / "index.jsonl"
-    index(corpus / "real", out, tiny_model)
+    index(CliRunner(), corpus / "real", out, tiny_model)
     return out.with_suffix(".sqlite")
 
 
