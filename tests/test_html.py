@@ -24,6 +24,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -291,6 +292,32 @@ def test_thumbnails_are_cached_beside_the_database_and_reused(runner, tmp_path, 
     # A broken entry is made again.
     cache_entries(dbp)[0].write_bytes(b"broken")
     assert "thumbnails: 2 from the cache, 1 made)" in run_cli(runner, args).stderr
+
+
+def test_temporaries_left_by_a_crashed_write_are_removed_once_stale(runner, tmp_path, tiny_model):
+    # What a process killed between writing a thumbnail's temporary file and renaming it
+    # leaves in the cache: removed by the next page that writes there, unless it is young
+    # enough to be a concurrent writer's file in use.
+    photos = tmp_path / "photos"
+    for seed in range(2):
+        noise_photo(photos / f"p{seed}.jpg", seed)
+    dbp = tmp_path / "index.sqlite"
+    index(runner, photos, tmp_path / "index.jsonl", tiny_model)
+    folder = ThumbnailCache.beside(dbp).folder
+    folder.mkdir()
+    stale = folder / "0123456789abcdef01234567-240q72-0123456789ab.jpg.tmp-4242-deadbeef"
+    live = folder / "76543210fedcba9876543210-240q72-ba9876543210.jpg.tmp-4243-cafef00d"
+    other = folder / "notes.txt"  # not the cache's own: left alone, however old
+    old = time.time() - thumbs_mod.STALE_TEMPORARY - 60
+    for path in (stale, live, other):
+        path.write_bytes(b"\xff\xd8 half a thumbnail")
+    for path in (stale, other):
+        os.utime(path, (old, old))
+    args = ["duplicates", "--db", dbp, "--threshold", "0.01", "--html", tmp_path / "page.html"]
+    assert "thumbnails: 0 from the cache, 2 made)" in run_cli(runner, args).stderr
+    assert not stale.exists()
+    assert live.exists() and other.exists()
+    assert len([p for p in cache_entries(dbp) if p.suffix == ".jpg"]) == 2
 
 
 def test_thumbnail_is_upright_and_drafted(tmp_path):
