@@ -139,6 +139,16 @@ def library(tmp_path_factory, tiny_model) -> dict:
             "paths": sorted(str(p) for p in photos.rglob("*") if p.is_file())}
 
 
+def indexed_photos(runner, tmp_path: Path, model: Path, count: int) -> Path:
+    """tmp_path/photos holding count noise photos p0.jpg, p1.jpg, ..., indexed into
+    tmp_path/index.jsonl (database tmp_path/index.sqlite)."""
+    photos = tmp_path / "photos"
+    for seed in range(count):
+        noise_photo(photos / f"p{seed}.jpg", seed)
+    index(runner, photos, tmp_path / "index.jsonl", model)
+    return photos
+
+
 def cache_entries(db: Path) -> list[Path]:
     folder = db.with_name(db.name + ".thumbnails")
     return sorted(folder.iterdir()) if folder.is_dir() else []
@@ -246,10 +256,7 @@ def test_duplicates_page_has_a_row_per_group_with_the_best_copy_marked(runner, l
 
 
 def test_unreadable_images_get_a_placeholder_with_the_reason(runner, tmp_path, tiny_model):
-    photos = tmp_path / "photos"
-    for seed in range(3):
-        noise_photo(photos / f"p{seed}.jpg", seed)
-    index(runner, photos, tmp_path / "index.jsonl", tiny_model)
+    photos = indexed_photos(runner, tmp_path, tiny_model, 3)
     (photos / "p1.jpg").write_bytes(b"no longer a JPEG")
     (photos / "p2.jpg").unlink()
     page_path = tmp_path / "page.html"
@@ -266,11 +273,8 @@ def test_unreadable_images_get_a_placeholder_with_the_reason(runner, tmp_path, t
 
 # -- the thumbnail cache -----------------------------------------------------------------------
 def test_thumbnails_are_cached_beside_the_database_and_reused(runner, tmp_path, tiny_model):
-    photos = tmp_path / "photos"
-    for seed in range(3):
-        noise_photo(photos / f"p{seed}.jpg", seed)
+    photos = indexed_photos(runner, tmp_path, tiny_model, 3)
     dbp = tmp_path / "index.sqlite"
-    index(runner, photos, tmp_path / "index.jsonl", tiny_model)
     args = ["duplicates", "--db", dbp, "--threshold", "0.01", "--html", tmp_path / "page.html"]
     first = run_cli(runner, args)
     assert "thumbnails: 0 from the cache, 3 made)" in first.stderr
@@ -298,11 +302,8 @@ def test_temporaries_left_by_a_crashed_write_are_removed_once_stale(runner, tmp_
     # What a process killed between writing a thumbnail's temporary file and renaming it
     # leaves in the cache: removed by the next page that writes there, unless it is young
     # enough to be a concurrent writer's file in use.
-    photos = tmp_path / "photos"
-    for seed in range(2):
-        noise_photo(photos / f"p{seed}.jpg", seed)
+    indexed_photos(runner, tmp_path, tiny_model, 2)
     dbp = tmp_path / "index.sqlite"
-    index(runner, photos, tmp_path / "index.jsonl", tiny_model)
     folder = ThumbnailCache.beside(dbp).folder
     folder.mkdir()
     stale = folder / "0123456789abcdef01234567-240q72-0123456789ab.jpg.tmp-4242-deadbeef"
@@ -602,10 +603,7 @@ def test_pages_render_in_a_browser(runner, library, browser, tmp_path):
 
 
 def test_placeholder_renders_as_text_in_a_browser(runner, browser, tmp_path, tiny_model):
-    photos = tmp_path / "photos"
-    for seed in range(2):
-        noise_photo(photos / f"p{seed}.jpg", seed)
-    index(runner, photos, tmp_path / "index.jsonl", tiny_model)
+    photos = indexed_photos(runner, tmp_path, tiny_model, 2)
     (photos / "p1.jpg").write_bytes(b"broken")
     page = tmp_path / "page.html"
     run_cli(runner, ["search", "x", "--db", tmp_path / "index.sqlite", "--html", page])
