@@ -52,7 +52,7 @@ class Size:
 NORMAL = Size(240, 72)
 SMALL = Size(160, 60)
 MANY = 500
-# A writer keeps its temporary file for the milliseconds of one write; one this old was
+# A writer keeps its temporary file only while it writes one small JPEG; one this old was
 # left by a process that died, and removing it cannot take a live writer's file away.
 STALE_TEMPORARY = 3600.0  # seconds
 _TEMPORARY = ".tmp-"
