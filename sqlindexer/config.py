@@ -242,13 +242,21 @@ def build(yaml_values: dict[str, Any] | None, cli_values: dict[str, Any], *, sou
 def check_output_file(output_file: str) -> Path:
     """The absolute path of an index file to write; ConfigError if it cannot be written."""
     out = absolute(output_file)
-    if out.is_dir():
-        raise ConfigError(f"output file {output_file} is a directory")
-    if not out.parent.is_dir():
-        raise ConfigError(f"folder of output file {output_file} does not exist")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"folder of output file {output_file} is not writable")
+    if problem := why_unwritable(out, f"output file {output_file}"):
+        raise ConfigError(problem)
     return out
+
+
+def why_unwritable(out: Path, name: str) -> str | None:
+    """Why a file cannot be written at the absolute path out (called name in the message),
+    or None when it can."""
+    if out.is_dir():
+        return f"{name} is a directory"
+    if not out.parent.is_dir():
+        return f"folder of {name} does not exist"
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        return f"folder of {name} is not writable"
+    return None
 
 
 def validate(config: Config) -> None:

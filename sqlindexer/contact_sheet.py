@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import __version__, records
 from . import contact_sheet_html as markup
-from .config import absolute
+from .config import absolute, why_unwritable
 from .errors import PageError
 from .index_file import keep_mode
 from .progress import Progress, no_progress
@@ -75,12 +75,8 @@ def check_output(output: str | os.PathLike[str], db_path: str | os.PathLike[str]
     """The page's absolute path, when a page can be written there (checked before any
     query runs, so a typo costs no wait); PageError otherwise."""
     out = absolute(output)
-    if out.is_dir():
-        raise PageError(f"--html {output} is a directory")
-    if not out.parent.is_dir():
-        raise PageError(f"folder of --html {output} does not exist")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise PageError(f"folder of --html {output} is not writable")
+    if problem := why_unwritable(out, f"--html {output}"):
+        raise PageError(problem)
     database = absolute(db_path)
     if out in (database, *(database.with_name(database.name + s) for s in ("-wal", "-shm", "-journal"))):
         raise PageError(f"--html {output} is the working database")

@@ -10,7 +10,9 @@ beside the database
 so a second page of the same images reads them instead of decoding the originals. A file
 that changes (its size or mtime) gets a new entry, and the entry of its old content is
 removed when the new one is written. Where the folder cannot be written (the database's
-folder is read-only), thumbnails are made in memory for the one page.
+folder is read-only), thumbnails are made in memory for the one page. An entry is written
+through a temporary file renamed into place; the temporary files a crash left behind are
+removed the first time a page writes into the cache, once they are STALE_TEMPORARY old.
 
 Core code: no Click, no printing, no torch.
 """
@@ -22,6 +24,7 @@ import hashlib
 import io
 import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +52,10 @@ class Size:
 NORMAL = Size(240, 72)
 SMALL = Size(160, 60)
 MANY = 500
+# A writer keeps its temporary file only while it writes one small JPEG; one this old was
+# left by a process that died, and removing it cannot take a live writer's file away.
+STALE_TEMPORARY = 3600.0  # seconds
+_TEMPORARY = ".tmp-"
 # Written into each thumbnail's JPEG comment, with the source image's displayed size: a
 # cached thumbnail then says how large its original is without the original being opened.
 _COMMENT = "sqlindexer-thumbnail"
@@ -103,9 +110,10 @@ class ThumbnailCache:
         the folder cannot be written, and then nothing more is tried for this cache."""
         if entry is None or self._usable is False:
             return False
-        tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+        tmp = entry.with_name(f"{entry.name}{_TEMPORARY}{os.getpid()}-{os.urandom(4).hex()}")
+        first = self._usable is None
         try:
-            if self._usable is None:
+            if first:
                 entry.parent.mkdir(exist_ok=True)
             tmp.write_bytes(jpeg)
             os.replace(tmp, entry)
@@ -117,6 +125,8 @@ class ThumbnailCache:
                         e.strerror or e)
             return False
         self._usable = True
+        if first:
+            remove_stale_temporaries(entry.parent)
         _remove_older(entry)
         return True
 
@@ -132,6 +142,27 @@ def _path_key(path: str) -> str:
 
 def _content_key(size: int, mtime_ns: int) -> str:
     return hashlib.sha256(f"{size}\n{mtime_ns}".encode()).hexdigest()[:12]
+
+
+def remove_stale_temporaries(folder: Path, *, older_than: float = STALE_TEMPORARY) -> int:
+    """Remove the temporary files of writes that never finished, once older_than seconds
+    old; returns how many were removed."""
+    cutoff = time.time() - older_than
+    removed = 0
+    try:
+        found = list(folder.glob(f"*.jpg{_TEMPORARY}*"))
+    except OSError:
+        return 0
+    for tmp in found:
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            pass  # removed meanwhile by another page
+    if removed:
+        log.debug("removed %d temporary thumbnail files left by interrupted writes in %s", removed, folder)
+    return removed
 
 
 def _remove_older(entry: Path) -> None:

@@ -116,6 +116,41 @@ def run_cli(runner: CliRunner, args: list[str], *, ok: bool = True, **kwargs):
     return result
 
 
+def index(runner: CliRunner, tree: Path, out: Path, model: Path, *extra):
+    """Index tree into out with model, in this process; it must succeed."""
+    return run_cli(runner, ["-i", tree, "-o", out, "--model-name", model, *extra])
+
+
+def one_error_line(result) -> str:
+    """The one line a failed command wrote on stderr (and no traceback)."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def summary_line(result) -> str:
+    """The index run's closing summary on stderr ("scanned N, new N, ...")."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("scanned ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def json_lines(text: str) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def copy_resized(src: Path, dst: Path, size: tuple[int, int], **save) -> Path:
+    """A resized (and, with save options, re-encoded) copy of an image."""
+    from PIL import Image
+
+    with Image.open(src) as im:
+        im.convert("RGB").resize(size, Image.LANCZOS).save(dst, **save)
+    return dst
+
+
 def read_jsonl(path: Path) -> list[dict]:
     import json
 

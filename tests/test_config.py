@@ -34,6 +34,13 @@ def _no_model(tmp_path: Path) -> Path:
     return tmp_path / "no-such-model"
 
 
+def _config_file(tmp_path: Path, **keys) -> Path:
+    """tmp_path/config.yaml with one `key: value` line per keyword, in order."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("".join(f"{key}: {value}\n" for key, value in keys.items()), encoding="utf-8")
+    return cfg
+
+
 def _last_run(db: Path) -> sqlite3.Row:
     conn = sqlite3.connect(db)
     conn.row_factory = sqlite3.Row
@@ -156,9 +163,8 @@ def test_missing_input_directory(runner, tmp_path, photos):
 
 
 def test_input_directory_in_yaml_missing(runner, tmp_path, photos):
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"input_dirs:\n  - {photos}\n  - {tmp_path / 'gone'}\noutput_file: out.jsonl\n"
-                   f"model_name: {_no_model(tmp_path)}\n", encoding="utf-8")
+    cfg = _config_file(tmp_path, input_dirs=f"[{photos}, {tmp_path / 'gone'}]", output_file="out.jsonl",
+                       model_name=_no_model(tmp_path))
     result = run_cli(runner, ["-c", cfg], ok=False)
     _assert_config_error(result, "input directory", "gone", "does not exist")
 
@@ -254,9 +260,8 @@ def test_cli_batch_size_beats_yaml_beats_default(runner, tmp_path, photos, tiny_
 
 
 def test_no_reindex_flag_beats_yaml(runner, tmp_path, photos, tiny_model):
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"reindex: true\ninput_dirs: [{photos}]\noutput_file: out.jsonl\nmodel_name: {tiny_model}\n",
-                   encoding="utf-8")
+    cfg = _config_file(tmp_path, reindex="true", input_dirs=f"[{photos}]", output_file="out.jsonl",
+                       model_name=tiny_model)
     db = tmp_path / "out.sqlite"
     run_cli(runner, ["-c", cfg])
     assert _last_run(db)["mode"] == "reindex"
@@ -268,9 +273,9 @@ def test_no_reindex_flag_beats_yaml(runner, tmp_path, photos, tiny_model):
 
 def test_yaml_values_used_when_cli_does_not_give_them(runner, tmp_path, photos, tiny_model):
     # output_format pkl from the YAML, although the output is named .jsonl.
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"input_dirs: {photos}\noutput_file: out.jsonl\noutput_format: pkl\nmodel_name: {tiny_model}\n",
-                   encoding="utf-8")
+    # input_dirs as one path, not a list of them.
+    cfg = _config_file(tmp_path, input_dirs=photos, output_file="out.jsonl", output_format="pkl",
+                       model_name=tiny_model)
     out = tmp_path / "out.jsonl"
     run_cli(runner, ["-c", cfg])
     assert out.read_bytes()[:1] == b"\x80"

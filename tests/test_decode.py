@@ -31,6 +31,17 @@ def _run_script(code: str, paths: list[str], *, timeout: float) -> subprocess.Co
                           timeout=timeout)
 
 
+def _every_file_decoded(script: str, photos: Path) -> None:
+    """Run a scenario that prints [path, error] for each photo it was handed: it exits 0
+    and every photo came back, in order, decoded."""
+    paths = sorted(str(p) for p in photos.glob("p*.jpg"))
+    done = _run_script(script, paths, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [path for path, _ in results] == paths
+    assert all(error is None for _, error in results), results
+
+
 def _vectors(path: Path) -> dict[str, np.ndarray]:
     return {Path(r["metadata"]["path"]).name: np.asarray(r["vector"], dtype="<f4") for r in read_jsonl(path)}
 
@@ -101,12 +112,7 @@ print(json.dumps(results))
 
 def test_a_worker_killed_mid_run_does_not_fail_the_rest(photos):
     # In a child process, so that the run's exit is checked too: it must not hang.
-    paths = sorted(str(p) for p in photos.glob("p*.jpg"))
-    done = _run_script(KILL_A_WORKER, paths, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [path for path, _ in results] == paths
-    assert all(error is None for _, error in results), results
+    _every_file_decoded(KILL_A_WORKER, photos)
 
 
 def test_vectors_of_another_size_are_embedded_again(runner, tmp_path, photos, tiny_model):
@@ -174,12 +180,7 @@ def test_a_pool_that_broke_between_waits_is_restarted_not_raised(photos):
     # The decoder hands out one result, a worker dies, and the pool has marked itself
     # broken before the next file is submitted: submit() then raises at once. That file
     # never ran, so it is submitted again to the new pool, and nothing fails.
-    paths = sorted(str(p) for p in photos.glob("p*.jpg"))
-    done = _run_script(KILL_AND_LET_THE_POOL_BREAK, paths, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [path for path, _ in results] == paths
-    assert all(error is None for _, error in results), results
+    _every_file_decoded(KILL_AND_LET_THE_POOL_BREAK, photos)
 
 
 INTERRUPT_A_STARTING_WORKER = r"""

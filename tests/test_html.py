@@ -24,12 +24,14 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, bump_mtime, cli_subprocess, mounted_tmpfs, run_cli
+from conftest import (REPO, bump_mtime, cli_subprocess, copy_resized, index, json_lines, mounted_tmpfs,
+                      one_error_line, run_cli)
 from PIL import Image
 
 from sqlindexer import thumbnails as thumbs_mod
@@ -61,27 +63,6 @@ def camera_exif(model: str, taken: str):
     exif[0x0110] = model  # Model
     exif.get_ifd(0x8769)[0x9003] = taken  # ExifOffset -> DateTimeOriginal
     return exif
-
-
-def copy_resized(src: Path, dst: Path, size: tuple[int, int], **save) -> Path:
-    with Image.open(src) as im:
-        im.convert("RGB").resize(size, Image.LANCZOS).save(dst, **save)
-    return dst
-
-
-def index(tree: Path, out: Path, model: Path):
-    return run_cli(CliRunner(), ["-i", tree, "-o", out, "--model-name", model, "--workers", "0"])
-
-
-def json_lines(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines()]
-
-
-def one_error_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[0]
 
 
 class Page(html.parser.HTMLParser):
@@ -153,9 +134,19 @@ def library(tmp_path_factory, tiny_model) -> dict:
     for seed, name in enumerate(HOSTILE, start=10):
         noise_photo(photos / name, seed)
     out = root / "index.jsonl"
-    index(photos, out, tiny_model)
+    index(CliRunner(), photos, out, tiny_model)
     return {"root": root, "photos": photos, "db": root / "index.sqlite",
             "paths": sorted(str(p) for p in photos.rglob("*") if p.is_file())}
+
+
+def indexed_photos(runner, tmp_path: Path, model: Path, count: int) -> Path:
+    """tmp_path/photos holding count noise photos p0.jpg, p1.jpg, ..., indexed into
+    tmp_path/index.jsonl (database tmp_path/index.sqlite)."""
+    photos = tmp_path / "photos"
+    for seed in range(count):
+        noise_photo(photos / f"p{seed}.jpg", seed)
+    index(runner, photos, tmp_path / "index.jsonl", model)
+    return photos
 
 
 def cache_entries(db: Path) -> list[Path]:
@@ -265,10 +256,7 @@ def test_duplicates_page_has_a_row_per_group_with_the_best_copy_marked(runner, l
 
 
 def test_unreadable_images_get_a_placeholder_with_the_reason(runner, tmp_path, tiny_model):
-    photos = tmp_path / "photos"
-    for seed in range(3):
-        noise_photo(photos / f"p{seed}.jpg", seed)
-    index(photos, tmp_path / "index.jsonl", tiny_model)
+    photos = indexed_photos(runner, tmp_path, tiny_model, 3)
     (photos / "p1.jpg").write_bytes(b"no longer a JPEG")
     (photos / "p2.jpg").unlink()
     page_path = tmp_path / "page.html"
@@ -285,11 +273,8 @@ def test_unreadable_images_get_a_placeholder_with_the_reason(runner, tmp_path, t
 
 # -- the thumbnail cache -----------------------------------------------------------------------
 def test_thumbnails_are_cached_beside_the_database_and_reused(runner, tmp_path, tiny_model):
-    photos = tmp_path / "photos"
-    for seed in range(3):
-        noise_photo(photos / f"p{seed}.jpg", seed)
+    photos = indexed_photos(runner, tmp_path, tiny_model, 3)
     dbp = tmp_path / "index.sqlite"
-    index(photos, tmp_path / "index.jsonl", tiny_model)
     args = ["duplicates", "--db", dbp, "--threshold", "0.01", "--html", tmp_path / "page.html"]
     first = run_cli(runner, args)
     assert "thumbnails: 0 from the cache, 3 made)" in first.stderr
@@ -311,6 +296,29 @@ def test_thumbnails_are_cached_beside_the_database_and_reused(runner, tmp_path, 
     # A broken entry is made again.
     cache_entries(dbp)[0].write_bytes(b"broken")
     assert "thumbnails: 2 from the cache, 1 made)" in run_cli(runner, args).stderr
+
+
+def test_temporaries_left_by_a_crashed_write_are_removed_once_stale(runner, tmp_path, tiny_model):
+    # What a process killed between writing a thumbnail's temporary file and renaming it
+    # leaves in the cache: removed by the next page that writes there, unless it is young
+    # enough to be a concurrent writer's file in use.
+    indexed_photos(runner, tmp_path, tiny_model, 2)
+    dbp = tmp_path / "index.sqlite"
+    folder = ThumbnailCache.beside(dbp).folder
+    folder.mkdir()
+    stale = folder / "0123456789abcdef01234567-240q72-0123456789ab.jpg.tmp-4242-deadbeef"
+    live = folder / "76543210fedcba9876543210-240q72-ba9876543210.jpg.tmp-4243-cafef00d"
+    other = folder / "notes.txt"  # not the cache's own: left alone, however old
+    old = time.time() - thumbs_mod.STALE_TEMPORARY - 60
+    for path in (stale, live, other):
+        path.write_bytes(b"\xff\xd8 half a thumbnail")
+    for path in (stale, other):
+        os.utime(path, (old, old))
+    args = ["duplicates", "--db", dbp, "--threshold", "0.01", "--html", tmp_path / "page.html"]
+    assert "thumbnails: 0 from the cache, 2 made)" in run_cli(runner, args).stderr
+    assert not stale.exists()
+    assert live.exists() and other.exists()
+    assert len([p for p in cache_entries(dbp) if p.suffix == ".jpg"]) == 2
 
 
 def test_thumbnail_is_upright_and_drafted(tmp_path):
@@ -595,10 +603,7 @@ def test_pages_render_in_a_browser(runner, library, browser, tmp_path):
 
 
 def test_placeholder_renders_as_text_in_a_browser(runner, browser, tmp_path, tiny_model):
-    photos = tmp_path / "photos"
-    for seed in range(2):
-        noise_photo(photos / f"p{seed}.jpg", seed)
-    index(photos, tmp_path / "index.jsonl", tiny_model)
+    photos = indexed_photos(runner, tmp_path, tiny_model, 2)
     (photos / "p1.jpg").write_bytes(b"broken")
     page = tmp_path / "page.html"
     run_cli(runner, ["search", "x", "--db", tmp_path / "index.sqlite", "--html", page])
@@ -611,7 +616,7 @@ def test_placeholder_renders_as_text_in_a_browser(runner, browser, tmp_path, tin
 @pytest.fixture(scope="module")
 def corpus_db(corpus, tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("html-corpus") / "index.jsonl"
-    index(corpus / "real", out, tiny_model)
+    index(CliRunner(), corpus / "real", out, tiny_model)
     return out.with_suffix(".sqlite")
 
 

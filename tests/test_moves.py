@@ -13,7 +13,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import bump_mtime, make_photo, open_db, read_jsonl, run_cli
+from conftest import bump_mtime, make_photo, open_db, read_jsonl, run_cli, summary_line
 
 N = 6
 
@@ -42,12 +42,6 @@ def _exported(out: Path) -> dict[str, dict]:
 def _rows(db: Path) -> dict[str, dict]:
     with open_db(db) as conn:
         return {r["path"]: dict(r) for r in conn.execute("SELECT * FROM files")}
-
-
-def _summary(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.startswith("scanned ")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 @pytest.fixture
@@ -101,7 +95,7 @@ def test_folder_moved_on_one_filesystem_is_reused_without_reading(runner, tmp_pa
     result = _index(runner, lib, tmp_path, tiny_model)
     assert _counts(db, "new", "deleted", "decoded", "embedded", "reused", "renamed", "hashed_bytes") == \
         (N, N, 0, 0, N, N, 0)
-    assert "reused the vectors of 6 moved, copied or touched files (6 renamed, read 0 bytes" in _summary(result)
+    assert "reused the vectors of 6 moved, copied or touched files (6 renamed, read 0 bytes" in summary_line(result)
     after = _exported(tmp_path / "index.jsonl")
     assert len(after) == N + 1
     _same_vectors(after, before, {str(lib / "photos-2024" / f"p{i}.jpg"): str(lib / "photos" / f"p{i}.jpg")
@@ -134,7 +128,7 @@ def test_folder_copied_takes_the_vectors_by_fingerprint(runner, tmp_path, lib, t
     size = sum(p.stat().st_size for p in (lib / "backup").iterdir())
     assert _counts(db, "new", "deleted", "decoded", "embedded", "reused", "renamed", "hashed_bytes") == \
         (N, 0, 0, 0, N, 0, size)
-    assert f"({0} renamed, read " in _summary(result)
+    assert f"({0} renamed, read " in summary_line(result)
     after = _exported(tmp_path / "index.jsonl")
     assert len(after) == 2 * N + 1
     _same_vectors(after, before, {str(lib / "backup" / f"p{i}.jpg"): str(lib / "photos" / f"p{i}.jpg")
@@ -170,7 +164,7 @@ def test_touched_file_takes_back_its_own_vector(runner, tmp_path, lib, tiny_mode
     result = _index(runner, lib, tmp_path, tiny_model)
     assert _counts(db, "modified", "decoded", "embedded", "reused", "hashed_bytes") == \
         (1, 0, 0, 1, target.stat().st_size)
-    assert "reused the vectors of 1 moved" in _summary(result)
+    assert "reused the vectors of 1 moved" in summary_line(result)
     after = _exported(tmp_path / "index.jsonl")
     assert after[str(target)]["bits"] == before[str(target)]["bits"]
     assert after[str(target)]["metadata"]["modification_time"] != before[str(target)]["metadata"]["modification_time"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import bump_mtime, make_photo, read_jsonl, run_cli
+from conftest import bump_mtime, make_photo, read_jsonl, run_cli, summary_line
 
 N = 4
 
@@ -39,13 +39,6 @@ def _export_vectors(out: Path) -> dict[str, list[float]]:
     return {Path(p).name: r["vector"] for p, r in zip(paths, records)}
 
 
-def _summary(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.startswith("scanned ")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
-
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     photos = tmp_path / "photos"
@@ -63,7 +56,7 @@ def test_full_build_embeds_everything_again_and_retries_failures(runner, tmp_pat
     out, db = tmp_path / "index.jsonl", tmp_path / "index.sqlite"
 
     first = run_cli(runner, _args(tree, out, tiny_model))
-    assert _summary(first).startswith(f"scanned {N + 1}, new {N + 1}, modified 0, unchanged 0, deleted 0, "
+    assert summary_line(first).startswith(f"scanned {N + 1}, new {N + 1}, modified 0, unchanged 0, deleted 0, "
                                       f"failed 1, exported {N} in ")
     run1 = _last_run(db)
     assert (run1["mode"], run1["status"], run1["embedded"], run1["failed"], run1["decoded"]) == \
@@ -84,7 +77,7 @@ def test_full_build_embeds_everything_again_and_retries_failures(runner, tmp_pat
     assert {f["build"] for f in files.values()} == {run2["build"]}
     assert {f["changed_run"] for f in files.values()} == {run2["id"]}
     assert len(files) == N + 1
-    assert "failed 1, exported 4" in _summary(second)
+    assert "failed 1, exported 4" in summary_line(second)
     # Same images, same model: same vectors.
     after = _export_vectors(out)
     assert after.keys() == vectors1.keys()
@@ -105,7 +98,7 @@ def test_reindex_new_modified_deleted_unchanged(runner, tmp_path, tree, tiny_mod
     (tree / "p3.jpg").unlink()  # deleted
 
     result = run_cli(runner, _args(tree, out, tiny_model, "--reindex"))
-    assert _summary(result).startswith(
+    assert summary_line(result).startswith(
         "scanned 4, new 1, modified 2, unchanged 1, deleted 1, failed 0, exported 4 in "
     ), result.stderr
     run = _last_run(db)
@@ -152,7 +145,7 @@ def test_reindex_without_changes_decodes_nothing(runner, tmp_path, tree, tiny_mo
     inode_before = (out.stat().st_ino, out.stat().st_mtime_ns)
 
     result = run_cli(runner, _args(tree, out, tiny_model, "--reindex"))
-    assert _summary(result).startswith(f"scanned {N}, new 0, modified 0, unchanged {N}, deleted 0, failed 0, "
+    assert summary_line(result).startswith(f"scanned {N}, new 0, modified 0, unchanged {N}, deleted 0, failed 0, "
                                        f"exported {N} in ")
     run = _last_run(db)
     assert (run["decoded"], run["embedded"], run["imported"], run["unchanged"], run["exported"]) == (0, 0, 0, N, N)
@@ -181,7 +174,7 @@ def test_failed_file_is_not_retried_until_it_changes(runner, tmp_path, tree, tin
     assert (run["decoded"], run["embedded"], run["failed"], run["unchanged"]) == (0, 0, 0, N + 1)
     assert _files(db)["broken.jpg"]["status"] == "failed"
     assert "broken.jpg" not in _export_vectors(out)
-    assert "failed 0" in _summary(result)
+    assert "failed 0" in summary_line(result)
 
     make_photo(broken, seed=42, fmt="JPEG")
     run_cli(runner, _args(tree, out, tiny_model, "--reindex"))
@@ -233,7 +226,7 @@ def test_relative_and_dotdot_paths_match_absolute_ones(runner, tmp_path, tree, t
     monkeypatch.chdir(elsewhere)
     result = run_cli(runner, ["-i", "../../photos/../photos/.", "-o", "../../elsewhere/../index.jsonl",
                               "--model-name", tiny_model, "--reindex"])
-    assert _summary(result).startswith(f"scanned {N}, new 0, modified 0, unchanged {N}, deleted 0, ")
+    assert summary_line(result).startswith(f"scanned {N}, new 0, modified 0, unchanged {N}, deleted 0, ")
     run = _last_run(db)
     assert (run["new"], run["unchanged"], run["embedded"], run["decoded"]) == (0, N, 0, 0)
     after = _files(db)
@@ -284,7 +277,7 @@ def test_changes_spread_over_many_scan_batches(runner, tmp_path, tiny_model, oth
     bump_mtime(photos / "m.jpg")  # modified
 
     result = run_cli(runner, _args(photos, out, tiny_model, "--reindex"))
-    assert _summary(result).startswith("scanned 11, new 4, modified 1, unchanged 6, deleted 4, failed 0, exported 11 "), \
+    assert summary_line(result).startswith("scanned 11, new 4, modified 1, unchanged 6, deleted 4, failed 0, exported 11 "), \
         result.stderr
     after = {Path(r["path"]).relative_to(photos).as_posix(): dict(r) for r in _query(db, "SELECT * FROM files")}
     on_disk = sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.jpg"))
@@ -296,14 +289,14 @@ def test_changes_spread_over_many_scan_batches(runner, tmp_path, tiny_model, oth
 
     # Nothing changed: nothing is written, whatever the batches.
     result = run_cli(runner, _args(photos, out, tiny_model, "--reindex"))
-    assert _summary(result).startswith("scanned 11, new 0, modified 0, unchanged 11, deleted 0, "), result.stderr
+    assert summary_line(result).startswith("scanned 11, new 0, modified 0, unchanged 11, deleted 0, "), result.stderr
     assert {r["path"]: dict(r) for r in _query(db, "SELECT * FROM files")} == \
         {str(photos / name): row for name, row in after.items()}
 
     # Another model: every row needs work again, in every batch; one new file among them.
     make_photo(photos / "a-b" / "8.jpg", seed=24)
     result = run_cli(runner, _args(photos, out, other_tiny_model, "--reindex"))
-    assert _summary(result).startswith("scanned 12, new 1, modified 0, unchanged 11, deleted 0, failed 0, exported 12 "), \
+    assert summary_line(result).startswith("scanned 12, new 1, modified 0, unchanged 11, deleted 0, failed 0, exported 12 "), \
         result.stderr
     rows = _query(db, "SELECT path, status, model FROM files")
     assert len(rows) == 12 and {(r["status"], r["model"]) for r in rows} == {("ok", str(other_tiny_model))}

@@ -217,6 +217,17 @@ def _no_partial_output(out: Path, previous: tuple[bytes, int] | None) -> None:
     assert not out.with_name(out.name + ".tmp").exists()
 
 
+def _killed_after_its_first_batch(ix: Indexer, out: Path, previous: tuple[bytes, int] | None) -> None:
+    """SIGKILL a started run once it has committed a batch; it leaves no process, the index
+    as it was, and a sound database."""
+    ix.wait_for_embedded(1)
+    ix.proc.send_signal(signal.SIGKILL)
+    assert ix.wait() == -signal.SIGKILL
+    _nothing_left_behind(ix)
+    _no_partial_output(out, previous)
+    _integrity(ix.state)
+
+
 def assert_same_index(got: list[dict], want: list[dict], *, got_root: Path, want_root: Path) -> None:
     """Record for record: same files (relative to their roots), same metadata except the
     path itself and creation_time, vectors equal within 1e-5."""
@@ -308,13 +319,7 @@ def test_killed_full_rebuild_keeps_previous_index_then_resumes(tree, baseline, t
 
     _copy_tree(tree / "b", photos / "b")
     rebuild = indexers([photos], out, tiny_model).start()  # a full build: everything again
-    rebuild.wait_for_embedded(1)
-    rebuild.proc.send_signal(signal.SIGKILL)
-    assert rebuild.wait() == -signal.SIGKILL
-    _nothing_left_behind(rebuild)
-
-    _no_partial_output(out, previous)
-    _integrity(rebuild.state)
+    _killed_after_its_first_batch(rebuild, out, previous)
     runs = _runs(rebuild.state)
     assert [r["status"] for r in runs] == ["completed", "running"]
     this_build = runs[1]["build"]
@@ -360,13 +365,7 @@ def test_killed_reindex_resumes(tree, baseline, tiny_model, tmp_path, indexers):
         (photos / "b" / f"extra{k}.jpg").unlink()
     _copy_tree(tree / "b", photos / "b")  # the three modified files and N_B - 3 new ones
     reindex = indexers([photos], out, tiny_model, reindex=True).start()
-    reindex.wait_for_embedded(1)
-    reindex.proc.send_signal(signal.SIGKILL)
-    assert reindex.wait() == -signal.SIGKILL
-    _nothing_left_behind(reindex)
-
-    _no_partial_output(out, previous)
-    _integrity(reindex.state)
+    _killed_after_its_first_batch(reindex, out, previous)
     runs = _runs(reindex.state)
     assert [(r["mode"], r["status"]) for r in runs] == [("full", "completed"), ("reindex", "running")]
     assert 0 < runs[1]["embedded"] < N_B, f"killed after {runs[1]['embedded']} of {N_B}: not mid-embedding"

@@ -11,7 +11,6 @@ a gradient and a block (conftest.make_photo) are too alike for it (~0.98).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sqlite3
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import bump_mtime, run_cli
+from conftest import bump_mtime, copy_resized, index, json_lines, one_error_line, run_cli
 
 from sqlindexer import db, duplicates, errors, records, runs, search, state
 from sqlindexer import vectors as vectors_mod
@@ -55,29 +54,6 @@ def camera_exif(model: str, taken: str):
 
 def set_mtime(path: Path, when: datetime) -> None:
     os.utime(path, (when.timestamp(), when.timestamp()))
-
-
-def copy_resized(src: Path, dst: Path, size: tuple[int, int], **save) -> Path:
-    from PIL import Image
-
-    with Image.open(src) as im:
-        im.convert("RGB").resize(size, Image.LANCZOS).save(dst, **save)
-    return dst
-
-
-def index(runner: CliRunner, tree: Path, out: Path, model: Path, *extra):
-    return run_cli(runner, ["-i", tree, "-o", out, "--model-name", model, "--workers", "0", *extra])
-
-
-def json_lines(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines()]
-
-
-def one_error_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[0]
 
 
 def stored_vectors(db_path: Path) -> dict[str, np.ndarray]:
