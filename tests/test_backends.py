@@ -276,3 +276,86 @@ def test_bad_backend_on_the_command_line_stops_before_the_scan(runner, tmp_path,
     assert len(lines) == 1 or "Usage:" in result.stderr, result.stderr
     assert all(n in result.stderr for n in needles), result.stderr
     assert not (tmp_path / "index.sqlite").exists()  # nothing scanned, no database made
+
+
+# -- a warm load reads only what torch runs ------------------------------------------------
+def _spoil_encoder_weights(checkpoint: Path) -> int:
+    """Overwrite, in place, the bytes of every vision weight but the embeddings' with NaN
+    (0xFF bytes), keeping the file's size and mtime: a load that read them would give other
+    vectors. The number of tensors spoiled."""
+    import json
+    import struct
+
+    path = checkpoint / "model.safetensors"
+    st = path.stat()
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        spoiled = 0
+        for name, info in header.items():
+            if name.startswith("vision_model.") and not name.startswith("vision_model.embeddings."):
+                begin, end = info["data_offsets"]
+                f.seek(8 + n + begin)
+                f.write(b"\xff" * (end - begin))
+                spoiled += 1
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return spoiled
+
+
+@needs_openvino
+def test_a_warm_load_reads_no_encoder_weight_from_the_checkpoint(tiny_model, tmp_path, monkeypatch, caplog):
+    import shutil
+
+    from sqlindexer.embed import Embedder
+
+    monkeypatch.setenv(ov_vision.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(logging.getLogger("sqlindexer"), "propagate", True)
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    paths = [make_photo(tmp_path / f"p{i}.jpg", size=(300 + 50 * i, 200), seed=i) for i in range(3)]
+    first = Embedder(str(model), device="cpu", dtype="float32", backend="openvino").load()
+    arrays = prepared(paths, first)
+    want = first.embed_resized(arrays)
+    assert _spoil_encoder_weights(model) > 10
+    # The spoiled weights are what a full load reads: torch's vectors are no longer numbers.
+    assert np.isnan(Embedder(str(model), device="cpu", dtype="float32", backend="torch").embed_resized(arrays)).all()
+    caplog.clear()  # the first load's conversion
+    with caplog.at_level(logging.INFO, logger="sqlindexer"):
+        got = Embedder(str(model), device="cpu", dtype="float32", backend="openvino").embed_resized(arrays)
+    assert not [r for r in caplog.records if "converting" in r.getMessage()]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@needs_openvino
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_a_warm_openvino_process_holds_no_page_of_the_checkpoint_or_the_cache(tiny_model, tmp_path):
+    """After a warm load and a batch, neither the checkpoint's file nor the cache's (blob,
+    IR) has a resident page in the process; and the released pages come back when read."""
+    code = ("import sys, numpy as np\n"
+            "from pathlib import Path\n"
+            "from sqlindexer.embed import Embedder\n"
+            "model, cache = sys.argv[1], sys.argv[2]\n"
+            "def resident():\n"
+            "    out, name = {}, None\n"
+            "    for line in open('/proc/self/smaps'):\n"
+            "        parts = line.split()\n"
+            "        if '-' in parts[0] and len(parts) >= 5 and ':' in parts[3]:\n"
+            "            name = parts[5] if len(parts) > 5 else ''\n"
+            "        elif parts[0] == 'Rss:' and (name.startswith(cache) or name.startswith(model)):\n"
+            "            out[name] = out.get(name, 0) + int(parts[1])\n"
+            "    return out\n"
+            "rng = np.random.default_rng(0)\n"
+            "arrays = [rng.integers(0, 255, (256, 256, 3), dtype=np.uint8) for _ in range(3)]\n"
+            "vectors = [Embedder(model, device='cpu', dtype=d, backend='openvino').embed_resized(arrays)\n"
+            "           for d in ('float32', 'auto')]\n"
+            "print(sum(resident().values()), resident())\n"
+            "again = Embedder(model, device='cpu', dtype='float32', backend='openvino').embed_resized(arrays)\n"
+            "print(float(np.abs(again - vectors[0]).max()))\n")
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", ov_vision.CACHE_ENV: str(cache)}
+    runs = [subprocess.run([sys.executable, "-c", code, str(tiny_model), str(cache)], capture_output=True, text=True,
+                           timeout=300, check=False, env=env) for _ in range(2)]
+    for done in runs:
+        assert done.returncode == 0, done.stderr
+    lines = runs[1].stdout.splitlines()  # the second process: the cache is warm
+    assert lines[0].split()[0] == "0", lines[0]
+    assert float(lines[1]) < 1e-6
