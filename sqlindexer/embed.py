@@ -7,6 +7,7 @@ so runs with nothing to embed (and --help) never pay for them.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import warnings
@@ -21,6 +22,7 @@ from .model_load import (  # noqa: F401 - quiet_transformers, _weights_options: 
     _weights_options,
     load_image_model,
     load_text_model,
+    load_vision_embeddings,
     quiet_transformers,
     read_config,
     resolve_device,
@@ -140,10 +142,10 @@ class Embedder:
         if self._model is not None:
             return self
         self.prepare()
-        model, self._vision_only = load_image_model(self.model_name, self._config)
         if self.backend == "openvino":
-            self._load_openvino(model)
+            self._load_openvino()
         else:
+            model, self._vision_only = load_image_model(self.model_name, self._config)
             self.dtype = resolve_dtype(self.requested_dtype, self.device)
             model.to(device=self.device, dtype=self.dtype)
             model.eval()
@@ -152,24 +154,33 @@ class Embedder:
         log.info("loaded %s on %s (%s, %s)", self.model_name, self.device, self.backend, self.precision)
         return self
 
-    def _load_openvino(self, model: Any) -> None:
+    def _load_openvino(self) -> None:
         import torch
 
         if self.requested_dtype == "auto":
             cpu.auto_dtype()  # logs what the CPU does natively; OpenVINO makes its own choice
-        model.eval()
-        tower = model if self._vision_only else model.vision_model
-        xml = ov_vision.convert_tower(tower, max_patches=self.max_num_patches, dtype=self.requested_dtype,
-                                      source=weights_identity(self.model_name))
-        # Only the embeddings stay in torch; the rest of the weights are OpenVINO's, and
-        # are let go before it compiles its own copy, so the two are never held at once.
-        embeddings = tower.embeddings.to(dtype=torch.float32)
-        for module in (tower, model):  # the caller holds the model too: empty it
-            for name, _ in list(module.named_children()):
-                setattr(module, name, None)
+        shape = {"max_patches": self.max_num_patches}
+        source = weights_identity(self.model_name)
+        xml = ov_vision.cached_ir(self._config, dtype=self.requested_dtype, source=source, **shape)
+        # With the encoder and head in the cache, only the embeddings' weights are read from
+        # the checkpoint: the rest would sit in memory (its mapped pages) next to OpenVINO's.
+        embeddings = load_vision_embeddings(self.model_name, self._config) if xml else None
+        if embeddings is None:
+            model, vision_only = load_image_model(self.model_name, self._config)
+            model.eval()
+            tower = model if vision_only else model.vision_model
+            xml = ov_vision.convert_tower(tower, dtype=self.requested_dtype, source=source, **shape)
+            ov_vision.remember_ir(xml, self._config, source=source, **shape)
+            # A copy: the checkpoint's weights are memory-mapped, and a module that pointed
+            # into them would keep the whole mapping (and every page read) alive.
+            embeddings = copy.deepcopy(tower.embeddings).to(dtype=torch.float32)
+            for module in (tower, model):  # let every other weight go before OpenVINO compiles
+                for name, _ in list(module.named_children()):
+                    setattr(module, name, None)
+            del model, tower
         # Set only once compiled: a failed compile leaves the Embedder unloaded.
         self._tower = ov_vision.compile_tower(xml, dtype=self.requested_dtype)
-        self._model = embeddings
+        self._model = embeddings.eval()
         self.dtype = torch.float32
         self.precision = self._tower.precision
 

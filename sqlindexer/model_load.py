@@ -79,6 +79,22 @@ def _has_safetensors(name: str) -> bool | None:
         return None
 
 
+def _local_file(name: str, file: str) -> str | None:
+    """The path of one of the checkpoint's files: in a local folder, or in the hub's cache
+    (never downloaded here); None where it is not on disk."""
+    if os.path.isdir(os.path.expanduser(name)):
+        path = os.path.join(os.path.expanduser(name), file)
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(name, file)
+            path = found if isinstance(found, str) else ""
+        except Exception:  # noqa: BLE001 - not a hub id
+            path = ""
+    return path if path and os.path.isfile(path) else None
+
+
 def weights_identity(name: str) -> str:
     """The checkpoint's weight files as "file size mtime_ns" lines (a local folder, or a hub
     snapshot in the cache, whose files are named by their content hash); "" where unknown."""
@@ -86,20 +102,74 @@ def weights_identity(name: str) -> str:
 
     lines = []
     for file in (*_SAFETENSORS, "pytorch_model.bin", "pytorch_model.bin.index.json"):
-        path: str | None = os.path.join(os.path.expanduser(name), file)
-        if not os.path.isdir(os.path.expanduser(name)):
-            try:
-                from huggingface_hub import try_to_load_from_cache
-
-                found = try_to_load_from_cache(name, file)
-                path = found if isinstance(found, str) else None
-            except Exception:  # noqa: BLE001 - not a hub id
-                path = None
-        if path and os.path.isfile(path):
+        path = _local_file(name, file)
+        if path:
             real = Path(path).resolve()
             st = real.stat()
             lines.append(f"{real} {st.st_size} {st.st_mtime_ns}")
     return "\n".join(lines)
+
+
+def load_vision_embeddings(name: str, config: Any) -> Any | None:
+    """The SigLIP 2 vision tower's embeddings alone (patch embedding, position embeddings),
+    float32, their weights copied out of the checkpoint's safetensors and nothing else read
+    from it: what the OpenVINO backend runs in torch once the rest of the tower is in its
+    cache. None where the checkpoint has no such tensors on disk (the caller loads the
+    whole tower instead)."""
+    import torch
+    from safetensors import safe_open
+    from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
+
+    vision = getattr(config, "vision_config", config)
+    if getattr(vision, "model_type", "") not in ("siglip2_vision_model", "siglip2"):
+        return None
+    try:
+        files = _embedding_files(name)
+        if not files:
+            return None
+        found: dict[str, Any] = {}
+        for file, keys in files.items():
+            # safe_open maps the whole file; only the pages of these tensors are read, and
+            # the clone lets the mapping go when the block ends.
+            with safe_open(file, framework="pt") as f:
+                for key in keys:
+                    found[key.split("embeddings.", 1)[1]] = f.get_tensor(key).to(torch.float32).clone()
+        with quiet_transformers(), torch.device("meta"):
+            module = Siglip2VisionEmbeddings(vision)
+        module.load_state_dict(found, strict=True, assign=True)
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        log.info("%s: the vision embeddings alone cannot be read (%s); loading the whole tower", name, one_line(e))
+        return None
+    return module.eval()
+
+
+def _embedding_files(name: str) -> dict[str, list[str]]:
+    """safetensors file -> the vision embeddings' tensor names in it (one file, or the
+    shards that the index names)."""
+    import json
+
+    def wanted(key: str) -> bool:
+        return key.startswith(("vision_model.embeddings.", "embeddings."))
+
+    index = _local_file(name, "model.safetensors.index.json")
+    if index:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        folder = os.path.dirname(index)
+        out: dict[str, list[str]] = {}
+        for key, shard in weight_map.items():
+            if wanted(key):
+                path = _local_file(name, shard) or os.path.join(folder, shard)
+                out.setdefault(path, []).append(key)
+        return out
+    single = _local_file(name, "model.safetensors")
+    if not single:
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        keys = [k for k in f.keys() if wanted(k)]
+    return {single: keys} if keys else {}
 
 
 def _weights_options(name: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -116,6 +117,15 @@ class Tower:
         self._queue = openvino.AsyncInferQueue(compiled, max(1, requests))
         self._lock = threading.Lock()
 
+    def warm_up(self) -> None:
+        """One padded image through the model, so that its one-time work (repacking the
+        weights) is done before the first batch."""
+        import numpy as np
+
+        shape = self._compiled.input(0).get_partial_shape()
+        patches, width = shape[1].get_length(), shape[2].get_length()
+        self(np.zeros((1, patches, width), np.float32), np.ones((1, patches), np.int64))
+
     def __call__(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
         import numpy as np
 
@@ -140,23 +150,79 @@ def convert_tower(tower: Any, *, max_patches: int, dtype: str, source: str = "",
 
     A 16-bit computation gets IR whose weights are stored as float16: a bf16 computation
     rounds them further anyway, and the smaller file is what OpenVINO maps into memory next
-    to its own bf16 copy (peak RSS ~180 MB less on the base model). float32 gets float32
-    weights. source names the checkpoint's files (model_load.weights_identity)."""
+    to its own bf16 copy. float32 gets float32 weights. source names the checkpoint's files
+    (model_load.weights_identity)."""
     folder = (cache or cache_root()) / "ir" / _key(tower, max_patches, source)
-    sixteen = _compute_precision(dtype) in ("bf16", "f16")
-    xml = folder / ("encoder_head_f16.xml" if sixteen else "encoder_head.xml")
-    if xml.is_file():
-        return xml
     try:
-        other = folder / ("encoder_head.xml" if sixteen else "encoder_head_f16.xml")
-        if sixteen and other.is_file():
-            model = _core().read_model(str(other))  # a re-save, much quicker than converting
-        else:
-            model = _convert(tower, max_patches, folder)
-        _save(model, xml, compress_to_fp16=sixteen)
+        xml = _variant(folder, dtype)
+        if xml is None:
+            xml = _ir_name(folder, dtype)
+            _save(_convert(tower, max_patches, folder), xml, compress_to_fp16=_sixteen(dtype))
     except Exception as e:  # noqa: BLE001 - tracing, conversion and disk errors alike
         raise BackendError(f"--backend openvino: cannot convert the vision tower ({one_line(e)})") from None
     return xml
+
+
+def cached_ir(config: Any, *, max_patches: int, dtype: str, source: str, cache: Path | None = None) -> Path | None:
+    """The IR that an earlier run converted from this checkpoint, found from its files'
+    identity (source) and its config alone, so that no weight of the tower is read; None
+    where there is none (or the checkpoint's files are not known)."""
+    if not source:
+        return None
+    root = cache or cache_root()
+    try:
+        name = (root / "by-source" / _source_key(config, max_patches, source)).read_text().strip()
+        return _variant(root / "ir" / name, dtype) if name else None
+    except Exception:  # noqa: BLE001 - a missing or unreadable link, a broken IR: convert again
+        return None
+
+
+def remember_ir(xml: Path, config: Any, *, max_patches: int, source: str, cache: Path | None = None) -> None:
+    """Link the checkpoint's files and config to its converted IR, for cached_ir. A failure
+    to write only costs the next run a full load."""
+    if not source:
+        return
+    link = (cache or cache_root()) / "by-source" / _source_key(config, max_patches, source)
+    try:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.with_name(f".{os.getpid()}.{link.name}")
+        tmp.write_text(xml.parent.name + "\n")
+        tmp.replace(link)
+    except OSError as e:
+        log.info("openvino: cannot record the converted tower's source (%s)", one_line(e))
+
+
+def _sixteen(dtype: str) -> bool:
+    return _compute_precision(dtype) in ("bf16", "f16")
+
+
+def _ir_name(folder: Path, dtype: str) -> Path:
+    return folder / ("encoder_head_f16.xml" if _sixteen(dtype) else "encoder_head.xml")
+
+
+def _variant(folder: Path, dtype: str) -> Path | None:
+    """The IR for dtype in folder: there already, or re-saved from the other variant (much
+    quicker than converting); None where folder holds neither."""
+    xml = _ir_name(folder, dtype)
+    if xml.is_file() and xml.with_suffix(".bin").is_file():
+        return xml
+    other = folder / ("encoder_head.xml" if _sixteen(dtype) else "encoder_head_f16.xml")
+    # Only float32 weights can be re-saved without loss; float16 ones are not widened back.
+    if _sixteen(dtype) and other.is_file():
+        _save(_core().read_model(str(other)), xml, compress_to_fp16=True)
+        return xml
+    return None
+
+
+def _source_key(config: Any, max_patches: int, source: str) -> str:
+    import openvino
+    import torch
+    import transformers
+
+    vision = getattr(config, "vision_config", config)
+    text = json.dumps([_FORMAT, max_patches, openvino.__version__, transformers.__version__, torch.__version__,
+                       source, vision.to_json_string()])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def _compute_precision(dtype: str) -> str:
@@ -175,9 +241,46 @@ def compile_tower(xml: Path, *, dtype: str, cache: Path | None = None) -> Tower:
         config["INFERENCE_PRECISION_HINT"] = hint
     try:
         compiled = _core().compile_model(str(xml), "CPU", config)
+        tower = Tower(compiled)
+        # OpenVINO repacks the weights for this CPU on the first inference and keeps the
+        # repacked copy; the file it read them from (the compiled blob, or the IR) stays
+        # mapped, its pages counted in our memory. One image through it now, then those
+        # pages are let go while the batches are still to come.
+        tower.warm_up()
     except Exception as e:  # noqa: BLE001 - disk and plugin errors alike
         raise BackendError(f"--backend openvino: cannot compile the vision tower ({one_line(e)})") from None
-    return Tower(compiled)
+    release_mapped_files(cache or cache_root())
+    return tower
+
+
+def release_mapped_files(folder: Path) -> int:
+    """Drop from this process's memory the pages of the files under folder that are mapped
+    read-only (OpenVINO maps its blobs and IR weights); bytes released. Linux only (0
+    elsewhere). Safe at any time: a page of a read-only file mapping that is touched
+    again is read back from the file."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    import ctypes
+    import mmap
+
+    prefix = str(folder.resolve())
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return 0
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        # Never a writable mapping: its pages may hold changes that are in no file.
+        if len(parts) < 6 or "w" in parts[1] or not parts[5].strip().startswith(prefix):
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        if madvise(start, end - start, mmap.MADV_DONTNEED) == 0:
+            released += end - start
+    return released
 
 
 def _wrapper(tower: Any) -> Any:

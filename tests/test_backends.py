@@ -276,3 +276,85 @@ def test_bad_backend_on_the_command_line_stops_before_the_scan(runner, tmp_path,
     assert len(lines) == 1 or "Usage:" in result.stderr, result.stderr
     assert all(n in result.stderr for n in needles), result.stderr
     assert not (tmp_path / "index.sqlite").exists()  # nothing scanned, no database made
+
+
+# -- a warm load reads only what torch runs ------------------------------------------------
+def _spoil_encoder_weights(checkpoint: Path) -> int:
+    """Overwrite, in place, the bytes of every vision weight but the embeddings' with NaN
+    (0xFF bytes), keeping the file's size and mtime: a load that read them would give other
+    vectors. The number of tensors spoiled."""
+    import json
+    import struct
+
+    path = checkpoint / "model.safetensors"
+    st = path.stat()
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        spoiled = 0
+        for name, info in header.items():
+            if name.startswith("vision_model.") and not name.startswith("vision_model.embeddings."):
+                begin, end = info["data_offsets"]
+                f.seek(8 + n + begin)
+                f.write(b"\xff" * (end - begin))
+                spoiled += 1
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return spoiled
+
+
+@needs_openvino
+def test_a_warm_load_reads_no_encoder_weight_from_the_checkpoint(tiny_model, tmp_path, monkeypatch, caplog):
+    import shutil
+
+    from sqlindexer.embed import Embedder
+
+    monkeypatch.setenv(ov_vision.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(logging.getLogger("sqlindexer"), "propagate", True)
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    paths = [make_photo(tmp_path / f"p{i}.jpg", size=(300 + 50 * i, 200), seed=i) for i in range(3)]
+    first = Embedder(str(model), device="cpu", dtype="float32", backend="openvino").load()
+    arrays = prepared(paths, first)
+    want = first.embed_resized(arrays)
+    assert _spoil_encoder_weights(model) > 10
+    # The spoiled weights are what a full load reads: torch's vectors are no longer numbers.
+    assert np.isnan(Embedder(str(model), device="cpu", dtype="float32", backend="torch").embed_resized(arrays)).all()
+    caplog.clear()  # the first load's conversion
+    with caplog.at_level(logging.INFO, logger="sqlindexer"):
+        got = Embedder(str(model), device="cpu", dtype="float32", backend="openvino").embed_resized(arrays)
+    assert not [r for r in caplog.records if "converting" in r.getMessage()]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def _resident_kb(path: Path) -> int:
+    total, name = 0, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and len(parts) >= 5 and ":" in parts[3]:
+                name = parts[5] if len(parts) > 5 else ""
+            elif parts[0] == "Rss:" and name == str(path):
+                total += int(parts[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_released_pages_of_a_read_only_mapping_leave_memory_and_read_back(tmp_path):
+    import mmap
+
+    path = tmp_path / "cache" / "weights.bin"
+    path.parent.mkdir()
+    data = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    outside = tmp_path / "other.bin"
+    outside.write_bytes(data)
+    with open(path, "rb") as f, open(outside, "rb") as g:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        other = mmap.mmap(g.fileno(), 0, access=mmap.ACCESS_READ)
+        assert mapped[:] == data and other[:] == data  # every page read in
+        assert _resident_kb(path) >= 8 << 10 and _resident_kb(outside) >= 8 << 10
+        assert ov_vision.release_mapped_files(tmp_path / "cache") >= len(data)
+        assert _resident_kb(path) == 0
+        assert _resident_kb(outside) >= 8 << 10  # a file outside the folder is left alone
+        assert mapped[:] == data  # read back from the file
+        mapped.close()
+        other.close()
