@@ -130,8 +130,8 @@ for k, e in emb.items():
 print(json.dumps(out), file=sys.stderr)
 """
 
-# (b) with a forced choice, through the public entry point: a factory that gives the
-# Embedder its backend, for a Config that has no backend field yet.
+# (b) with a forced choice, through the public entry point (Config's backend field; the
+# factory fallback lets the bench time code from before that field existed).
 FORCED = r"""
 import dataclasses, functools, logging, sys, time
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
