@@ -133,8 +133,11 @@ def _adopt_by_content(conn: sqlite3.Connection, run: Run, batch: Sequence[conten
 
 def _hashed(pool: ThreadPoolExecutor, items: Sequence[T],
             where: Callable[[T], tuple[str, int, int]]) -> list[bytes | None]:
-    def one(item: T) -> bytes | None:
-        path, size, mtime_ns = where(item)
-        return fingerprint.hash_file(path, size=size, mtime_ns=mtime_ns)
+    def some(part: Sequence[T]) -> list[bytes | None]:
+        return [fingerprint.hash_file(path, size=size, mtime_ns=mtime_ns)
+                for path, size, mtime_ns in map(where, part)]
 
-    return list(pool.map(one, items))
+    # One task per thread, each a slice of the batch: a task per file costs more than
+    # hashing a small file.
+    step = -(-len(items) // HASH_THREADS) or 1
+    return [d for part in pool.map(some, [items[i : i + step] for i in range(0, len(items), step)]) for d in part]
