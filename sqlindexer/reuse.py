@@ -5,7 +5,9 @@ decoded nor embedded again.
 Two rules, both for the vectors of the run's model only:
 - renamed: a pending file whose (device, inode, size, mtime_ns) are those of a row whose
   path this scan found gone is that file under a new name; it takes the row's vector
-  without being read at all.
+  without being read at all. The scan moves most such rows itself (state.Scan holds new
+  files back, content.move_renamed); what reaches this rule is a file it did not hold
+  (past state.HELD_NEW of them) or a pending row an interrupted run left.
 - same content: a pending file of a size that some row with a vector has is read once and
   hashed (fingerprint.py); a row with the same fingerprint, under any path (still on disk,
   found gone, or its own row whose mtime only moved), gives its vector. Rows made before
