@@ -137,6 +137,22 @@ def test_renamed_file_moves_its_row_and_no_vector_is_written(runner, tmp_path, l
                   {str(lib / "photos-2024" / f"p{i}.jpg"): str(lib / "photos" / f"p{i}.jpg") for i in range(N)})
 
 
+def test_renamed_files_past_the_held_limit_still_keep_their_vectors(runner, tmp_path, lib, tiny_model, monkeypatch):
+    # Past state.HELD_NEW new files the scan writes them as they come; the reuse step's
+    # inode rule then gives the renamed ones their vectors, still without reading them.
+    from sqlindexer import state
+
+    monkeypatch.setattr(state, "HELD_NEW", 2)
+    db, before = _first(runner, lib, tmp_path, tiny_model)
+    (lib / "photos").rename(lib / "photos-2024")
+
+    _index(runner, lib, tmp_path, tiny_model)
+    assert _counts(db, "new", "deleted", "decoded", "embedded", "reused", "renamed", "hashed_bytes") == \
+        (N, N, 0, 0, N, N, 0)
+    _same_vectors(_exported(tmp_path / "index.jsonl"), before,
+                  {str(lib / "photos-2024" / f"p{i}.jpg"): str(lib / "photos" / f"p{i}.jpg") for i in range(N)})
+
+
 def test_files_renamed_keep_their_vectors(runner, tmp_path, lib, tiny_model):
     db, before = _first(runner, lib, tmp_path, tiny_model)
     (lib / "photos" / "p0.jpg").rename(lib / "photos" / "holiday.jpg")
