@@ -60,6 +60,36 @@ def gone_by_inode(conn: sqlite3.Connection, model: str) -> dict[tuple[int, int, 
     return {tuple(row[:4]): row[4] for row in rows}
 
 
+def move_renamed(conn: sqlite3.Connection, run: Run, arrivals: Sequence[tuple]) -> int:
+    """Write the new files a re-index's scan held back, (path, size, mtime_ns, ctime_ns,
+    dev, ino, run id) each, once temp.missing holds the rows found gone: one with the
+    (dev, ino, size, mtime_ns) of such a row holding a vector of run.model is that file
+    renamed, and the row itself moves to the new path (its id, vector, EXIF, size in
+    pixels and fingerprint untouched, no vector copied, no row inserted or deleted); the
+    others are inserted as pending. Counted as before a row could move: the new path is
+    new, the old one deleted, the file reused and renamed. One transaction; returns how
+    many were inserted (to embed)."""
+    with transaction(conn):
+        gone = gone_by_inode(conn, run.model)
+        moves, new = [], []
+        for path, size, mtime_ns, ctime_ns, dev, ino, run_id in arrivals:
+            src = gone.pop((dev, ino, size, mtime_ns), None)
+            if src is None:
+                new.append((path, size, mtime_ns, ctime_ns, dev, ino, run_id))
+            else:
+                moves.append((path, ctime_ns, run.build, run.id, src))
+        conn.executemany("UPDATE files SET path = ?, ctime_ns = ?, build = ?, changed_run = ? WHERE id = ?", moves)
+        conn.executemany("DELETE FROM temp.missing WHERE id = ?", [(m[-1],) for m in moves])
+        conn.executemany(
+            "INSERT INTO files (path, size, mtime_ns, ctime_ns, dev, ino, status, changed_run) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
+            new,
+        )
+        n = len(moves)
+        add_counts(conn, run.id, new=len(arrivals), deleted=n, reused=n, renamed=n)
+    return len(new)
+
+
 def _chunks(values: Sequence, size: int = CHUNK) -> Iterator[Sequence]:
     for i in range(0, len(values), size):
         yield values[i : i + size]

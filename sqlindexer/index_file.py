@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 JSONL_LAYOUT = 1
 _WRITE_BUFFER = 1 << 20
 _PATH_KEY = b',"metadata":{"path":"'
+_PATH_KEY_BYTES = np.frombuffer(_PATH_KEY, dtype=np.uint8)
+_PATH_KEY_RANGE = np.arange(len(_PATH_KEY))
 _SCAN_READ = 1 << 22
-_ONE_BY_ONE = 4  # a run of this many paths or fewer that is not one block is copied line by line
+_WINDOW = 4096  # lines whose paths are read at once when a run of records is not one block
 
 
 def iso_time(ns: int) -> str:
@@ -107,7 +109,8 @@ def _write_jsonl_reusing(entries: Iterable[ExportRow | list[str]], f: BinaryIO, 
             f.write(_jsonl_line(entry))
             n += 1
             tick(1)
-    log.debug("copied %d of %d records from the last export (%d of them line by line)", copied, n, old.one_by_one)
+    log.debug("copied %d of %d records from the last export in %d blocks (%d of its %d lines looked at)",
+              copied, n, old.blocks, old.looked, old.count)
     return n
 
 
@@ -115,15 +118,17 @@ class _Previous:
     """A jsonl index that _jsonl_line wrote, read by line number.
 
     Where each line starts is found first, by numpy, in reads of a few megabytes (8 bytes
-    a line are kept, not the file); a line's path is parsed only where it is looked at.
+    a line are kept, not the file); a line's path is read only where it is looked at.
     """
 
     def __init__(self, f: BinaryIO) -> None:
         self._fd = f.fileno()
         self._starts = _line_starts(self._fd)
-        self._count = len(self._starts) - 1
+        self.count = len(self._starts) - 1
         self._next = 0  # the first line not yet copied or passed over
-        self.one_by_one = 0  # lines copied alone, not in a run's block
+        self.blocks = 0  # runs of consecutive lines copied, each with one read and write
+        self.looked = 0  # lines whose path was read
+        self._read_from, self._read = 0, []  # the paths of the lines of the last window
 
     def copy(self, paths: list[str], out: BinaryIO, load: Callable[[str], ExportRow]) -> int:
         """Write the records of paths (unchanged since previous was written, in path
@@ -133,33 +138,53 @@ class _Previous:
         ordered, unique paths of the database. Lines before the first path (records no
         longer exported, or changed) are passed over. If the line k-1 after the first
         path's is that of the last, the k lines between are those of the k paths, and are
-        copied as one block without being looked at. Otherwise (the line of a record
-        deleted since lies among them) each half is copied so, down to a few paths that
-        are looked for one by one; one without a line (which the caller's bookkeeping
-        rules out) is loaded and written afresh.
+        copied as one block after two paths were looked at. Otherwise (lines of records
+        deleted or changed since lie among them) the paths and the lines are merged, the
+        lines' paths read a window at a time, and each run of consecutive lines copied as
+        one block; a path without a line (which the caller's bookkeeping rules out) is
+        loaded and written afresh.
         """
         k = len(paths)
-        if self._seek(paths[0]) and self._next + k <= self._count and self._path(self._next + k - 1) == paths[-1]:
+        if self._seek(paths[0]) and self._next + k <= self.count and self._path(self._next + k - 1) == paths[-1]:
             self._copy_lines(self._next, self._next + k, out)
             self._next += k
             return k
-        if k > _ONE_BY_ONE:
-            return self.copy(paths[: k // 2], out, load) + self.copy(paths[k // 2 :], out, load)
-        copied = 0
-        for path in paths:
-            if self._seek(path):
-                self._copy_lines(self._next, self._next + 1, out)
+        return self._merge(paths, out, load)
+
+    def _merge(self, paths: list[str], out: BinaryIO, load: Callable[[str], ExportRow]) -> int:
+        i = copied = 0
+        block = self._next  # the first line of the run of lines not yet copied
+        while i < len(paths) and self._next < self.count:
+            for found in self._window(2 * (len(paths) - i) + 16):
+                while i < len(paths) and paths[i] < found:
+                    self._copy_lines(block, self._next, out)
+                    block = self._next
+                    self._afresh(paths[i], out, load)
+                    i += 1
+                if i == len(paths):
+                    break
+                if found == paths[i]:
+                    i += 1
+                    copied += 1
+                else:  # the line of a record not in paths: passed over
+                    self._copy_lines(block, self._next, out)
+                    block = self._next + 1
                 self._next += 1
-                copied += 1
-                self.one_by_one += 1
-            else:
-                log.debug("no line for %s in the last export; writing it afresh", path)
-                out.write(_jsonl_line(load(path)))
+                if i == len(paths):
+                    break
+        self._copy_lines(block, self._next, out)
+        for path in paths[i:]:
+            self._afresh(path, out, load)
         return copied
+
+    @staticmethod
+    def _afresh(path: str, out: BinaryIO, load: Callable[[str], ExportRow]) -> None:
+        log.debug("no line for %s in the last export; writing it afresh", path)
+        out.write(_jsonl_line(load(path)))
 
     def _seek(self, path: str) -> bool:
         """Pass over the lines of paths before path; whether the next line is path's."""
-        while self._next < self._count:
+        while self._next < self.count:
             found = self._path(self._next)
             if found >= path:
                 return found == path
@@ -167,17 +192,52 @@ class _Previous:
         return False
 
     def _path(self, i: int) -> str:
-        start, end = int(self._starts[i]), int(self._starts[i + 1])
-        line = os.pread(self._fd, end - start, start)
-        at = line.find(_PATH_KEY)
-        if at < 0:
+        if self._read_from <= i < self._read_from + len(self._read):
+            return self._read[i - self._read_from]
+        return self._paths(i, i + 1)[0]
+
+    def _window(self, want: int) -> list[str]:
+        """The paths of the next lines, up to want of them (or _WINDOW): those read last
+        time if they are still ahead, so that no line's path is read twice."""
+        ahead = self._read_from + len(self._read) - self._next
+        if ahead > 0:
+            return self._read[len(self._read) - ahead :]
+        self._read_from = self._next
+        self._read = self._paths(self._next, min(self._next + min(want, _WINDOW), self.count))
+        return self._read
+
+    def _paths(self, first: int, end: int) -> list[str]:
+        """The paths of lines first to end-1, from one read: each line's path follows the
+        first "]" of its line (the end of its vector), where the layout puts its key."""
+        self.looked += end - first
+        base, stop = int(self._starts[first]), int(self._starts[end])
+        buf = os.pread(self._fd, stop - base, base)
+        if len(buf) != stop - base:
+            raise ValueError("it was truncated while it was read")
+        data = np.frombuffer(buf, dtype=np.uint8)
+        starts, ends = self._starts[first:end] - base, self._starts[first + 1 : end + 1] - base
+        closes = np.flatnonzero(data == ord("]"))
+        at = np.searchsorted(closes, starts)
+        if at.size and at[-1] >= closes.size:
             raise ValueError("not a line of this layout")
-        at += len(_PATH_KEY)
-        raw = line[at : line.find(b'"', at)]
-        # A path with a quote, a backslash or a control character is escaped: parse it.
-        return raw.decode("utf-8") if b"\\" not in raw else json.loads(line)["metadata"]["path"]
+        keys = closes[at] + 1
+        if (keys + len(_PATH_KEY) >= ends).any() or \
+                not (data[keys[:, None] + _PATH_KEY_RANGE] == _PATH_KEY_BYTES).all():
+            raise ValueError("not a line of this layout")
+        paths = []
+        for head, a, b in zip((keys + len(_PATH_KEY)).tolist(), starts.tolist(), ends.tolist()):
+            tail = buf.find(b'"', head, b)
+            if tail < 0:
+                raise ValueError("not a line of this layout")
+            raw = buf[head:tail]
+            # A path with a quote, a backslash or a control character is escaped: parse its line.
+            paths.append(raw.decode("utf-8") if b"\\" not in raw else json.loads(buf[a:b])["metadata"]["path"])
+        return paths
 
     def _copy_lines(self, first: int, end: int, out: BinaryIO) -> None:
+        if first >= end:
+            return
+        self.blocks += 1
         pos, stop = int(self._starts[first]), int(self._starts[end])
         while pos < stop:
             data = os.pread(self._fd, min(stop - pos, _WRITE_BUFFER), pos)

@@ -5,7 +5,9 @@ decoded nor embedded again.
 Two rules, both for the vectors of the run's model only:
 - renamed: a pending file whose (device, inode, size, mtime_ns) are those of a row whose
   path this scan found gone is that file under a new name; it takes the row's vector
-  without being read at all.
+  without being read at all. The scan moves most such rows itself (state.Scan holds new
+  files back, content.move_renamed); what reaches this rule is a file it did not hold
+  (past state.HELD_NEW of them) or a pending row an interrupted run left.
 - same content: a pending file of a size that some row with a vector has is read once and
   hashed (fingerprint.py); a row with the same fingerprint, under any path (still on disk,
   found gone, or its own row whose mtime only moved), gives its vector. Rows made before
@@ -133,8 +135,11 @@ def _adopt_by_content(conn: sqlite3.Connection, run: Run, batch: Sequence[conten
 
 def _hashed(pool: ThreadPoolExecutor, items: Sequence[T],
             where: Callable[[T], tuple[str, int, int]]) -> list[bytes | None]:
-    def one(item: T) -> bytes | None:
-        path, size, mtime_ns = where(item)
-        return fingerprint.hash_file(path, size=size, mtime_ns=mtime_ns)
+    def some(part: Sequence[T]) -> list[bytes | None]:
+        return [fingerprint.hash_file(path, size=size, mtime_ns=mtime_ns)
+                for path, size, mtime_ns in map(where, part)]
 
-    return list(pool.map(one, items))
+    # One task per thread, each a slice of the batch: a task per file costs more than
+    # hashing a small file.
+    step = -(-len(items) // HASH_THREADS) or 1
+    return [d for part in pool.map(some, [items[i : i + step] for i in range(0, len(items), step)]) for d in part]

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import content
 from .db import transaction
 from .runs import Run, add_counts
 from .errors import EmbedError
@@ -22,6 +23,10 @@ from .scan import FileRecord, is_under
 # 32766, and a few hundred keeps each transaction short.
 SCAN_BATCH = 500
 PENDING_PAGE = 256
+# New files a re-index holds back until the walk has ended, at most: one of them may be a
+# file renamed, which then moves its old row (content.move_renamed) instead of being
+# inserted while that row is deleted. Past this many they are written as they come.
+HELD_NEW = 50_000
 
 
 # -- scan ------------------------------------------------------------------------------
@@ -65,6 +70,10 @@ class Scan:
         self._touched: list[tuple] = []
         self._inodes: list[tuple] = []
         self._missing: list[tuple] = []
+        # Only a re-index reuses vectors, and only a database with vectors of the model
+        # has rows a renamed file can move.
+        self._hold = run.mode == "reindex" and content.has_vectors(conn, run.model)
+        self._held: list[tuple] = []
         self.to_embed = 0  # files this scan queued for embedding so far
         # Rows found missing wait here for sweep(): a scan that stops half-way deletes nothing.
         conn.execute("PRAGMA temp_store = MEMORY")
@@ -93,21 +102,27 @@ class Scan:
             "FROM files WHERE path > :after AND path <= :last ORDER BY path",
             params,
         ).fetchall()
-        new = modified = 0
+        new = modified = held = 0
         if rows != records:
-            new, modified = self._compare(records, rows, params)
+            new, modified, held = self._compare(records, rows, params)
         u = self._unsaved
         u.scanned += len(records)
         u.new += new
         u.modified += modified
-        u.unchanged += len(records) - new - modified
+        u.unchanged += len(records) - new - modified - held
+        if len(self._held) > HELD_NEW:
+            u.new += len(self._held)
+            self.to_embed += len(self._held)
+            self._new += self._held
+            self._held, self._hold = [], False
         queued = len(self._new) + len(self._replaced) + len(self._requeued) + len(self._touched) + \
             len(self._inodes) + len(self._missing)
         if queued >= SCAN_BATCH:
             self._write()
 
-    def _compare(self, records: Sequence[FileRecord], rows: list[tuple], params: dict[str, Any]) -> tuple[int, int]:
-        """Queue the changes of one batch; return (new, modified)."""
+    def _compare(self, records: Sequence[FileRecord], rows: list[tuple],
+                 params: dict[str, Any]) -> tuple[int, int, int]:
+        """Queue the changes of one batch; return (new, modified, new held back)."""
         matched, walked = set(rows), set(records)
         differ = [r for r in records if r not in matched]
         unmatched = [row for row in rows if row not in walked]
@@ -133,12 +148,16 @@ class Scan:
                 ).fetchall()
         known = {row[0]: row for row in found}
         new = modified = 0
+        held = len(self._held)
         run_id = self.run.id
         for path, size, mtime_ns, ctime_ns, dev, ino in differ:
             row = known.pop(path, None)
             if row is None:
-                self._new.append((path, size, mtime_ns, ctime_ns, dev, ino, run_id))
-                new += 1
+                if self._hold and ino is not None:
+                    self._held.append((path, size, mtime_ns, ctime_ns, dev, ino, run_id))
+                else:
+                    self._new.append((path, size, mtime_ns, ctime_ns, dev, ino, run_id))
+                    new += 1
                 continue
             _, file_id, old_size, old_mtime_ns, old_ctime_ns, old_dev, old_ino, requeue = row
             if old_size != size or old_mtime_ns != mtime_ns:
@@ -157,7 +176,7 @@ class Scan:
         walked_paths = {r.path for r in records}
         self._missing += [(row[1], path) for path, row in known.items() if path not in walked_paths]
         self.to_embed += new + modified
-        return new, modified
+        return new, modified, len(self._held) - held
 
     def _write(self) -> None:
         conn = self.conn
@@ -189,10 +208,18 @@ class Scan:
     def finish(self, *, keep_under: Iterable[str] = ()) -> int:
         """After the whole walk: write what is queued and collect in temp.missing the rows
         of files the walk did not see, except under folders that could not be listed (not
-        seen there does not mean deleted). Returns how many. They stay in `files`, where a
-        renamed or copied file can still find its vector, until sweep()."""
+        seen there does not mean deleted); then the new files held back are written, a
+        renamed one as its old row moved to its new path. Returns how many rows are still
+        missing. They stay in `files`, where a copied file can still find its vector,
+        until sweep()."""
         self._write()
-        keep = list(keep_under)
+        self._collect_missing(list(keep_under))
+        if self._held:
+            self.to_embed += content.move_renamed(self.conn, self.run, self._held)
+            self._held = []
+        return self.conn.execute("SELECT count(*) FROM temp.missing").fetchone()[0]
+
+    def _collect_missing(self, keep: list[str]) -> None:
         conn = self.conn
         with transaction(conn):
             conn.execute("INSERT INTO temp.missing (id, path) SELECT id, path FROM files WHERE path > ?",
@@ -201,7 +228,6 @@ class Scan:
                 kept = [(file_id,) for file_id, path in conn.execute("SELECT id, path FROM temp.missing")
                         if any(is_under(path, k) for k in keep)]
                 conn.executemany("DELETE FROM temp.missing WHERE id = ?", kept)
-            return conn.execute("SELECT count(*) FROM temp.missing").fetchone()[0]
 
     def sweep(self) -> int:
         """Delete the rows finish() found gone and record the count; returns it."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import bump_mtime, make_photo, open_db, read_jsonl, run_cli
 
-from sqlindexer.index_file import _ONE_BY_ONE, write_index
+from sqlindexer.index_file import write_index
 
 NAMES = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", 'we"ird\\name\t.jpg', "sub/f.jpg", "g.jpg"]
 
@@ -32,9 +32,10 @@ def _args(photos: Path, out: Path, model: Path, *extra) -> list:
     return ["-i", photos, "-o", out, "--model-name", model, "--workers", "0", "--log-level", "DEBUG", *extra]
 
 
-# The export's debug line: records copied, records written, and how many of the copied were
-# matched line by line rather than in a run's block.
-_COPIED = re.compile(r"copied (\d+) of (\d+) records from the last export \((\d+) of them line by line\)")
+# The export's debug line: records copied, records written, the blocks of lines they were
+# copied in, the lines of the last export whose path was read and how many it has.
+_COPIED = re.compile(r"copied (\d+) of (\d+) records from the last export in (\d+) blocks "
+                     r"\((\d+) of its (\d+) lines looked at\)")
 
 
 def _copied(stderr: str) -> tuple[int, int] | None:
@@ -225,16 +226,46 @@ def test_runs_of_unchanged_records_are_copied_whole_or_matched_line_by_line(tmp_
     write_index(list(after.values()), full, "jsonl")
     n, log = _write_logged(caplog, entries, out, previous, after.__getitem__)
     assert n == len(after) and out.read_bytes() == full.read_bytes()
-    # A run of unchanged records is copied as one block unless the line of a deleted
-    # record lies among its lines; then its halves are, and so on down to a few lines:
-    # each such line costs at most _ONE_BY_ONE lines copied one by one.
+    # A run of unchanged records is copied as one block unless lines of records deleted or
+    # changed since lie among its lines; then each stretch of its lines between them is
+    # one block, and no line's path is read twice but the two a run's check reads.
     runs = [e for e in entries if isinstance(e, list)]
-    deleted = sorted(set(before) - set(after))
-    inside = sum(1 for r in runs for d in deleted if r[0] < d < r[-1])
-    copied = sum(map(len, runs))
+    assert _blocks(runs, sorted(before)) > len(runs)  # lines of other records lie inside some runs
     found = _COPIED.search(log)
-    assert found and int(found[1]) == copied and int(found[2]) == n, log
-    assert inside > 0 and int(found[3]) <= inside * _ONE_BY_ONE, (inside, found[3])
+    assert found and int(found[1]) == sum(map(len, runs)) and int(found[2]) == n, log
+    assert int(found[3]) == _blocks(runs, sorted(before)), log
+    assert int(found[5]) == len(before) and int(found[4]) <= len(before) + 2 * len(runs), log
+
+
+def test_runs_with_every_tenth_line_gone_are_copied_in_stretches_each_path_read_once(tmp_path, caplog):
+    # A tenth of the files moved away (the lines of their old paths gone from between
+    # those of the others): each stretch of lines between two gone ones is one block, and
+    # no line's path is read twice but the two each run's check reads.
+    paths = [f"/p/d{i // 100:02d}/{i:05d}.jpg" for i in range(3000)]
+    before = {p: _row(p, 0) for p in paths}
+    previous = tmp_path / "previous.jsonl"
+    write_index(list(before.values()), previous, "jsonl")
+    kept = [p for i, p in enumerate(before) if i % 10 != 3]
+    runs = [kept[i : i + 1000] for i in range(0, len(kept), 1000)]
+    out, full = tmp_path / "index.jsonl", tmp_path / "full.jsonl"
+    write_index([before[p] for p in kept], full, "jsonl")
+    n, log = _write_logged(caplog, runs, out, previous, before.__getitem__)
+    assert n == len(kept) and out.read_bytes() == full.read_bytes()
+    found = _COPIED.search(log)
+    assert found and int(found[1]) == len(kept), log
+    assert int(found[3]) == _blocks(runs, list(before)) == 300 + len(runs), log
+    assert int(found[4]) <= len(before) + 2 * len(runs), log
+
+
+def _blocks(runs: list[list[str]], old_lines: list[str]) -> int:
+    """The fewest blocks of consecutive lines of old_lines that hold the lines of runs,
+    a run's lines never in the block of another run."""
+    where = {p: i for i, p in enumerate(old_lines)}
+    count = 0
+    for run in runs:
+        at = [where[p] for p in run]
+        count += 1 + sum(1 for a, b in zip(at, at[1:]) if b != a + 1)
+    return count
 
 
 def test_an_unchanged_path_the_last_index_lacks_is_written_afresh(tmp_path, caplog):
@@ -250,7 +281,7 @@ def test_an_unchanged_path_the_last_index_lacks_is_written_afresh(tmp_path, capl
                            rows.__getitem__)
     assert n == 4 and out.read_bytes() == full.read_bytes()
     assert "no line for /p/b.jpg in the last export" in log and "copied 2 of 4 records" in log
-    assert "(1 of them line by line)" in log  # a.jpg; d.jpg, a run of its own, is a block
+    assert "in 2 blocks" in log  # a.jpg; d.jpg, a run of its own
 
 
 def _row(path: str, version: int):

@@ -102,6 +102,51 @@ def test_folder_moved_on_one_filesystem_is_reused_without_reading(runner, tmp_pa
                                   for i in range(N)})
 
 
+def test_renamed_file_moves_its_row_and_no_vector_is_written(runner, tmp_path, lib, tiny_model):
+    # A rename moves the old row to the new path: same id, no row inserted or deleted, and
+    # no vector written (a trigger of the test's own records every write of one).
+    db, before = _first(runner, lib, tmp_path, tiny_model)
+    ids = {path: row["id"] for path, row in _rows(db).items()}
+    with sqlite3.connect(db) as conn:
+        conn.executescript(
+            "CREATE TABLE written (id INTEGER, what TEXT);"
+            "CREATE TRIGGER t_vec AFTER UPDATE OF embedding ON files BEGIN INSERT INTO written VALUES (NEW.id, 'vector'); END;"
+            "CREATE TRIGGER t_ins AFTER INSERT ON files BEGIN INSERT INTO written VALUES (NEW.id, 'insert'); END;"
+            "CREATE TRIGGER t_del AFTER DELETE ON files BEGIN INSERT INTO written VALUES (OLD.id, 'delete'); END;"
+        )
+    (lib / "photos").rename(lib / "photos-2024")
+
+    _index(runner, lib, tmp_path, tiny_model)
+    assert _counts(db, "new", "deleted", "decoded", "embedded", "reused", "renamed") == (N, N, 0, 0, N, N)
+    with open_db(db) as conn:
+        assert conn.execute("SELECT * FROM written").fetchall() == []
+        run_id = conn.execute("SELECT max(id) FROM runs").fetchone()[0]
+    rows = _rows(db)
+    for i in range(N):
+        new, old = str(lib / "photos-2024" / f"p{i}.jpg"), str(lib / "photos" / f"p{i}.jpg")
+        assert rows[new]["id"] == ids[old] and rows[new]["changed_run"] == run_id
+        assert rows[new]["ctime_ns"] == os.stat(new).st_ctime_ns
+    assert set(rows) == {p.replace("/photos/", "/photos-2024/") for p in ids}
+    _same_vectors(_exported(tmp_path / "index.jsonl"), before,
+                  {str(lib / "photos-2024" / f"p{i}.jpg"): str(lib / "photos" / f"p{i}.jpg") for i in range(N)})
+
+
+def test_renamed_files_past_the_held_limit_still_keep_their_vectors(runner, tmp_path, lib, tiny_model, monkeypatch):
+    # Past state.HELD_NEW new files the scan writes them as they come; the reuse step's
+    # inode rule then gives the renamed ones their vectors, still without reading them.
+    from sqlindexer import state
+
+    monkeypatch.setattr(state, "HELD_NEW", 2)
+    db, before = _first(runner, lib, tmp_path, tiny_model)
+    (lib / "photos").rename(lib / "photos-2024")
+
+    _index(runner, lib, tmp_path, tiny_model)
+    assert _counts(db, "new", "deleted", "decoded", "embedded", "reused", "renamed", "hashed_bytes") == \
+        (N, N, 0, 0, N, N, 0)
+    _same_vectors(_exported(tmp_path / "index.jsonl"), before,
+                  {str(lib / "photos-2024" / f"p{i}.jpg"): str(lib / "photos" / f"p{i}.jpg") for i in range(N)})
+
+
 def test_files_renamed_keep_their_vectors(runner, tmp_path, lib, tiny_model):
     db, before = _first(runner, lib, tmp_path, tiny_model)
     (lib / "photos" / "p0.jpg").rename(lib / "photos" / "holiday.jpg")
