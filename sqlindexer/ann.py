@@ -30,7 +30,6 @@ import logging
 import os
 import shutil
 import sqlite3
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .progress import Progress, no_progress
-from .vectors import STALE_TMP_SECONDS, VectorIndex
+from .vectors import VectorIndex, newer_than, remove_stale
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +237,8 @@ def _publish(tmp: Path, folder: Path, index: VectorIndex, made: AnnIndex, *, nee
         # Another query published the same index meanwhile: use it (or keep ours in memory).
         other = _open(folder, index, need_faiss=need_faiss)
         return other if other is not None else made
-    _remove_stale(folder, index)
+    assert index.version is not None
+    remove_stale(folder, newer_than(index.version))
     return made
 
 
@@ -314,29 +314,6 @@ def _previous(folder: Path, index: VectorIndex) -> tuple[Path, dict[str, Any]] |
         if fits and (best is None or info["vectors_version"] > best[1]["vectors_version"]):
             best = (entry, info)
     return best
-
-
-def _remove_stale(current: Path, index: VectorIndex) -> None:
-    """Remove the older indexes of the same model (and broken ones, and temporaries left by
-    a builder that died); leave a newer one alone."""
-    prefix = current.name.rsplit("-", 1)[0] + "-"
-    assert index.version is not None
-    now = time.time()
-    for entry in current.parent.iterdir():
-        if entry == current or not entry.name.startswith(prefix) or not entry.is_dir():
-            continue
-        try:
-            if ".tmp-" in entry.name:
-                if now - entry.stat().st_mtime < STALE_TMP_SECONDS:
-                    continue
-            else:
-                info = json.loads((entry / "info.json").read_text(encoding="utf-8"))
-                if info.get("database_id") == index.version[0] and info.get("vectors_version", -1) > index.version[1]:
-                    continue
-        except (OSError, ValueError, AttributeError):
-            if not entry.exists():
-                continue
-        shutil.rmtree(entry, ignore_errors=True)
 
 
 def nearest_cells(centroids: np.ndarray, block: np.ndarray, m: int) -> np.ndarray:
