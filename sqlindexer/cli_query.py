@@ -335,6 +335,7 @@ def status(db_path: str, as_json: bool | None) -> None:
     """
     import json
 
+    from .run import byte_size
     from .status import database_status
 
     setup_logging("WARNING")
@@ -343,7 +344,7 @@ def status(db_path: str, as_json: bool | None) -> None:
         click.echo(json.dumps(info, ensure_ascii=False))
         return
     images = info["images"]
-    click.echo(f"database  {info['database']} ({_size(info['size_bytes'])}, schema {info['schema_version']})")
+    click.echo(f"database  {info['database']} ({byte_size(info['size_bytes'])}, schema {info['schema_version']})")
     click.echo(f"images    {images['total']}: {images['ok']} ok, {images['failed']} failed, "
                f"{images['pending']} pending")
     shown = info["failed"][:_FAILED_SHOWN]
@@ -373,11 +374,3 @@ def status(db_path: str, as_json: bool | None) -> None:
 
 
 _FAILED_SHOWN = 10
-
-
-def _size(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
