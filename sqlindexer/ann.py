@@ -108,6 +108,9 @@ class AnnIndex:
             wanted[np.asarray(index.ids)[rows]] = True
             bitmap = np.packbits(wanted, bitorder="little")
             params.sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # (its size in bytes)
+        # One query at a time: its cells are shared among the threads (faiss's default
+        # shares out the queries, so one query kept one core busy and the others idle).
+        self.faiss_index.parallel_mode = 1
         _, found = self.faiss_index.search(query.reshape(1, -1).astype(np.float32), want, params=params)
         found = found[0][found[0] >= 0]
         if len(self.removed):
