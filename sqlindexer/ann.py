@@ -41,13 +41,14 @@ from .vectors import VectorIndex, newer_than, remove_stale
 
 log = logging.getLogger(__name__)
 
-ANN_FORMAT = 1
+ANN_FORMAT = 2
 # Exhaustive search below this many vectors: there a matrix-vector product costs no more
 # than an approximate query, and no index has to be built. SQLINDEXER_EXACT_BELOW
 # overrides it (the tests and the benchmark force the index on small data with it).
 EXACT_BELOW = 50_000
-# Cells scanned by a query, and the fewest rows it re-scores exactly.
-PROBES = 32
+# Cells scanned by a query (of about 4,000 at 1,000,000 rows: 6%), and the fewest rows
+# it re-scores exactly.
+PROBES = 256
 CANDIDATES = 200
 CANDIDATES_PER_HIT = 5
 # Rows removed from, or scored beside, a shared faiss file past which an update writes a
@@ -56,8 +57,16 @@ DELTA_MAX_SHARE = 0.03
 # Nearest cells kept per row: a near-duplicate pair is a candidate when one's nearest cell
 # is among the other's.
 DUPLICATE_CELLS = 4
-# k-means trains on this many sampled rows per cell (faiss warns below 39).
-TRAIN_PER_CELL = 64
+# Cells per square root of the row count. sqrt(n) balances a query's cost between the
+# cells and the codes it scans; more, smaller cells follow the clusters of the vectors
+# more closely (fewer of them share a cell), which the recall needs when there are many
+# small clusters, and cost the build more k-means work (docs/performance-search.md).
+CELLS_PER_ROOT = 4
+# k-means trains on this many sampled rows per cell, for this many rounds.
+TRAIN_PER_CELL = 32
+KMEANS_ROUNDS = 10
+# Row x cell scores from which nearest_cells works in bfloat16.
+BFLOAT16_FROM = 1 << 22
 # Rows assigned to their cells per step (a 16,384 x 1,000 float32 block of scores is 62 MiB).
 ADD_PAGE = 16_384
 
@@ -72,9 +81,8 @@ def exact_below() -> int:
 
 
 def cell_count(n: int) -> int:
-    """About sqrt(n) cells (the balance of a query's cost between the cells and the codes
-    it scans), with enough rows for k-means to train each."""
-    return int(max(1, min(round(np.sqrt(n)), n // 39)))
+    """About CELLS_PER_ROOT * sqrt(n) cells, with enough rows for k-means to train each."""
+    return int(max(1, min(round(CELLS_PER_ROOT * np.sqrt(n)), n // 39)))
 
 
 @dataclass
@@ -320,12 +328,23 @@ def _previous(folder: Path, index: VectorIndex) -> tuple[Path, dict[str, Any]] |
 
 
 def nearest_cells(centroids: np.ndarray, block: np.ndarray, m: int) -> np.ndarray:
-    """(len(block), m) int32: the m cells nearest each row, nearest first."""
-    s = np.asarray(block, dtype=np.float32) @ centroids.T
-    m = min(m, s.shape[1])
-    top = np.argpartition(-s, m - 1, axis=1)[:, :m] if m < s.shape[1] else np.tile(np.arange(m), (len(s), 1))
-    order = np.argsort(-np.take_along_axis(s, top, axis=1), axis=1, kind="stable")
-    out = np.take_along_axis(top, order, axis=1).astype(np.int32)
+    """(len(block), m) int32: the m cells nearest each row, nearest first. A large block is
+    scored in bfloat16 (matrix units where the CPU has them): cells whose cosines differ
+    by less than its rounding (~0.001) may come in either order."""
+    x = np.asarray(block, dtype=np.float32)
+    m = min(m, len(centroids))
+    if len(x) * len(centroids) >= BFLOAT16_FROM and m < len(centroids):
+        import torch
+
+        with torch.no_grad():
+            s16 = torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16) @ \
+                torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(torch.bfloat16).T
+            out = s16.topk(m, dim=1).indices.numpy().astype(np.int32)  # (sorted, best first)
+    else:
+        s = x @ centroids.T
+        top = np.argpartition(-s, m - 1, axis=1)[:, :m] if m < s.shape[1] else np.tile(np.arange(m), (len(s), 1))
+        order = np.argsort(-np.take_along_axis(s, top, axis=1), axis=1, kind="stable")
+        out = np.take_along_axis(top, order, axis=1).astype(np.int32)
     if out.shape[1] < DUPLICATE_CELLS:  # fewer cells than kept: repeat the nearest
         out = np.concatenate([out, np.repeat(out[:, :1], DUPLICATE_CELLS - out.shape[1], axis=1)], axis=1)
     return out

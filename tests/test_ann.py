@@ -30,6 +30,10 @@ MODEL = "synthetic/m"
 @pytest.fixture(autouse=True)
 def _force_the_index(monkeypatch):
     monkeypatch.setenv("SQLINDEXER_EXACT_BELOW", "0")
+    # A few thousand rows have about a hundred cells, fewer than a query scans at scale:
+    # scan half of them (as before the cells were made smaller), so that the candidates
+    # really are a choice.
+    monkeypatch.setattr(ann, "PROBES", 50)
 
 
 # -- synthetic vectors in a real working database ----------------------------------------
@@ -103,6 +107,7 @@ def test_approximate_agrees_with_exact_and_prints_true_cosines(synthetic, tmp_pa
         texts = rng.standard_normal((20, DIM)) + x[rng.integers(0, len(x), 20)]
         filters = search.Filters(cameras=("canon",))
         for q in texts:
+            assert len(approx.candidates(index, q / np.linalg.norm(q), 20, None)) < 0.7 * len(index)
             got, want = ranked(index, approx, q), ranked(index, None, q)
             assert recall(got, want) >= 0.9
             truth = {path_of(i): float(v) for i, v in enumerate(x @ (q / np.linalg.norm(q)))}
@@ -366,6 +371,20 @@ def test_the_sweep_beside_the_database_keeps_only_the_current_and_newer(tmp_path
     vectors.remove_stale(current, vectors.newer_than(("D", 5)))
     assert all(p.exists() for p in kept) and not any(p.exists() for p in gone)
     assert (tmp_path / f"x.sqlite{kind}model1-junk").exists()
+
+
+def test_nearest_cells_in_bfloat16_agree_with_float32(synthetic, monkeypatch):
+    x = synthetic["x"]
+    centroids = x[np.random.default_rng(2).choice(len(x), 100, replace=False)]
+    exact = ann.nearest_cells(centroids, x, ann.DUPLICATE_CELLS)
+    monkeypatch.setattr(ann, "BFLOAT16_FROM", 0)
+    fast = ann.nearest_cells(centroids, x, ann.DUPLICATE_CELLS)
+    assert fast.shape == exact.shape == (len(x), ann.DUPLICATE_CELLS) and fast.dtype == np.int32
+    s = x @ centroids.T
+    # The same nearest cell but where two cells tie within bfloat16's rounding.
+    home = np.take_along_axis(s, fast[:, :1], axis=1)[:, 0]
+    assert np.all(home >= s.max(axis=1) - 0.01) and np.mean(fast[:, 0] == exact[:, 0]) >= 0.97
+    assert np.mean(np.sort(fast, axis=1) == np.sort(exact, axis=1)) >= 0.9
 
 
 def test_exact_below_knob(monkeypatch, caplog):
