@@ -218,14 +218,14 @@ def filled(rows: int, args, work: Path) -> tuple[Path, list[list[int]]]:
         pairs_file.write_text(json.dumps(pairs))
         print(f"filled {pristine.name}: {rows} rows of {args.dim}-d {args.kind} vectors in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
-    db_path = work / f"db{rows}.sqlite"
-    _remove_run(work, rows)
+    db_path = work / f"run-{args.kind}-{rows}.sqlite"
+    _remove_run(db_path)
     shutil.copyfile(pristine, db_path)
     return db_path, json.loads(pairs_file.read_text())
 
 
-def _remove_run(work: Path, rows: int) -> None:
-    for p in work.glob(f"db{rows}.sqlite*"):
+def _remove_run(db_path: Path) -> None:
+    for p in db_path.parent.glob(f"{db_path.name}*"):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
@@ -251,7 +251,7 @@ def one_size(rows: int, args, work: Path) -> dict:
     row.update(step("update"))
     row["update_share"] = (row["update_cache_s"] + row["update_index_s"]) / (row["build_cache_s"] + row["build_index_s"])
     print(json.dumps(row), flush=True)
-    _remove_run(work, rows)
+    _remove_run(db_path)
     return row
 
 
