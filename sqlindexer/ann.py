@@ -296,8 +296,11 @@ def read_faiss(path: Path, dim: int, nlist: int | None, count: int, *, mmap: boo
     """The faiss file at path, checked to be an index of count dim-d vectors."""
     import faiss
 
-    # Memory-mapped: a query reads the codes of the cells it scans, not the whole file.
-    got = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
+    # Memory-mapped: a query reads the codes of the cells it scans, not the whole file. The
+    # in-place mapping (IFC, faiss >= 1.10) scans the lists where they lie, as fast as from
+    # memory; the older one scanned them at about half that speed.
+    flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
+    got = faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY if mmap else 0)
     if not isinstance(got, faiss.IndexIVFScalarQuantizer) or got.d != dim or got.ntotal != count \
             or (nlist is not None and got.nlist != nlist):
         raise ValueError(f"{path.name} is not the index it should be")
