@@ -340,8 +340,9 @@ def nearest_cells(centroids: np.ndarray, block: np.ndarray, m: int) -> np.ndarra
         import torch
 
         with torch.no_grad():
-            s16 = torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16) @ \
-                torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(torch.bfloat16).T
+            # (a writable copy where the rows are a read-only map: torch warns of those)
+            s16 = torch.from_numpy(np.require(x, requirements=["C", "W"])).to(torch.bfloat16) @ \
+                torch.from_numpy(np.require(centroids, np.float32, ["C", "W"])).to(torch.bfloat16).T
             out = s16.topk(m, dim=1).indices.numpy().astype(np.int32)  # (sorted, best first)
     else:
         s = x @ centroids.T
