@@ -65,7 +65,7 @@ CELLS_PER_ROOT = 4
 # k-means trains on this many sampled rows per cell, for this many rounds.
 TRAIN_PER_CELL = 32
 KMEANS_ROUNDS = 10
-# Row x cell scores from which nearest_cells works in bfloat16.
+# Row x cell scores from which nearest_cells works in torch (bfloat16 where in hardware).
 BFLOAT16_FROM = 1 << 22
 # Rows assigned to their cells per step (a 16,384 x 1,000 float32 block of scores is 62 MiB).
 ADD_PAGE = 16_384
@@ -330,19 +330,30 @@ def _previous(folder: Path, index: VectorIndex) -> tuple[Path, dict[str, Any]] |
     return best
 
 
+def score_dtype() -> Any:
+    """The torch dtype for the build's large products: bfloat16 where the CPU multiplies it
+    in hardware (AMX or AVX-512 BF16), else float32 (bfloat16 emulated would be slower)."""
+    import torch
+
+    fast = [getattr(torch.cpu, name, lambda: False) for name in ("_is_amx_tile_supported",
+                                                                  "_is_avx512_bf16_supported")]
+    return torch.bfloat16 if any(f() for f in fast) else torch.float32
+
+
 def nearest_cells(centroids: np.ndarray, block: np.ndarray, m: int) -> np.ndarray:
     """(len(block), m) int32: the m cells nearest each row, nearest first. A large block is
-    scored in bfloat16 (matrix units where the CPU has them): cells whose cosines differ
-    by less than its rounding (~0.001) may come in either order."""
+    scored in torch, in bfloat16 where the CPU has it in hardware (score_dtype): cells
+    whose cosines differ by less than its rounding (~0.001) may come in either order."""
     x = np.asarray(block, dtype=np.float32)
     m = min(m, len(centroids))
     if len(x) * len(centroids) >= BFLOAT16_FROM and m < len(centroids):
         import torch
 
+        dtype = score_dtype()
         with torch.no_grad():
             # (a writable copy where the rows are a read-only map: torch warns of those)
-            s16 = torch.from_numpy(np.require(x, requirements=["C", "W"])).to(torch.bfloat16) @ \
-                torch.from_numpy(np.require(centroids, np.float32, ["C", "W"])).to(torch.bfloat16).T
+            s16 = torch.from_numpy(np.require(x, requirements=["C", "W"])).to(dtype) @ \
+                torch.from_numpy(np.require(centroids, np.float32, ["C", "W"])).to(dtype).T
             out = s16.topk(m, dim=1).indices.numpy().astype(np.int32)  # (sorted, best first)
     else:
         s = x @ centroids.T

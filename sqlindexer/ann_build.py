@@ -35,6 +35,7 @@ from .ann import (
     cell_count,
     nearest_cells,
     read_faiss,
+    score_dtype,
 )
 from .progress import Progress
 from .vectors import VectorIndex
@@ -99,9 +100,9 @@ def build(index: VectorIndex, progress: Progress) -> AnnIndex:
 def train_cells(x: np.ndarray, nlist: int, tick: Any = lambda n: None) -> np.ndarray:
     """(nlist, dim) unit centres of spherical k-means over the unit rows x: each row goes
     to the centre of its largest cosine, each centre becomes its rows' normalised mean;
-    KMEANS_ROUNDS rounds. The scores are taken in bfloat16 (torch, on the CPU's matrix
-    units where it has them: several times faster than float32 here), the means in
-    float32. An emptied cell restarts from a row drawn at random."""
+    KMEANS_ROUNDS rounds. The scores are taken in torch, in bfloat16 where the CPU has
+    it in hardware (ann.score_dtype: several times faster than float32 on AMX), the
+    means in float32. An emptied cell restarts from a row drawn at random."""
     if nlist == 1:  # one cell, its centre the mean
         centre = x.mean(axis=0, keepdims=True)
         tick(KMEANS_ROUNDS)
@@ -109,12 +110,13 @@ def train_cells(x: np.ndarray, nlist: int, tick: Any = lambda n: None) -> np.nda
     import torch
 
     rng = np.random.default_rng(1)
+    dtype = score_dtype()
     with torch.no_grad():
-        x32 = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        x16 = x32.to(torch.bfloat16)
+        x32 = torch.from_numpy(np.require(x, np.float32, ["C", "W"]))
+        x16 = x32.to(dtype)
         centres = x32[torch.from_numpy(rng.choice(len(x), size=nlist, replace=False))].clone()
         for _ in range(KMEANS_ROUNDS):
-            c16 = centres.to(torch.bfloat16).T
+            c16 = centres.to(dtype).T
             nearest = torch.cat([(x16[i : i + KMEANS_PAGE] @ c16).argmax(dim=1)
                                  for i in range(0, len(x), KMEANS_PAGE)])
             sums = torch.zeros_like(centres).index_add_(0, nearest, x32)
