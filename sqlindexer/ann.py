@@ -297,8 +297,8 @@ def read_faiss(path: Path, dim: int, nlist: int | None, count: int, *, mmap: boo
     import faiss
 
     # Memory-mapped: a query reads the codes of the cells it scans, not the whole file. The
-    # in-place mapping (IFC, faiss >= 1.10) scans the lists where they lie, as fast as from
-    # memory; the older one scanned them at about half that speed.
+    # in-place mapping (IFC, faiss >= 1.10) scans the lists where they lie, as from memory;
+    # the older one is slower to scan (docs/performance-search.md).
     flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
     got = faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY if mmap else 0)
     if not isinstance(got, faiss.IndexIVFScalarQuantizer) or got.d != dim or got.ntotal != count \

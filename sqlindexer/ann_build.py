@@ -101,8 +101,8 @@ def train_cells(x: np.ndarray, nlist: int, tick: Any = lambda n: None) -> np.nda
     """(nlist, dim) unit centres of spherical k-means over the unit rows x: each row goes
     to the centre of its largest cosine, each centre becomes its rows' normalised mean;
     KMEANS_ROUNDS rounds. The scores are taken in torch, in bfloat16 where the CPU has
-    it in hardware (ann.score_dtype: several times faster than float32 on AMX), the
-    means in float32. An emptied cell restarts from a row drawn at random."""
+    it in hardware (ann.score_dtype; docs/performance-search.md), the means in
+    float32. An emptied cell restarts from a row drawn at random."""
     if nlist == 1:  # one cell, its centre the mean
         centre = x.mean(axis=0, keepdims=True)
         tick(KMEANS_ROUNDS)
