@@ -332,7 +332,7 @@ def _previous(folder: Path, index: VectorIndex) -> tuple[Path, dict[str, Any]] |
 
 def score_dtype() -> Any:
     """The torch dtype for the build's large products: bfloat16 where the CPU multiplies it
-    in hardware (AMX or AVX-512 BF16), else float32 (bfloat16 emulated would be slower)."""
+    in hardware (AMX or AVX-512 BF16), where it pays, else float32."""
     import torch
 
     fast = [getattr(torch.cpu, name, lambda: False) for name in ("_is_amx_tile_supported",
