@@ -33,6 +33,7 @@ by side, not the absolute figures with another run's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -104,6 +105,14 @@ def change(db_path: Path, rows: int, dim: int, share: float) -> int:
     return k
 
 
+def cpu() -> dict:
+    """The CPU's model name and the vector-instruction flags the figures depend on."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return {"model": model, "flags": sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma")))}
+
+
 def _ms(seconds: list[float]) -> float:
     return statistics.median(seconds) * 1000
 
@@ -134,17 +143,20 @@ def measure(step: str, db_path: Path, queries: int, kind: str, rows: int) -> dic
              "similar": [(np.array(index.vectors[r]), r, search.Filters()) for r in images],
              "filtered": [(q, None, cameras) for q in texts]}
     for name, cases_of in cases.items():
-        t_ann, t_exact, found = [], [], 0
-        for q, pin, filters in cases_of:  # the first of each is a warm-up
-            t0 = time.perf_counter()
-            a = search._rank(index, q, TOP, filters, pin=pin, ann=approx)
-            t_ann.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            e = search._rank(index, q, TOP, filters, pin=pin)
-            t_exact.append(time.perf_counter() - t0)
-            assert a.approximate and not e.approximate
-            found += len({h.path for h in a.hits} & {h.path for h in e.hits})
-        out.update({f"{name}_ms": _ms(t_ann[1:]), f"{name}_exact_ms": _ms(t_exact[1:]),
+        # The approximate queries one after another, then the exhaustive ones: an
+        # exhaustive query between two approximate ones leaves the BLAS threads spinning
+        # on the 2 cores and its pages in the caches, which a query process does not have.
+        answers, seconds = {}, {}
+        for how, ann_index in (("ann", approx), ("exact", None)):
+            answers[how], seconds[how] = [], []
+            for q, pin, filters in cases_of:  # the first of each is a warm-up
+                t0 = time.perf_counter()
+                answers[how].append(search._rank(index, q, TOP, filters, pin=pin, ann=ann_index))
+                seconds[how].append(time.perf_counter() - t0)
+        assert all(a.approximate for a in answers["ann"]) and not any(e.approximate for e in answers["exact"])
+        found = sum(len({h.path for h in a.hits} & {h.path for h in e.hits})
+                    for a, e in zip(answers["ann"], answers["exact"]))
+        out.update({f"{name}_ms": _ms(seconds["ann"][1:]), f"{name}_exact_ms": _ms(seconds["exact"][1:]),
                     f"{name}_recall": found / (TOP * len(cases_of))})
     return out
 
@@ -171,30 +183,75 @@ def run_duplicates(db_path: Path, pairs, *extra) -> tuple[float, float, int]:
     return seconds, duplicates_found(done.stdout, pairs), len(done.stdout.splitlines())
 
 
+@contextlib.contextmanager
+def locked(path: str | None):
+    """Hold an exclusive flock of path (when given) for one step: a machine shared with
+    other work is measured one step at a time, and released between steps."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def filled(rows: int, args, work: Path) -> tuple[Path, list[list[int]]]:
+    """A working copy of the filled database of this size and kind; the filled one is kept
+    in work (with its planted pairs) and reused by later runs."""
+    pristine = work / f"{args.kind}-{args.dim}-{rows}.sqlite"
+    pairs_file = pristine.with_suffix(".pairs.json")
+    if not (pristine.exists() and pairs_file.exists()):
+        tmp = pristine.with_suffix(".filling")
+        for p in work.glob(tmp.name + "*"):
+            p.unlink()
+        t0 = time.perf_counter()
+        with locked(args.lock):
+            pairs = fill(tmp, rows, args.dim, args.kind)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        tmp.rename(pristine)
+        pairs_file.write_text(json.dumps(pairs))
+        print(f"filled {pristine.name}: {rows} rows of {args.dim}-d {args.kind} vectors in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+    db_path = work / f"run-{args.kind}-{rows}.sqlite"
+    _remove_run(db_path)
+    shutil.copyfile(pristine, db_path)
+    return db_path, json.loads(pairs_file.read_text())
+
+
+def _remove_run(db_path: Path) -> None:
+    for p in db_path.parent.glob(f"{db_path.name}*"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def one_size(rows: int, args, work: Path) -> dict:
-    db_path = work / f"db{rows}.sqlite"
-    t0 = time.perf_counter()
-    pairs = fill(db_path, rows, args.dim, args.kind)
-    print(f"filled {db_path.name}: {rows} rows of {args.dim}-d {args.kind} vectors in "
-          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    db_path, pairs = filled(rows, args, work)
     row = {"rows": rows, "kind": args.kind, "planted": len(pairs), "db MB": db_path.stat().st_size / 2**20}
 
     def step(name: str) -> dict:
-        _, rss, err = child([sys.executable, __file__, "--step", name, "--db", str(db_path), "--queries",
-                             str(args.queries), "--kind", args.kind, "--rows", str(rows)], env=dict(os.environ, SQLINDEXER_EXACT_BELOW="0"))
+        with locked(args.lock):
+            _, rss, err = child([sys.executable, __file__, "--step", name, "--db", str(db_path), "--queries",
+                                 str(args.queries), "--kind", args.kind, "--rows", str(rows)],
+                                env=dict(os.environ, SQLINDEXER_EXACT_BELOW="0"))
         return {**json.loads(err.strip().splitlines()[-1]), f"{name}_rss_mb": rss / 2**20}
 
     row.update(step("build"))
     row.update(step("query"))
-    row["dup_s"], row["dup_found"], row["dup_groups"] = run_duplicates(db_path, pairs)
+    with locked(args.lock):
+        row["dup_s"], row["dup_found"], row["dup_groups"] = run_duplicates(db_path, pairs)
     if rows <= args.exhaustive_max:
-        row["dup_exhaustive_s"], row["dup_exhaustive_found"], _ = run_duplicates(db_path, pairs, "--exhaustive")
+        with locked(args.lock):
+            row["dup_exhaustive_s"], row["dup_exhaustive_found"], _ = run_duplicates(db_path, pairs, "--exhaustive")
     row["changed"] = change(db_path, rows, args.dim, 0.01)
     row.update(step("update"))
     row["update_share"] = (row["update_cache_s"] + row["update_index_s"]) / (row["build_cache_s"] + row["build_index_s"])
     print(json.dumps(row), flush=True)
-    for p in work.glob(f"db{rows}.sqlite*"):
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    _remove_run(db_path)
     return row
 
 
@@ -205,8 +262,11 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=768, help="vector length (default 768, SigLIP 2 base)")
     ap.add_argument("--queries", type=int, default=50, help="queries of each kind per size (default 50)")
     ap.add_argument("--exhaustive-max", type=int, default=0, help="largest size to time duplicates --exhaustive on")
-    ap.add_argument("--work", help="folder for the databases (default: a temporary folder, removed after)")
+    ap.add_argument("--work", help="folder for the databases, the filled ones kept and reused "
+                                   "(default: a temporary folder, removed after)")
     ap.add_argument("--json", default="bench/results/search.json", help="where to write the results")
+    ap.add_argument("--lock", metavar="FILE",
+                    help="hold an exclusive flock of FILE during each timed step (a shared machine)")
     ap.add_argument("--crossover", metavar="SIZES",
                     help="instead: exhaustive against approximate in memory at these sizes (e.g. 5000,20000,50000)")
     ap.add_argument("--step", help=argparse.SUPPRESS)
@@ -219,7 +279,7 @@ def main() -> None:
     if args.crossover:
         rows = crossover([int(s) for s in args.crossover.split(",")], args.dim, args.kind, args.queries)
         print(table(rows, list(rows[0])))
-        save(args.json, {"dim": args.dim, "top": TOP, "kind": args.kind, "machine": machine(), "crossover": rows})
+        save(args.json, {"dim": args.dim, "top": TOP, "kind": args.kind, "machine": {**machine(), "cpu": cpu()}, "crossover": rows})
         return
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="sqlindexer-search-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -235,7 +295,7 @@ def main() -> None:
                   "query RSS MB": r["query_rss_mb"]} for r in results]
         print(table(shown, list(shown[0])))
         save(args.json, {"dim": args.dim, "top": TOP, "kind": args.kind, "queries": args.queries,
-                         "machine": machine(), "results": results})
+                         "machine": {**machine(), "cpu": cpu()}, "results": results})
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

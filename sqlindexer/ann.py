@@ -30,7 +30,6 @@ import logging
 import os
 import shutil
 import sqlite3
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,17 +37,18 @@ from typing import Any
 import numpy as np
 
 from .progress import Progress, no_progress
-from .vectors import STALE_TMP_SECONDS, VectorIndex
+from .vectors import VectorIndex, newer_than, remove_stale
 
 log = logging.getLogger(__name__)
 
-ANN_FORMAT = 1
+ANN_FORMAT = 2
 # Exhaustive search below this many vectors: there a matrix-vector product costs no more
 # than an approximate query, and no index has to be built. SQLINDEXER_EXACT_BELOW
 # overrides it (the tests and the benchmark force the index on small data with it).
 EXACT_BELOW = 50_000
-# Cells scanned by a query, and the fewest rows it re-scores exactly.
-PROBES = 32
+# Cells scanned by a query (of about 4,000 at 1,000,000 rows: 6%), and the fewest rows
+# it re-scores exactly.
+PROBES = 256
 CANDIDATES = 200
 CANDIDATES_PER_HIT = 5
 # Rows removed from, or scored beside, a shared faiss file past which an update writes a
@@ -57,8 +57,16 @@ DELTA_MAX_SHARE = 0.03
 # Nearest cells kept per row: a near-duplicate pair is a candidate when one's nearest cell
 # is among the other's.
 DUPLICATE_CELLS = 4
-# k-means trains on this many sampled rows per cell (faiss warns below 39).
-TRAIN_PER_CELL = 64
+# Cells per square root of the row count. sqrt(n) balances a query's cost between the
+# cells and the codes it scans; more, smaller cells follow the clusters of the vectors
+# more closely (fewer of them share a cell), which the recall needs when there are many
+# small clusters, and cost the build more k-means work (docs/performance-search.md).
+CELLS_PER_ROOT = 4
+# k-means trains on this many sampled rows per cell, for this many rounds.
+TRAIN_PER_CELL = 32
+KMEANS_ROUNDS = 10
+# Row x cell scores from which nearest_cells works in torch (bfloat16 where in hardware).
+BFLOAT16_FROM = 1 << 22
 # Rows assigned to their cells per step (a 16,384 x 1,000 float32 block of scores is 62 MiB).
 ADD_PAGE = 16_384
 
@@ -73,9 +81,8 @@ def exact_below() -> int:
 
 
 def cell_count(n: int) -> int:
-    """About sqrt(n) cells (the balance of a query's cost between the cells and the codes
-    it scans), with enough rows for k-means to train each."""
-    return int(max(1, min(round(np.sqrt(n)), n // 39)))
+    """About CELLS_PER_ROOT * sqrt(n) cells, with enough rows for k-means to train each."""
+    return int(max(1, min(round(CELLS_PER_ROOT * np.sqrt(n)), n // 39)))
 
 
 @dataclass
@@ -109,6 +116,9 @@ class AnnIndex:
             wanted[np.asarray(index.ids)[rows]] = True
             bitmap = np.packbits(wanted, bitorder="little")
             params.sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # (its size in bytes)
+        # One query at a time: its cells are shared among the threads (faiss's default
+        # shares out the queries, so one query kept one core busy and the others idle).
+        self.faiss_index.parallel_mode = 1
         _, found = self.faiss_index.search(query.reshape(1, -1).astype(np.float32), want, params=params)
         found = found[0][found[0] >= 0]
         if len(self.removed):
@@ -238,7 +248,8 @@ def _publish(tmp: Path, folder: Path, index: VectorIndex, made: AnnIndex, *, nee
         # Another query published the same index meanwhile: use it (or keep ours in memory).
         other = _open(folder, index, need_faiss=need_faiss)
         return other if other is not None else made
-    _remove_stale(folder, index)
+    assert index.version is not None
+    remove_stale(folder, newer_than(index.version))
     return made
 
 
@@ -285,8 +296,11 @@ def read_faiss(path: Path, dim: int, nlist: int | None, count: int, *, mmap: boo
     """The faiss file at path, checked to be an index of count dim-d vectors."""
     import faiss
 
-    # Memory-mapped: a query reads the codes of the cells it scans, not the whole file.
-    got = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
+    # Memory-mapped: a query reads the codes of the cells it scans, not the whole file. The
+    # in-place mapping (IFC, faiss >= 1.10) scans the lists where they lie, as from memory;
+    # the older one is slower to scan (docs/performance-search.md).
+    flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
+    got = faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY if mmap else 0)
     if not isinstance(got, faiss.IndexIVFScalarQuantizer) or got.d != dim or got.ntotal != count \
             or (nlist is not None and got.nlist != nlist):
         raise ValueError(f"{path.name} is not the index it should be")
@@ -316,36 +330,36 @@ def _previous(folder: Path, index: VectorIndex) -> tuple[Path, dict[str, Any]] |
     return best
 
 
-def _remove_stale(current: Path, index: VectorIndex) -> None:
-    """Remove the older indexes of the same model (and broken ones, and temporaries left by
-    a builder that died); leave a newer one alone."""
-    prefix = current.name.rsplit("-", 1)[0] + "-"
-    assert index.version is not None
-    now = time.time()
-    for entry in current.parent.iterdir():
-        if entry == current or not entry.name.startswith(prefix) or not entry.is_dir():
-            continue
-        try:
-            if ".tmp-" in entry.name:
-                if now - entry.stat().st_mtime < STALE_TMP_SECONDS:
-                    continue
-            else:
-                info = json.loads((entry / "info.json").read_text(encoding="utf-8"))
-                if info.get("database_id") == index.version[0] and info.get("vectors_version", -1) > index.version[1]:
-                    continue
-        except (OSError, ValueError, AttributeError):
-            if not entry.exists():
-                continue
-        shutil.rmtree(entry, ignore_errors=True)
+def score_dtype() -> Any:
+    """The torch dtype for the build's large products: bfloat16 where the CPU multiplies it
+    in hardware (AMX or AVX-512 BF16), where it pays, else float32."""
+    import torch
+
+    fast = [getattr(torch.cpu, name, lambda: False) for name in ("_is_amx_tile_supported",
+                                                                  "_is_avx512_bf16_supported")]
+    return torch.bfloat16 if any(f() for f in fast) else torch.float32
 
 
 def nearest_cells(centroids: np.ndarray, block: np.ndarray, m: int) -> np.ndarray:
-    """(len(block), m) int32: the m cells nearest each row, nearest first."""
-    s = np.asarray(block, dtype=np.float32) @ centroids.T
-    m = min(m, s.shape[1])
-    top = np.argpartition(-s, m - 1, axis=1)[:, :m] if m < s.shape[1] else np.tile(np.arange(m), (len(s), 1))
-    order = np.argsort(-np.take_along_axis(s, top, axis=1), axis=1, kind="stable")
-    out = np.take_along_axis(top, order, axis=1).astype(np.int32)
+    """(len(block), m) int32: the m cells nearest each row, nearest first. A large block is
+    scored in torch, in bfloat16 where the CPU has it in hardware (score_dtype): cells
+    whose cosines differ by less than its rounding (~0.001) may come in either order."""
+    x = np.asarray(block, dtype=np.float32)
+    m = min(m, len(centroids))
+    if len(x) * len(centroids) >= BFLOAT16_FROM and m < len(centroids):
+        import torch
+
+        dtype = score_dtype()
+        with torch.no_grad():
+            # (a writable copy where the rows are a read-only map: torch warns of those)
+            s16 = torch.from_numpy(np.require(x, requirements=["C", "W"])).to(dtype) @ \
+                torch.from_numpy(np.require(centroids, np.float32, ["C", "W"])).to(dtype).T
+            out = s16.topk(m, dim=1).indices.numpy().astype(np.int32)  # (sorted, best first)
+    else:
+        s = x @ centroids.T
+        top = np.argpartition(-s, m - 1, axis=1)[:, :m] if m < s.shape[1] else np.tile(np.arange(m), (len(s), 1))
+        order = np.argsort(-np.take_along_axis(s, top, axis=1), axis=1, kind="stable")
+        out = np.take_along_axis(top, order, axis=1).astype(np.int32)
     if out.shape[1] < DUPLICATE_CELLS:  # fewer cells than kept: repeat the nearest
         out = np.concatenate([out, np.repeat(out[:, :1], DUPLICATE_CELLS - out.shape[1], axis=1)], axis=1)
     return out

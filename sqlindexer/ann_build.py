@@ -29,11 +29,13 @@ from .ann import (
     ADD_PAGE,
     DELTA_MAX_SHARE,
     DUPLICATE_CELLS,
+    KMEANS_ROUNDS,
     TRAIN_PER_CELL,
     AnnIndex,
     cell_count,
     nearest_cells,
     read_faiss,
+    score_dtype,
 )
 from .progress import Progress
 from .vectors import VectorIndex
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # Share of changed rows above which an update costs more than a build.
 UPDATE_MAX_SHARE = 0.5
+# Rows scored against the centres per step of k-means (a 16,384 x 4,000 bfloat16 block is 125 MiB).
+KMEANS_PAGE = 16_384
 
 
 def _new_faiss(dim: int, nlist: int) -> Any:
@@ -79,13 +83,9 @@ def build(index: VectorIndex, progress: Progress) -> AnnIndex:
     rng = np.random.default_rng(0)  # the same vectors give the same index
     sample = np.sort(rng.choice(n, size=min(n, TRAIN_PER_CELL * nlist), replace=False))
     x = np.ascontiguousarray(index.vectors[sample])
-    with progress("training cells", None) as tick:
-        if nlist == 1:  # one cell, its centre the mean (k-means would warn of too few rows)
-            centre = x.mean(axis=0, keepdims=True)
-            faiss_index.quantizer.add(centre / max(float(np.linalg.norm(centre)), 1e-12))
-        faiss_index.cp.niter = 10
-        faiss_index.train(x)  # k-means for the cells, and the range of each dimension for the codes
-        tick(1)
+    with progress("training cells", KMEANS_ROUNDS) as tick:
+        faiss_index.quantizer.add(train_cells(x, nlist, tick))
+        faiss_index.train(x)  # (the cells are given) the range of each dimension for the codes
     centroids = faiss_index.quantizer.reconstruct_n(0, nlist)
     cells = np.empty((n, DUPLICATE_CELLS), dtype=np.int32)
     with progress("indexing vectors", n) as tick:
@@ -95,6 +95,37 @@ def build(index: VectorIndex, progress: Progress) -> AnnIndex:
             tick(stop - start)
     ids = np.asarray(index.id_sorted)
     return AnnIndex(faiss_index, ids, cells[np.asarray(index.id_rows)], nlist, "built", ids, *_none(index.dim))
+
+
+def train_cells(x: np.ndarray, nlist: int, tick: Any = lambda n: None) -> np.ndarray:
+    """(nlist, dim) unit centres of spherical k-means over the unit rows x: each row goes
+    to the centre of its largest cosine, each centre becomes its rows' normalised mean;
+    KMEANS_ROUNDS rounds. The scores are taken in torch, in bfloat16 where the CPU has
+    it in hardware (ann.score_dtype; docs/performance-search.md), the means in
+    float32. An emptied cell restarts from a row drawn at random."""
+    if nlist == 1:  # one cell, its centre the mean
+        centre = x.mean(axis=0, keepdims=True)
+        tick(KMEANS_ROUNDS)
+        return centre / max(float(np.linalg.norm(centre)), 1e-12)
+    import torch
+
+    rng = np.random.default_rng(1)
+    dtype = score_dtype()
+    with torch.no_grad():
+        x32 = torch.from_numpy(np.require(x, np.float32, ["C", "W"]))
+        x16 = x32.to(dtype)
+        centres = x32[torch.from_numpy(rng.choice(len(x), size=nlist, replace=False))].clone()
+        for _ in range(KMEANS_ROUNDS):
+            c16 = centres.to(dtype).T
+            nearest = torch.cat([(x16[i : i + KMEANS_PAGE] @ c16).argmax(dim=1)
+                                 for i in range(0, len(x), KMEANS_PAGE)])
+            sums = torch.zeros_like(centres).index_add_(0, nearest, x32)
+            empty = torch.bincount(nearest, minlength=nlist) == 0
+            if bool(empty.any()):
+                sums[empty] = x32[torch.from_numpy(rng.choice(len(x), size=int(empty.sum()), replace=False))]
+            centres = sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            tick(1)
+    return centres.numpy()
 
 
 @dataclass

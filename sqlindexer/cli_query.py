@@ -3,6 +3,7 @@ database only, opened read-only: never created, never migrated."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,24 @@ def _hits_page(conn: Any, db_path: str, target: Path, results: Any, title: str, 
 _ORIGIN = {"cache": "from the cache", "built": "cached now", "memory": "read from the database (not cached)"}
 
 
-def _echo_hits(results: Any, as_json: bool) -> None:
+def _answer(db_path: str, as_json: bool | None, html_path: str | None, open_page: bool, title: str,
+            query: Callable[[Any], Any], query_image: str | None = None) -> None:
+    """What search and similar share: the page's target checked before the query, the
+    query's hits echoed, then the page written and reported."""
+    setup_logging("WARNING")
+    target = _page_target(html_path, open_page, db_path)
+
+    def work(conn: Any) -> Any:
+        results = query(conn)
+        _echo_hits(results, as_json)
+        return target and _hits_page(conn, db_path, target, results, title, query_image=query_image)
+
+    page = with_db(db_path, work)
+    if page:
+        _report_page(page, open_page)
+
+
+def _echo_hits(results: Any, as_json: bool | None) -> None:
     import json
 
     if wants_json(as_json):
@@ -117,8 +135,9 @@ def _echo_hits(results: Any, as_json: bool) -> None:
     elif results.hits:
         echo_table(["rank", "score", "path"], [[str(h.rank), f"{h.score:.4f}", h.path] for h in results.hits],
                     right=(0, 1))
+    how = "by the approximate index" if results.approximate else "exhaustively"
     click.echo(f"{len(results.hits)} of {results.considered} images, model {results.model}, "
-               f"vectors {_ORIGIN[results.origin]}, ranked in {results.query_seconds:.3f} s", err=True)
+               f"vectors {_ORIGIN[results.origin]}, ranked {how} in {results.query_seconds:.3f} s", err=True)
 
 
 @click.command(context_settings=_HELP)
@@ -145,18 +164,9 @@ def search(query: str, top: int, db_path: str, model_name: str | None, as_json: 
     """
     from .search import Filters, search_text
 
-    setup_logging("WARNING")
-    target = _page_target(html_path, open_page, db_path)
-
-    def work(conn: Any) -> Any:
-        results = search_text(conn, db_path, query, top=top, model_name=model_name,
-                              filters=Filters.build(**filters), progress=tqdm_progress, exact=exact)
-        _echo_hits(results, as_json)
-        return target and _hits_page(conn, db_path, target, results, f"Search: {query}")
-
-    page = with_db(db_path, work)
-    if page:
-        _report_page(page, open_page)
+    _answer(db_path, as_json, html_path, open_page, f"Search: {query}",
+            lambda conn: search_text(conn, db_path, query, top=top, model_name=model_name,
+                                     filters=Filters.build(**filters), progress=tqdm_progress, exact=exact))
 
 
 @click.command(context_settings=_HELP)
@@ -186,19 +196,10 @@ def similar(image: str, top: int, db_path: str, model_name: str | None, as_json:
 
     from .search import Filters, search_image
 
-    setup_logging("WARNING")
-    target = _page_target(html_path, open_page, db_path)
-
-    def work(conn: Any) -> Any:
-        results = search_image(conn, db_path, image, top=top, model_name=model_name,
-                               filters=Filters.build(**filters), progress=tqdm_progress, exact=exact)
-        _echo_hits(results, as_json)
-        title = f"Similar to {os.path.basename(os.path.abspath(image))}"
-        return target and _hits_page(conn, db_path, target, results, title, query_image=image)
-
-    page = with_db(db_path, work)
-    if page:
-        _report_page(page, open_page)
+    _answer(db_path, as_json, html_path, open_page, f"Similar to {os.path.basename(os.path.abspath(image))}",
+            lambda conn: search_image(conn, db_path, image, top=top, model_name=model_name,
+                                      filters=Filters.build(**filters), progress=tqdm_progress, exact=exact),
+            query_image=image)
 
 
 @click.command(context_settings=_HELP)
@@ -244,19 +245,20 @@ def duplicates(threshold: float, exact: bool, exhaustive: bool, db_path: str, mo
     target = _page_target(html_path, open_page, db_path)
 
     def work(conn: Any) -> Any:
-        model, compared, groups = find_duplicates(conn, db_path, threshold=threshold, model_name=model_name,
-                                                  progress=tqdm_progress, exhaustive=exhaustive)
-        _echo_groups(model, compared, groups, threshold, as_json)
-        return target and _groups_page(conn, db_path, target, model, compared, groups, threshold)
+        found = find_duplicates(conn, db_path, threshold=threshold, model_name=model_name,
+                                progress=tqdm_progress, exhaustive=exhaustive)
+        _echo_groups(found, threshold, as_json)
+        return target and _groups_page(conn, db_path, target, found.model, found.compared, found.groups, threshold)
 
     page = with_db(db_path, work)
     if page:
         _report_page(page, open_page)
 
 
-def _echo_groups(model: str, compared: int, groups: list[Any], threshold: float, as_json: bool | None) -> None:
+def _echo_groups(found: Any, threshold: float, as_json: bool | None) -> None:
     import json
 
+    groups = found.groups
     if wants_json(as_json):
         for number, group in enumerate(groups, start=1):
             images = [{"path": path, "score": round(score, 6)} for path, score in group.members]
@@ -267,8 +269,10 @@ def _echo_groups(model: str, compared: int, groups: list[Any], threshold: float,
             for path, score in group.members:
                 click.echo(f"  {score:.4f}  {path}")
     in_groups = sum(len(g.members) for g in groups)
+    how = "the approximate index's candidate pairs" if found.approximate else "every pair"
     click.echo(f"{len(groups)} group{'' if len(groups) == 1 else 's'} of near-duplicates ({in_groups} images) "
-               f"among {compared} images, model {model}, cosine >= {threshold}", err=True)
+               f"among {found.compared} images, model {found.model}, cosine >= {threshold}, compared {how}",
+               err=True)
 
 
 def _groups_page(conn: Any, db_path: str, target: Path, model: str, compared: int, groups: list[Any],
@@ -331,6 +335,7 @@ def status(db_path: str, as_json: bool | None) -> None:
     """
     import json
 
+    from .run import byte_size
     from .status import database_status
 
     setup_logging("WARNING")
@@ -339,7 +344,7 @@ def status(db_path: str, as_json: bool | None) -> None:
         click.echo(json.dumps(info, ensure_ascii=False))
         return
     images = info["images"]
-    click.echo(f"database  {info['database']} ({_size(info['size_bytes'])}, schema {info['schema_version']})")
+    click.echo(f"database  {info['database']} ({byte_size(info['size_bytes'])}, schema {info['schema_version']})")
     click.echo(f"images    {images['total']}: {images['ok']} ok, {images['failed']} failed, "
                f"{images['pending']} pending")
     shown = info["failed"][:_FAILED_SHOWN]
@@ -369,11 +374,3 @@ def status(db_path: str, as_json: bool | None) -> None:
 
 
 _FAILED_SHOWN = 10
-
-
-def _size(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

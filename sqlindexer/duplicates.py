@@ -196,10 +196,20 @@ def _union(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
         np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
 
 
+@dataclass
+class Duplicates:
+    """What find_duplicates found."""
+
+    model: str
+    compared: int  # images of the model
+    groups: list[Group]
+    approximate: bool  # candidate pairs from the approximate index's cells, not every pair
+
+
 def find_duplicates(conn: sqlite3.Connection, db_path: str | os.PathLike[str], *, threshold: float,
                     model_name: str | None = None, progress: Progress = no_progress,
-                    exhaustive: bool = False) -> tuple[str, int, list[Group]]:
-    """(model, images compared, groups) for the database's vectors of one model."""
+                    exhaustive: bool = False) -> Duplicates:
+    """The near-duplicate groups of the database's vectors of one model."""
     _check(threshold)
     model = choose_model(conn, model_name, where=str(absolute(db_path)))
     index = load_index(conn, db_path, model, progress=progress)
@@ -208,9 +218,10 @@ def find_duplicates(conn: sqlite3.Connection, db_path: str | os.PathLike[str], *
 
         ann = load_ann(conn, index, need_faiss=False, progress=progress)
         if ann is not None:
-            return model.model, len(index), cell_duplicate_groups(index, ann.cells_by_row(index), threshold,
-                                                                  progress=progress)
-    return model.model, len(index), duplicate_groups(index, threshold, progress=progress)
+            groups = cell_duplicate_groups(index, ann.cells_by_row(index), threshold, progress=progress)
+            return Duplicates(model.model, len(index), groups, approximate=True)
+    return Duplicates(model.model, len(index), duplicate_groups(index, threshold, progress=progress),
+                      approximate=False)
 
 
 def exact_below() -> int:

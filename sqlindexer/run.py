@@ -48,11 +48,12 @@ class Summary:
         )
         if c.get("reused"):
             line += (f"; reused the vectors of {c['reused']} moved, copied or touched files "
-                     f"({c['renamed']} renamed, read {_bytes(c['hashed_bytes'])} to fingerprint)")
+                     f"({c['renamed']} renamed, read {byte_size(c['hashed_bytes'])} to fingerprint)")
         return line
 
 
-def _bytes(n: int) -> str:
+def byte_size(n: float) -> str:
+    """n bytes in the largest unit that keeps it at or above 1 (up to GiB): 3.2 MiB."""
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"

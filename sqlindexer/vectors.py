@@ -31,6 +31,7 @@ import os
 import shutil
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -296,17 +297,18 @@ def _publish(tmp: Path, folder: Path, model: records.ModelVectors, version: tupl
         except OSError as e:
             log.warning("cannot put the vector cache in place (%s); keeping it in memory", e.strerror or e)
             return None
-    _remove_stale(folder, version)
+    remove_stale(folder, newer_than(version))
     index = _open_cache(folder, model, _current(model, version))
     if index is not None:
         index.origin = "built"
     return index
 
 
-def _remove_stale(current: Path, version: tuple[str, int]) -> None:
-    """Remove the caches of the same model that are older than this one (or of another
-    database, or broken), and temporaries abandoned by a builder that died. A newer cache,
-    built meanwhile by a query that saw a later state, is left alone."""
+def remove_stale(current: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Remove the folders beside current of the same kind and model (its name up to the
+    state key), older or broken, and temporaries abandoned by a builder that died; leave
+    alone those whose info.json keep() accepts (a newer one, built meanwhile by a query
+    that saw a later state). The vector caches and the approximate indexes share it."""
     prefix = current.name.rsplit("-", 1)[0] + "-"
     now = time.time()
     for entry in current.parent.iterdir():
@@ -316,15 +318,18 @@ def _remove_stale(current: Path, version: tuple[str, int]) -> None:
             if ".tmp-" in entry.name:
                 if now - entry.stat().st_mtime < STALE_TMP_SECONDS:
                     continue  # another query may be building it
-            else:
-                info = json.loads((entry / "info.json").read_text(encoding="utf-8"))
-                if info.get("database_id") == version[0] and info.get("vectors_version", -1) > version[1]:
-                    continue
+            elif keep(json.loads((entry / "info.json").read_text(encoding="utf-8"))):
+                continue
         except (OSError, ValueError, AttributeError):
             if not entry.exists():
                 continue  # removed meanwhile by another query
             # else: unreadable, so broken
         shutil.rmtree(entry, ignore_errors=True)
+
+
+def newer_than(version: tuple[str, int]) -> Callable[[dict[str, Any]], bool]:
+    """Whether an info.json is of the same database at a later state than version."""
+    return lambda info: info.get("database_id") == version[0] and info.get("vectors_version", -1) > version[1]
 
 
 def _open_cache(folder: Path, model: records.ModelVectors, check: Any) -> VectorIndex | None:

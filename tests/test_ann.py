@@ -30,6 +30,10 @@ MODEL = "synthetic/m"
 @pytest.fixture(autouse=True)
 def _force_the_index(monkeypatch):
     monkeypatch.setenv("SQLINDEXER_EXACT_BELOW", "0")
+    # A few thousand rows have about a hundred cells, fewer than a query scans at scale:
+    # scan half of them (as before the cells were made smaller), so that the candidates
+    # really are a choice.
+    monkeypatch.setattr(ann, "PROBES", 50)
 
 
 # -- synthetic vectors in a real working database ----------------------------------------
@@ -103,6 +107,7 @@ def test_approximate_agrees_with_exact_and_prints_true_cosines(synthetic, tmp_pa
         texts = rng.standard_normal((20, DIM)) + x[rng.integers(0, len(x), 20)]
         filters = search.Filters(cameras=("canon",))
         for q in texts:
+            assert len(approx.candidates(index, q / np.linalg.norm(q), 20, None)) < 0.7 * len(index)
             got, want = ranked(index, approx, q), ranked(index, None, q)
             assert recall(got, want) >= 0.9
             truth = {path_of(i): float(v) for i, v in enumerate(x @ (q / np.linalg.norm(q)))}
@@ -122,10 +127,12 @@ def test_duplicates_from_the_cells_find_the_planted_pairs(synthetic, tmp_path):
     path = copy_db(synthetic["db"], tmp_path)
     conn = db.open_readonly(path)
     try:
-        _, _, cells = duplicates.find_duplicates(conn, path, threshold=0.95)
-        _, _, every = duplicates.find_duplicates(conn, path, threshold=0.95, exhaustive=True)
+        from_cells = duplicates.find_duplicates(conn, path, threshold=0.95)
+        from_every = duplicates.find_duplicates(conn, path, threshold=0.95, exhaustive=True)
     finally:
         conn.close()
+    assert from_cells.approximate and not from_every.approximate
+    cells, every = from_cells.groups, from_every.groups
     assert (tmp_path / "s.sqlite").exists() and any(p.name.startswith("s.sqlite.ann-") for p in tmp_path.iterdir())
     found = {frozenset(p for p, _ in g.members) for g in cells}
     assert found == {frozenset(p for p, _ in g.members) for g in every}
@@ -300,6 +307,23 @@ def test_cli_approximate_equals_exact_on_a_real_library_and_after_a_reindex(runn
     assert after != before and json.loads((after / "info.json").read_text())["count"] == 8
 
 
+def test_the_summary_says_how_a_query_was_answered(runner, library, monkeypatch):
+    photos, dbp = library["photos"], library["db"]
+    for command in (["search", "a red car"], ["similar", photos / "n0.jpg"]):
+        approximate = run_cli(runner, [*command, "--db", dbp, "--json"]).stderr.splitlines()[-1]
+        exhaustive = run_cli(runner, [*command, "--db", dbp, "--exact"]).stderr.splitlines()[-1]
+        assert "ranked by the approximate index in" in approximate, approximate
+        assert "ranked exhaustively in" in exhaustive, exhaustive
+    approximate = run_cli(runner, ["duplicates", "--db", dbp]).stderr.splitlines()[-1]
+    exhaustive = run_cli(runner, ["duplicates", "--db", dbp, "--exhaustive"]).stderr.splitlines()[-1]
+    assert approximate.endswith("compared the approximate index's candidate pairs"), approximate
+    assert exhaustive.endswith("compared every pair"), exhaustive
+    monkeypatch.setenv("SQLINDEXER_EXACT_BELOW", "1000")  # too few images for an index to pay
+    below = run_cli(runner, ["search", "a red car", "--db", dbp]).stderr.splitlines()[-1]
+    assert "ranked exhaustively in" in below, below
+    assert run_cli(runner, ["duplicates", "--db", dbp]).stderr.splitlines()[-1].endswith("compared every pair")
+
+
 def test_bad_input_is_one_line(runner, library, tmp_path):
     dbp = library["db"]
     for threshold in ("0", "1.5", "-1"):
@@ -319,6 +343,52 @@ def test_bad_input_is_one_line(runner, library, tmp_path):
                 duplicates.find_duplicates(conn, dbp, threshold=threshold)
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("kind", [".vectors-", ".ann-"])
+def test_the_sweep_beside_the_database_keeps_only_the_current_and_newer(tmp_path, kind):
+    import os
+    import time
+
+    def folder(name: str, info: dict | None = None, *, age: float = 0.0) -> Path:
+        path = tmp_path / f"x.sqlite{kind}{name}"
+        path.mkdir()
+        if info is not None:
+            (path / "info.json").write_text(json.dumps(info))
+        if age:
+            os.utime(path, (time.time() - age, time.time() - age))
+        return path
+
+    current = folder("model1-cur", {"database_id": "D", "vectors_version": 5})
+    kept = [current, folder("model1-newer", {"database_id": "D", "vectors_version": 6}),
+            folder("model1-cur.tmp-1-ab"),  # another query may be building it
+            folder("model2-older", {"database_id": "D", "vectors_version": 1})]  # another model's
+    gone = [folder("model1-older", {"database_id": "D", "vectors_version": 4}),
+            folder("model1-foreign", {"database_id": "E", "vectors_version": 9}),
+            folder("model1-broken"),
+            folder("model1-cur.tmp-2-cd", age=vectors.STALE_TMP_SECONDS + 60)]
+    (tmp_path / f"x.sqlite{kind}model1-junk").write_text("a file, not a folder")
+    vectors.remove_stale(current, vectors.newer_than(("D", 5)))
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in gone)
+    assert (tmp_path / f"x.sqlite{kind}model1-junk").exists()
+
+
+def test_nearest_cells_in_bfloat16_agree_with_float32(synthetic, monkeypatch):
+    x = synthetic["x"]
+    centroids = x[np.random.default_rng(2).choice(len(x), 100, replace=False)]
+    exact = ann.nearest_cells(centroids, x, ann.DUPLICATE_CELLS)
+    monkeypatch.setattr(ann, "BFLOAT16_FROM", 0)
+    fast = ann.nearest_cells(centroids, x, ann.DUPLICATE_CELLS)
+    assert fast.shape == exact.shape == (len(x), ann.DUPLICATE_CELLS) and fast.dtype == np.int32
+    s = x @ centroids.T
+    # The same nearest cell but where two cells tie within bfloat16's rounding.
+    home = np.take_along_axis(s, fast[:, :1], axis=1)[:, 0]
+    assert np.all(home >= s.max(axis=1) - 0.01) and np.mean(fast[:, 0] == exact[:, 0]) >= 0.97
+    assert np.mean(np.sort(fast, axis=1) == np.sort(exact, axis=1)) >= 0.9
+    import torch  # a CPU without bfloat16 in hardware: the same product in float32
+
+    monkeypatch.setattr(ann, "score_dtype", lambda: torch.float32)
+    assert np.mean(ann.nearest_cells(centroids, x, ann.DUPLICATE_CELLS) == exact) >= 0.99
 
 
 def test_exact_below_knob(monkeypatch, caplog):
