@@ -231,7 +231,7 @@ class _Previous:
                 raise ValueError("not a line of this layout")
             raw = buf[head:tail]
             # A path with a quote, a backslash or a control character is escaped: parse its line.
-            paths.append(raw.decode("utf-8") if b"\\" not in raw else json.loads(buf[a:b])["metadata"]["path"])
+            paths.append(raw.decode("utf-8") if b"\\" not in raw else _escaped_path(buf[a:b]))
         return paths
 
     def _copy_lines(self, first: int, end: int, out: BinaryIO) -> None:
@@ -356,3 +356,15 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _escaped_path(line: bytes) -> str:
+    """The path of a line whose path is escaped; a line that is not a record of this layout
+    (a hand-edited file) is a ValueError like any other layout mismatch."""
+    try:
+        path = json.loads(line)["metadata"]["path"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"not a line of this layout ({e!r})") from None
+    if not isinstance(path, str):
+        raise ValueError("not a line of this layout (a path that is not a string)")
+    return path

@@ -20,6 +20,7 @@ Core code: no Click, no printing, no SQL (content.py holds it).
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -72,12 +73,14 @@ def reuse_known(conn: sqlite3.Connection, run: Run, *, progress: Progress = no_p
     candidates = [w for w in rest if w.size in sizes or w.id in own]
     if not candidates:
         return done
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        _fingerprint_old_rows(conn, run, {w.size for w in candidates}, pool, done)
+    threads = max(1, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        hash_all = functools.partial(_hashed, pool, threads)
+        _fingerprint_old_rows(conn, run, {w.size for w in candidates}, hash_all, done)
         with progress("hashing", len(candidates)) as tick:
             for start in range(0, len(candidates), BATCH):
                 batch = candidates[start : start + BATCH]
-                digests = _hashed(pool, batch, lambda w: (w.path, w.size, w.mtime_ns))
+                digests = hash_all(batch, lambda w: (w.path, w.size, w.mtime_ns))
                 _adopt_by_content(conn, run, batch, digests, done)
                 tick(len(batch))
     return done
@@ -100,8 +103,8 @@ def _renamed(conn: sqlite3.Connection, run: Run, waiting: Sequence[content.Waiti
     return rest
 
 
-def _fingerprint_old_rows(conn: sqlite3.Connection, run: Run, sizes: set[int], pool: ThreadPoolExecutor,
-                          done: Reused) -> None:
+def _fingerprint_old_rows(conn: sqlite3.Connection, run: Run, sizes: set[int],
+                          hash_all: Callable[..., list[bytes | None]], done: Reused) -> None:
     """Rows with a vector but no fingerprint (made before fingerprints), of a size some
     pending file has: read their files now, so a copy of them can match."""
     old = content.unfingerprinted(conn, run.model, sizes)
@@ -109,7 +112,7 @@ def _fingerprint_old_rows(conn: sqlite3.Connection, run: Run, sizes: set[int], p
         log.info("fingerprinting %d indexed files that have none yet", len(old))
     for start in range(0, len(old), BATCH):
         batch = old[start : start + BATCH]
-        digests = _hashed(pool, batch, lambda row: (row[1], row[2], row[3]))
+        digests = hash_all(batch, lambda row: (row[1], row[2], row[3]))
         found = [(d, row[0], row[2], row[3]) for row, d in zip(batch, digests) if d is not None]
         content.set_fingerprints(conn, found, run)
         done.hashed_bytes += sum(row[2] for row in found)
@@ -133,7 +136,7 @@ def _adopt_by_content(conn: sqlite3.Connection, run: Run, batch: Sequence[conten
     done.hashed_bytes += hashed
 
 
-def _hashed(pool: ThreadPoolExecutor, items: Sequence[T],
+def _hashed(pool: ThreadPoolExecutor, parts: int, items: Sequence[T],
             where: Callable[[T], tuple[str, int, int]]) -> list[bytes | None]:
     def some(part: Sequence[T]) -> list[bytes | None]:
         return [fingerprint.hash_file(path, size=size, mtime_ns=mtime_ns)
@@ -141,5 +144,5 @@ def _hashed(pool: ThreadPoolExecutor, items: Sequence[T],
 
     # One task per thread, each a slice of the batch: a task per file costs more than
     # hashing a small file.
-    step = -(-len(items) // HASH_THREADS) or 1
+    step = -(-len(items) // parts) or 1
     return [d for part in pool.map(some, [items[i : i + step] for i in range(0, len(items), step)]) for d in part]

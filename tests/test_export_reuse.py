@@ -325,3 +325,18 @@ def test_unchanged_rows_come_in_runs_of_bounded_length(tmp_path, monkeypatch):
         conn.execute("UPDATE files SET ctime_ns = 2 WHERE path = '/p/d.jpg'")
         got = [e if isinstance(e, list) else e.path for e in records.iter_export_changes(conn, "m", since)]
     assert got == [["/p/a.jpg", "/p/b.jpg"], ["/p/c.jpg"], "/p/d.jpg", ["/p/e.jpg", "/p/f.jpg"]]
+
+
+def test_an_escaped_path_on_a_line_not_of_this_layout_is_a_layout_error():
+    # The block copy reads an escaped path by parsing its line; a hand-edited line that
+    # passes the byte checks but parses to another shape must be refused like any other
+    # mismatch (the export then writes every record afresh), not crash the run.
+    from sqlindexer.index_file import _escaped_path
+
+    assert _escaped_path(b'{"embedding":[1.0],"metadata":{"path":"a\\tb"}}') == "a\tb"
+    with pytest.raises(ValueError):
+        _escaped_path(b'{"embedding":[1.0],"metadata":{"path":"a\\tb"},"metadata":{}}')
+    with pytest.raises(ValueError):
+        _escaped_path(b'{"embedding":[1.0],"metadata":{"path":"a\\tb"},"metadata":[1]}')
+    with pytest.raises(ValueError):
+        _escaped_path(b'{"embedding":[1.0],"metadata":{"path":"a\\tb","path":5}}')
