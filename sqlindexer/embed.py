@@ -183,6 +183,7 @@ class Embedder:
                     setattr(module, name, None)
             del model, tower, module
             gc.collect()
+            ov_vision.trim_heap()
         # Set only once compiled: a failed compile leaves the Embedder unloaded.
         self._tower = ov_vision.compile_tower(xml, dtype=self.requested_dtype)
         self._model = embeddings.eval()

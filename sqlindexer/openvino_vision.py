@@ -285,6 +285,20 @@ def release_mapped_files(folder: Path) -> int:
     return released
 
 
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere).
+    The conversion frees its trace and graph in the loading thread's own heap arena, which
+    glibc otherwise keeps for later allocations, next to what OpenVINO then compiles."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
+
+
 def _wrapper(tower: Any) -> Any:
     """The part of the tower after the embeddings, as a module of (embeds, mask)."""
     import torch
