@@ -13,7 +13,8 @@ builds a random SigLIP 2 of the exact base shape (hidden 768, 12 layers, 12 head
                      vectors to torch float32's; load time cold and, for OpenVINO, warm
                      (from its cache)
   (b) image-indexer  end to end, each in a fresh process: the CLI with default settings,
-                     then sqlindexer.run.run_index with each forced choice of
+                     the same on an empty OpenVINO cache (a first run: it converts the
+                     tower), then sqlindexer.run.run_index with each forced choice of
                      --paths (fresh database, decode, embed, export), peak RSS of each
   (c) reference      the original tool's sequential loop: open -> convert("RGB") ->
                      processor on --batch-size full-size images -> full model's
@@ -47,6 +48,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import child, cli, machine, save, table  # noqa: E402
+
+from sqlindexer import openvino_vision  # noqa: E402 - imports nothing heavy
 
 
 def make_photos(folder: Path, n: int, size: tuple[int, int], seed: int, unique: int | None = None) -> None:
@@ -222,6 +225,7 @@ print(json.dumps({"feed_per_s": (len(paths) - 1) / (t1 - first), "pack_per_s": p
                   "decode_per_core": per_core, "workers": workers}), file=sys.stderr)
 """
 
+COLD = "default, cold OpenVINO cache"
 EMBED_LINE = re.compile(r"embedded (\d+) images in ([\d.]+) s")
 LOADED_LINE = re.compile(r"loaded .+ on (\w+ \([^)]*\))")
 
@@ -251,16 +255,19 @@ def tower_alone(model: Path, folder: Path, args: argparse.Namespace, paths: list
 
 
 def end_to_end(model: Path, folder: Path, args: argparse.Namespace, forced: tuple[str, str] | None,
-               workers: int | None) -> dict:
+               workers: int | None, *, cold: bool = False) -> dict:
     """One run of (b) on a fresh database: default settings through the CLI, or a forced
-    backend and dtype through run_index."""
+    backend and dtype through run_index. cold: the CLI on an empty OpenVINO cache (a
+    user's first run, which converts the tower)."""
     out = folder.parent / "index.jsonl"
     for f in (out, out.with_suffix(".sqlite")):
         f.unlink(missing_ok=True)
     if forced is None:
         extra = ["--workers", workers] if workers is not None else []
-        seconds, rss, err = cli("-i", folder, "-o", out, "--model-name", model, "--batch-size", args.batch_size,
-                                "--device", args.device, "--engine", args.engine, *extra)
+        with tempfile.TemporaryDirectory(prefix="ov-cold-", dir=folder.parent) as empty:
+            env = {openvino_vision.CACHE_ENV: empty} if cold else None
+            seconds, rss, err = cli("-i", folder, "-o", out, "--model-name", model, "--batch-size",
+                                    args.batch_size, "--device", args.device, "--engine", args.engine, *extra, env=env)
     else:
         seconds, rss, err = child([sys.executable, "-c", FORCED, str(folder), str(out), str(model),
                                    str(args.batch_size), args.device, forced[0], forced[1],
@@ -291,6 +298,8 @@ def main() -> None:
                          "(default: all distinct; large GPU runs need thousands of photos)")
     ap.add_argument("--skip-reference", action="store_true", help="do not run (c) (slow on big sets)")
     ap.add_argument("--skip-forced", action="store_true", help="(b) with default settings only")
+    ap.add_argument("--skip-cold", action="store_true",
+                    help="leave out (b) with default settings on an empty OpenVINO cache (the first run)")
     ap.add_argument("--engine", choices=("local", "ray"), default="local",
                     help="image-indexer --engine for b (default local; ray starts or joins a local Ray instance)")
     ap.add_argument("--tiny", action="store_true", help="use a tiny model instead of the base shape (smoke test)")
@@ -300,7 +309,6 @@ def main() -> None:
 
     import torch
 
-    from sqlindexer import openvino_vision
     from sqlindexer.testing import BASE, TINY, build_random_siglip2
 
     gpu = args.device in ("cuda", "mps") or (args.device == "auto" and torch.cuda.is_available())
@@ -373,11 +381,13 @@ def measure_set(label: str, folder: Path, n: int, model: Path, args: argparse.Na
         c = json.loads(err.strip().splitlines()[-1])
     runs: list[tuple[str, tuple[str, str] | None, int | None]] = [("default", None, args.workers)]
     runs += [(f"default, --workers {w}", None, w) for w in sweep]
+    if openvino_vision.installed() and not args.skip_cold:
+        runs.append((COLD, None, args.workers))
     if not args.skip_forced:
         runs += [(f"{b} {d}", (b, d), args.workers) for b, d in paths]
     rows = []
     for name, forced, workers in runs:
-        r = end_to_end(model, folder, args, forced, workers)
+        r = end_to_end(model, folder, args, forced, workers, cold=name == COLD)
         speed = r["embed"] or r["e2e"]
         rows.append({"images": images, "run": name, "how": r["how"], "b e2e img/s": r["e2e"],
                      "b embed img/s": r["embed"], "b/a32": speed / base if base else None,

@@ -8,6 +8,7 @@ so runs with nothing to embed (and --help) never pay for them.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import threading
 import warnings
@@ -174,10 +175,15 @@ class Embedder:
             # A copy: the checkpoint's weights are memory-mapped, and a module that pointed
             # into them would keep the whole mapping (and every page read) alive.
             embeddings = copy.deepcopy(tower.embeddings).to(dtype=torch.float32)
-            for module in (tower, model):  # let every other weight go before OpenVINO compiles
-                for name, _ in list(module.named_children()):
+            # Every other weight let go before OpenVINO compiles: the checkpoint stays mapped
+            # (its pages resident) while any one tensor of it lives, so no name here may keep
+            # a submodule, and the tracer's reference cycles are collected now.
+            for module in (tower, model):
+                for name in [n for n, _ in module.named_children()]:
                     setattr(module, name, None)
-            del model, tower
+            del model, tower, module
+            gc.collect()
+            ov_vision.trim_heap()
         # Set only once compiled: a failed compile leaves the Embedder unloaded.
         self._tower = ov_vision.compile_tower(xml, dtype=self.requested_dtype)
         self._model = embeddings.eval()

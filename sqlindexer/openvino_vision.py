@@ -13,6 +13,7 @@ openvino is imported only here, and only when this backend is used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -21,6 +22,7 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +44,7 @@ CHUNK = 8
 # post_layernorm, a head that takes the patch mask).
 SUPPORTED = ("siglip2", "siglip2_vision_model")
 # Bumped when the converted graph changes, so that old IR in the cache is not reused.
-_FORMAT = 2
+_FORMAT = 3
 
 
 def installed() -> bool:
@@ -283,6 +285,19 @@ def release_mapped_files(folder: Path) -> int:
     return released
 
 
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim): the conversion frees
+    its trace and graph in the loading thread's heap arena, which glibc would keep."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
+
+
 def _wrapper(tower: Any) -> Any:
     """The part of the tower after the embeddings, as a module of (embeds, mask)."""
     import torch
@@ -308,21 +323,52 @@ def _wrapper(tower: Any) -> Any:
 def _convert(tower: Any, max_patches: int, folder: Path) -> Any:
     import openvino
     import torch
+    from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
 
     width = int(tower.config.hidden_size)
-    embeds = torch.randn(2, max_patches, width)
-    # Padding in the example, so that any branch the model's own code takes on the mask
-    # (transformers skips an all-ones mask) is traced with the mask in use.
-    mask = torch.ones(2, max_patches, dtype=torch.int64)
-    mask[1, max_patches // 2 :] = 0
+    # One image, its second half padding: the batch dimension is dynamic anyway, and every
+    # further example image adds its activations to what the tracer holds. The padding
+    # makes any branch the model's own code takes on the mask (transformers skips an
+    # all-ones mask) the one traced.
+    embeds = torch.randn(1, max_patches, width)
+    mask = torch.ones(1, max_patches, dtype=torch.int64)
+    mask[0, max_patches // 2 :] = 0
     log.info("openvino: converting the vision tower (once; kept in %s)", folder)
     # The tracer warns about each Python branch of transformers' code; the example's
     # padding above is what makes those branches the right ones.
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), _no_telemetry():
         warnings.simplefilter("ignore")
-        return openvino.convert_model(_wrapper(tower), example_input=(embeds, mask),
-                                      input=[openvino.PartialShape([-1, max_patches, width]),
-                                             openvino.PartialShape([-1, max_patches])])
+        # What openvino.convert_model builds from a module, less torch's trace check: that
+        # check traces the module a second time and holds both traces at once; the tests
+        # compare the converted tower's vectors with torch's instead. shared_memory: the
+        # converted constants point at the tower's weights rather than copying them.
+        decoder = TorchScriptPythonDecoder(_wrapper(tower), example_input=(embeds, mask), shared_memory=True,
+                                           trace_kwargs={"check_trace": False})
+        return openvino.convert_model(decoder, input=[openvino.PartialShape([-1, max_patches, width]),
+                                                      openvino.PartialShape([-1, max_patches])])
+
+
+@contextlib.contextmanager
+def _no_telemetry() -> Iterator[None]:
+    """Run OpenVINO's converter with its own stand-in for the telemetry package (what it
+    uses where that package is not installed). Otherwise, unless the user has opted out,
+    it sends usage events to Google Analytics, forking this whole process once per event
+    to do so: nothing an indexer of private photos should send, and each fork counts the
+    parent's memory again while it lives."""
+    try:
+        from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils, utils
+    except ImportError:  # an OpenVINO laid out otherwise (tests/test_openvino_convert.py notices)
+        modules, telemetry_stub = [], None
+    else:
+        modules = [m for m in (convert_impl, telemetry_utils, utils) if hasattr(m, "tm")]
+    saved = [m.tm for m in modules]
+    for m in modules:
+        m.tm = telemetry_stub
+    try:
+        yield
+    finally:
+        for m, tm in zip(modules, saved):
+            m.tm = tm
 
 
 def _save(model: Any, xml: Path, *, compress_to_fp16: bool) -> None:
