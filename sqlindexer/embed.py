@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import cpu
 from . import openvino_vision as ov_vision
+from . import process_memory
 from .config import BACKENDS, DTYPES
 from .errors import BackendError
 from .model_load import (  # noqa: F401 - quiet_transformers, _weights_options: imported from here by others
@@ -183,7 +184,7 @@ class Embedder:
                     setattr(module, name, None)
             del model, tower, module
             gc.collect()
-            ov_vision.trim_heap()
+            process_memory.trim_heap()
         # Set only once compiled: a failed compile leaves the Embedder unloaded.
         self._tower = ov_vision.compile_tower(xml, dtype=self.requested_dtype)
         self._model = embeddings.eval()

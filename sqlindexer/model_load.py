@@ -101,13 +101,30 @@ def weights_identity(name: str) -> str:
     from pathlib import Path
 
     lines = []
-    for file in (*_SAFETENSORS, "pytorch_model.bin", "pytorch_model.bin.index.json"):
+    for file in (*_SAFETENSORS, "pytorch_model.bin", "pytorch_model.bin.index.json", *_shards(name)):
         path = _local_file(name, file)
         if path:
             real = Path(path).resolve()
             st = real.stat()
             lines.append(f"{real} {st.st_size} {st.st_mtime_ns}")
     return "\n".join(lines)
+
+
+def _shards(name: str) -> list[str]:
+    """The weight files a sharded checkpoint's index names: new weights in a shard leave
+    the index as it was."""
+    import json
+
+    shards: set[str] = set()
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        path = _local_file(name, index)
+        if path:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    shards.update(str(v) for v in json.load(f)["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                pass  # an index that cannot be read: the load itself says so
+    return sorted(shards)
 
 
 def load_vision_embeddings(name: str, config: Any) -> Any | None:
@@ -117,7 +134,7 @@ def load_vision_embeddings(name: str, config: Any) -> Any | None:
     cache. None where the checkpoint has no such tensors on disk (the caller loads the
     whole tower instead)."""
     import torch
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
 
     vision = getattr(config, "vision_config", config)
@@ -137,7 +154,7 @@ def load_vision_embeddings(name: str, config: Any) -> Any | None:
         with quiet_transformers(), torch.device("meta"):
             module = Siglip2VisionEmbeddings(vision)
         module.load_state_dict(found, strict=True, assign=True)
-    except (OSError, RuntimeError, KeyError, ValueError) as e:
+    except (OSError, RuntimeError, KeyError, ValueError, SafetensorError) as e:
         log.info("%s: the vision embeddings alone cannot be read (%s); loading the whole tower", name, one_line(e))
         return None
     return module.eval()

@@ -19,13 +19,13 @@ import importlib.util
 import json
 import logging
 import os
-import sys
 import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import process_memory
 from .errors import BackendError, one_line
 
 if TYPE_CHECKING:
@@ -251,51 +251,8 @@ def compile_tower(xml: Path, *, dtype: str, cache: Path | None = None) -> Tower:
         tower.warm_up()
     except Exception as e:  # noqa: BLE001 - disk and plugin errors alike
         raise BackendError(f"--backend openvino: cannot compile the vision tower ({one_line(e)})") from None
-    release_mapped_files(cache or cache_root())
+    process_memory.release_mapped_files(cache or cache_root())
     return tower
-
-
-def release_mapped_files(folder: Path) -> int:
-    """Drop from this process's memory the pages of the files under folder that are mapped
-    read-only (OpenVINO maps its blobs and IR weights); bytes released. Linux only (0
-    elsewhere). Safe at any time: a page of a read-only file mapping that is touched
-    again is read back from the file."""
-    if not sys.platform.startswith("linux"):
-        return 0
-    import ctypes
-    import mmap
-
-    prefix = str(folder.resolve())
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    released = 0
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            lines = f.readlines()
-    except OSError:
-        return 0
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        # Never a writable mapping: its pages may hold changes that are in no file.
-        if len(parts) < 6 or "w" in parts[1] or not parts[5].strip().startswith(prefix):
-            continue
-        start, end = (int(x, 16) for x in parts[0].split("-"))
-        if madvise(start, end - start, mmap.MADV_DONTNEED) == 0:
-            released += end - start
-    return released
-
-
-def trim_heap() -> None:
-    """Hand the C heap's free pages back to the OS (glibc's malloc_trim): the conversion frees
-    its trace and graph in the loading thread's heap arena, which glibc would keep."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        pass
 
 
 def _wrapper(tower: Any) -> Any:

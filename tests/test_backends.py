@@ -16,6 +16,7 @@ from conftest import REPO, make_photo
 
 from sqlindexer import cpu
 from sqlindexer import openvino_vision as ov_vision
+from sqlindexer import process_memory
 from sqlindexer.errors import BackendError
 
 needs_openvino = pytest.mark.skipif(not ov_vision.installed(), reason="openvino is not installed (the openvino extra)")
@@ -352,9 +353,66 @@ def test_released_pages_of_a_read_only_mapping_leave_memory_and_read_back(tmp_pa
         other = mmap.mmap(g.fileno(), 0, access=mmap.ACCESS_READ)
         assert mapped[:] == data and other[:] == data  # every page read in
         assert _resident_kb(path) >= 8 << 10 and _resident_kb(outside) >= 8 << 10
-        assert ov_vision.release_mapped_files(tmp_path / "cache") >= len(data)
+        assert process_memory.release_mapped_files(tmp_path / "cache") >= len(data)
         assert _resident_kb(path) == 0
         assert _resident_kb(outside) >= 8 << 10  # a file outside the folder is left alone
         assert mapped[:] == data  # read back from the file
         mapped.close()
         other.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_a_library_or_a_sibling_folder_is_never_released(tmp_path):
+    # A shared library's read-only pages may hold the loader's relocations: dropping them
+    # would read back unrelocated bytes (a crash). A folder whose name only starts like the
+    # cache's is not the cache.
+    import mmap
+
+    data = b"\x7fELF" + bytes(4 << 20)
+    library = tmp_path / "cache" / "lib.so"
+    sibling = tmp_path / "cache2" / "weights.bin"
+    for path in (library, sibling):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    sibling.write_bytes(b"weights!" + data[8:])
+    with open(library, "rb") as f, open(sibling, "rb") as g:
+        maps = [mmap.mmap(h.fileno(), 0, access=mmap.ACCESS_READ) for h in (f, g)]
+        assert all(m[:] for m in maps)  # every page read in
+        assert process_memory.release_mapped_files(tmp_path / "cache") == 0
+        assert _resident_kb(library) >= 4 << 10 and _resident_kb(sibling) >= 4 << 10
+        for m in maps:
+            m.close()
+
+
+def test_a_sharded_checkpoint_is_known_by_its_shards(tmp_path):
+    # The IR found for a checkpoint by its files' identity must not survive new weights in
+    # a shard when the shard index is left as it was.
+    import json
+
+    from sqlindexer.model_load import weights_identity
+
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": shards[0], "b": shards[1], "c": shards[1]}}))
+    for shard in shards:
+        (tmp_path / shard).write_bytes(b"old weights")
+    before = weights_identity(str(tmp_path))
+    (tmp_path / shards[1]).write_bytes(b"new weights, longer")
+    after = weights_identity(str(tmp_path))
+    assert shards[1] in after and before != after
+
+
+def test_a_damaged_safetensors_file_loads_the_whole_tower_instead(tmp_path, tiny_model):
+    # On a warm cache only the embeddings are read from the checkpoint; a file safetensors
+    # cannot parse must fall back to the full load (which then says what is wrong), not
+    # raise safetensors' own error out of the CLI.
+    import shutil
+
+    from transformers import AutoConfig
+
+    from sqlindexer.model_load import load_vision_embeddings
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    assert load_vision_embeddings(str(folder), AutoConfig.from_pretrained(folder)) is None
