@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,11 @@ CELLS_PER_ROOT = 4
 # k-means trains on this many sampled rows per cell, for this many rounds.
 TRAIN_PER_CELL = 32
 KMEANS_ROUNDS = 10
-# Row x cell scores from which nearest_cells works in torch (bfloat16 where in hardware).
+# Row x cell scores from which nearest_cells works in torch (bfloat16 where in hardware),
+# and, where torch is not loaded yet, from which its faster products pay for loading it
+# (about a second, once a process): an update's few changed rows are scored in faiss.
 BFLOAT16_FROM = 1 << 22
+TORCH_LOAD_FROM = 1 << 28
 # Rows assigned to their cells per step (a 16,384 x 1,000 float32 block of scores is 62 MiB).
 ADD_PAGE = 16_384
 
@@ -340,13 +344,17 @@ def score_dtype() -> Any:
     return torch.bfloat16 if any(f() for f in fast) else torch.float32
 
 
-def nearest_cells(centroids: np.ndarray, block: np.ndarray, m: int) -> np.ndarray:
+def nearest_cells(centroids: np.ndarray, block: np.ndarray, m: int, *, scores: int | None = None) -> np.ndarray:
     """(len(block), m) int32: the m cells nearest each row, nearest first. A large block is
     scored in torch, in bfloat16 where the CPU has it in hardware (score_dtype): cells
-    whose cosines differ by less than its rounding (~0.001) may come in either order."""
+    whose cosines differ by less than its rounding (~0.001) may come in either order.
+    scores: the row x cell scores the caller asks for in all, over its blocks (default
+    this block's), which decides whether loading torch pays."""
     x = np.asarray(block, dtype=np.float32)
     m = min(m, len(centroids))
-    if len(x) * len(centroids) >= BFLOAT16_FROM and m < len(centroids):
+    total = len(x) * len(centroids) if scores is None else scores
+    in_torch = total >= BFLOAT16_FROM and ("torch" in sys.modules or total >= TORCH_LOAD_FROM)
+    if in_torch and m < len(centroids):
         import torch
 
         dtype = score_dtype()
@@ -356,10 +364,13 @@ def nearest_cells(centroids: np.ndarray, block: np.ndarray, m: int) -> np.ndarra
                 torch.from_numpy(np.require(centroids, np.float32, ["C", "W"])).to(dtype).T
             out = s16.topk(m, dim=1).indices.numpy().astype(np.int32)  # (sorted, best first)
     else:
-        s = x @ centroids.T
-        top = np.argpartition(-s, m - 1, axis=1)[:, :m] if m < s.shape[1] else np.tile(np.arange(m), (len(s), 1))
-        order = np.argsort(-np.take_along_axis(s, top, axis=1), axis=1, kind="stable")
-        out = np.take_along_axis(top, order, axis=1).astype(np.int32)
+        import faiss
+
+        # Exact float32 products and a heap of m per row: no rows x cells block of scores
+        # to partition, which costs numpy more than the product.
+        _, top = faiss.knn(np.ascontiguousarray(x), np.ascontiguousarray(centroids, dtype=np.float32), m,
+                           metric=faiss.METRIC_INNER_PRODUCT)
+        out = top.astype(np.int32)
     if out.shape[1] < DUPLICATE_CELLS:  # fewer cells than kept: repeat the nearest
         out = np.concatenate([out, np.repeat(out[:, :1], DUPLICATE_CELLS - out.shape[1], axis=1)], axis=1)
     return out

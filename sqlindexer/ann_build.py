@@ -59,12 +59,13 @@ def _new_faiss(dim: int, nlist: int) -> Any:
     return index
 
 
-def _add(faiss_index: Any, centroids: np.ndarray, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Add rows with their ids; return their nearest cells."""
+def _add(faiss_index: Any, centroids: np.ndarray, vectors: np.ndarray, ids: np.ndarray, *,
+         scores: int | None = None) -> np.ndarray:
+    """Add rows with their ids; return their nearest cells (scores: as nearest_cells)."""
     import faiss
 
     x = np.ascontiguousarray(vectors, dtype=np.float32)
-    cells = nearest_cells(centroids, x, DUPLICATE_CELLS)
+    cells = nearest_cells(centroids, x, DUPLICATE_CELLS, scores=scores)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     assign = np.ascontiguousarray(cells[:, 0], dtype=np.int64)
     faiss_index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
@@ -180,8 +181,10 @@ def update(conn: sqlite3.Connection, previous: tuple[Path, dict[str, Any]], inde
     centroids = plan.faiss_index.quantizer.reconstruct_n(0, nlist)
     todo = np.flatnonzero(plan.cells[:, 0] < 0)
     rows_todo = np.asarray(index.id_rows)[todo]
-    plan.cells[todo] = nearest_cells(centroids, index.vectors[rows_todo], DUPLICATE_CELLS) if len(todo) \
-        else plan.cells[todo]
+    for start in range(0, len(todo), ADD_PAGE):
+        page = slice(start, start + ADD_PAGE)
+        plan.cells[todo[page]] = nearest_cells(centroids, index.vectors[rows_todo[page]], DUPLICATE_CELLS,
+                                               scores=len(todo) * nlist)
     new_ids = np.asarray(index.id_sorted)
     if len(plan.removed) + len(plan.extra) <= DELTA_MAX_SHARE * n:
         extra_vectors = np.ascontiguousarray(index.vectors[index.rows_of(plan.extra)], dtype=np.float32)
@@ -204,7 +207,7 @@ def _rewrite(plan: _Plan, index: VectorIndex, progress: Progress) -> AnnIndex | 
         rows = index.rows_of(plan.extra)
         for start in range(0, len(rows), ADD_PAGE):
             page = rows[start : start + ADD_PAGE]
-            _add(faiss_index, centroids, index.vectors[page], index.ids[page])
+            _add(faiss_index, centroids, index.vectors[page], index.ids[page], scores=len(rows) * len(centroids))
             tick(len(page))
     new_ids = np.asarray(index.id_sorted)
     if faiss_index.ntotal != len(new_ids):

@@ -219,18 +219,6 @@ def search_stamp(conn: sqlite3.Connection) -> int | None:
     return None if value is None else int(value)
 
 
-def iter_search_keys(conn: sqlite3.Connection, model: str, *, page: int = 4096) -> Iterator[list[tuple]]:
-    """Pages of (id, path, stamp) for the ok rows of one model, in path order: an update of
-    the search cache reads the rows changed after its stamp, and only those, whole."""
-    cur = conn.cursor()
-    cur.row_factory = None
-    # Read from files_scan alone (it holds path, status, model and stamp, and the rowid):
-    # no row with its vector is touched. The unary + keep the planner on it, in path order.
-    cur.execute("SELECT id, path, stamp FROM files WHERE +status = 'ok' AND +model = ? ORDER BY path", (model,))
-    while rows := cur.fetchmany(page):
-        yield rows
-
-
 def search_rows_by_id(conn: sqlite3.Connection, model: str, dim: int, ids: Sequence[int]) -> list[tuple]:
     """(id, path, embedding, taken, camera) of the given ok rows of one model, as
     iter_search_rows gives them, in no particular order."""
@@ -249,6 +237,22 @@ def search_rows_by_id(conn: sqlite3.Connection, model: str, dim: int, ids: Seque
         )
         out.extend(cur.fetchall())
     return out
+
+
+def vector_ids(conn: sqlite3.Connection, model: str, dim: int) -> Any:
+    """The ids of the ok rows of one model as an ascending int64 numpy array, read from
+    files_status_model alone: an update of the search cache finds the rows deleted since
+    the older cache by comparing them with its ids."""
+    import numpy as np
+
+    # One string joined by SQLite and parsed by numpy: a million ids as Python tuples
+    # would cost several times as much as the whole scan of the index.
+    text = conn.execute(
+        "SELECT group_concat(id) FROM files WHERE status = 'ok' AND model = ? AND dim = ?", (model, dim)
+    ).fetchone()[0]
+    ids = np.fromstring(text, dtype=np.int64, sep=",") if text else np.empty(0, dtype=np.int64)
+    ids.sort()  # (the scan's order is rowid order, but SQLite does not promise group_concat's)
+    return ids
 
 
 def ids_changed_since(conn: sqlite3.Connection, model: str, stamp: int) -> list[int]:

@@ -112,6 +112,22 @@ class PathTable:
                 hi = mid
         return lo
 
+    def bisect_sorted(self, keys: list[bytes]) -> list[int]:
+        """bisect() of each of keys (ascending), read through plain memoryviews: a numpy
+        scalar per step would cost a cache update more than all the rest of it."""
+        blob, offsets = memoryview(np.asarray(self.blob)), memoryview(np.asarray(self.offsets))
+        found, lo, n = [], 0, len(self)
+        for key in keys:
+            hi = n
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if blob[offsets[mid] : offsets[mid + 1]].tobytes() < key:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            found.append(lo)
+        return found
+
     def find(self, path: str) -> int | None:
         key = path.encode("utf-8", "surrogateescape")
         i = self.bisect(key)

@@ -30,7 +30,8 @@ class CacheArrays:
         self.camera = self.array("camera", (count,), np.int32)
         self.offsets = self.array("path_offsets", (count + 1,), np.int64)
         self.offsets[0] = 0
-        self.blob = b""  # the paths, UTF-8, one after another
+        self.blob: bytes | np.ndarray = b""  # the paths, UTF-8, one after another
+        self.id_order: tuple[np.ndarray, np.ndarray] | None = None  # (id_sorted, id_rows) when known
 
     def matrix(self) -> np.ndarray:
         """A store of its own, row i at slot i."""
@@ -49,11 +50,13 @@ class CacheArrays:
     def finish(self, model: records.ModelVectors, cameras: list[str], version: tuple[str, int] | None,
                stamp: int | None) -> VectorIndex:
         paths = np.frombuffer(self.blob, dtype=np.uint8)
-        order = np.argsort(self.ids, kind="stable")
-        id_rows = self.array("id_rows", order.shape, np.int64)
-        id_rows[:] = order
-        id_sorted = self.array("id_sorted", order.shape, np.int64)
-        id_sorted[:] = np.asarray(self.ids)[order]
+        if self.id_order is None:
+            order = np.argsort(self.ids, kind="stable")
+            self.id_order = (np.asarray(self.ids)[order], order)
+        id_rows = self.array("id_rows", self.ids.shape, np.int64)
+        id_rows[:] = self.id_order[1]
+        id_sorted = self.array("id_sorted", self.ids.shape, np.int64)
+        id_sorted[:] = self.id_order[0]
         if self.tmp is not None:
             np.save(self.tmp / "paths.npy", paths)
             if self.slots is not None:

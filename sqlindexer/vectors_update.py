@@ -6,8 +6,11 @@ What the older cache holds is the database as it was at its record stamp (every 
 a row's vector, path, status, model or EXIF stamps the row with a later value; a deleted
 row is simply gone), so a row whose stamp is not above it holds the same vector, date and
 camera today, and one that is above it, or that the older cache does not hold, is read.
-Paths come from the path index alone (records.iter_search_keys), in the order the new
-cache keeps them.
+Nothing is read for an unchanged row: the ids of the model's rows (a scan of an index of
+ids, records.vector_ids) say which of the older cache's rows are gone, the stamps which
+changed, and the kept rows keep their paths and so their order, with each changed or new
+row put in among them where its path sorts. For each row of the cache, an update only
+copies its entries of the per-row arrays, in numpy.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ if TYPE_CHECKING:
     from .vectors import VectorIndex
     from .vectors_build import CacheArrays
 
-KEY_PAGE = 65_536
 # A shared store is copied into one of its own (its dead rows dropped) before it would
 # hold more than this many times the rows of the cache: exhaustive queries scan them all.
 COMPACT = 1.5
@@ -45,36 +47,89 @@ def copy_forward(conn: sqlite3.Connection, model: records.ModelVectors, out: Cac
 
     assert previous.stamp is not None
     count = len(out.ids)
-    ids, stamps, paths = _keys(conn, model, count)
+    ids = records.vector_ids(conn, model.model, model.dim)  # ascending: the new cache's id_sorted
+    if len(ids) != count:
+        raise SearchError("the database changed while its vectors were read")
+    changed = np.unique(np.asarray(records.ids_changed_since(conn, model.model, previous.stamp), dtype=np.int64))
     old = previous.rows_of(ids)
-    fresh = (old < 0) | (stamps > previous.stamp)
+    fresh = (old < 0) | _member(ids, changed)
     if fresh.sum() > UPDATE_MAX_SHARE * count:
         return None
-    keep = np.flatnonzero(~fresh)
-    names = {name: i for i, name in enumerate(previous.cameras)}
-    out.ids[:] = ids
     with progress("updating vectors", count) as tick:
-        out.taken[keep] = previous.taken[old[keep]]
-        out.camera[keep] = previous.camera[old[keep]]
-        changed = np.flatnonzero(fresh)
-        rows = records.search_rows_by_id(conn, model.model, model.dim, ids[changed].tolist())
-        if len(rows) != len(changed):
+        kept = np.zeros(len(previous), dtype=bool)  # previous's rows that stay, in its (path) order
+        kept[old[~fresh]] = True
+        keep_src = np.flatnonzero(kept)
+        rows = records.search_rows_by_id(conn, model.model, model.dim, ids[fresh].tolist())
+        if len(rows) != count - len(keep_src):
             raise SearchError("the database changed while its vectors were read")
-        rows.sort(key=lambda row: row[0])
-        at = changed[np.argsort(ids[changed], kind="stable")]  # positions in the same (id) order
-        block = normalised_block(rows, model.dim) if rows else np.empty((0, model.dim), dtype=np.float32)
+        encoded = [row[1].encode("utf-8", "surrogateescape") for row in rows]
+        by_path = sorted(range(len(rows)), key=encoded.__getitem__)
+        rows, encoded = [rows[i] for i in by_path], [encoded[i] for i in by_path]
+        at, keep = _places(previous, kept, encoded, count)
+        names = {name: i for i, name in enumerate(previous.cameras)}
+        out.ids[keep] = previous.ids[keep_src]
+        out.ids[at] = [row[0] for row in rows]
+        out.taken[keep] = previous.taken[keep_src]
         out.taken[at] = [NO_DATE if row[3] is None else row[3] for row in rows]
+        out.camera[keep] = previous.camera[keep_src]
         out.camera[at] = [-1 if row[4] is None else names.setdefault(str(row[4]), len(names)) for row in rows]
-        old_slots = old[keep] if previous.slots is None else np.asarray(previous.slots)[old[keep]]
+        block = normalised_block(rows, model.dim) if rows else np.empty((0, model.dim), dtype=np.float32)
+        old_slots = keep_src if previous.slots is None else np.asarray(previous.slots)[keep_src]
         _vectors(out, previous, keep, old_slots, at, block)
+        _paths(out, previous, keep_src, keep, at, encoded)
+        out.id_order = _id_rows(ids, fresh, old, kept, keep, at, rows)
         tick(count)
-    out.blob = "".join(paths).encode("utf-8", "surrogateescape")
-    if len(out.blob) == sum(map(len, paths)):  # one byte a character: ASCII, as most paths are
-        out.offsets[1:] = np.cumsum(np.fromiter(map(len, paths), dtype=np.int64, count=count))
-    else:
-        lengths = (len(p.encode("utf-8", "surrogateescape")) for p in paths)
-        out.offsets[1:] = np.cumsum(np.fromiter(lengths, dtype=np.int64, count=count))
     return list(names)
+
+
+def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    if not len(sorted_set):
+        return np.zeros(len(values), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[pos] == values
+
+
+def _places(previous: VectorIndex, kept: np.ndarray, encoded: list[bytes], count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The new cache's rows of the fresh paths (encoded, in path order) and of previous's
+    kept rows (in its order): a kept row's path has not changed, so both stay in path
+    order when each fresh path goes after the kept rows whose paths sort before it."""
+    kept_before = np.concatenate([[0], np.cumsum(kept)])
+    at = kept_before[previous.paths.bisect_sorted(encoded)] + np.arange(len(encoded), dtype=np.int64)
+    taken = np.zeros(count, dtype=bool)
+    taken[at] = True
+    return at.astype(np.int64), np.flatnonzero(~taken)
+
+
+def _paths(out: CacheArrays, previous: VectorIndex, keep_src: np.ndarray, keep: np.ndarray, at: np.ndarray,
+           encoded: list[bytes]) -> None:
+    """The new cache's path table: the kept rows' bytes copied from previous's, a run of
+    rows at a time, and the fresh ones put in between."""
+    old_offsets = np.asarray(previous.paths.offsets)
+    lengths = np.empty(len(out.ids), dtype=np.int64)
+    lengths[keep] = np.diff(old_offsets)[keep_src]
+    lengths[at] = [len(e) for e in encoded]
+    out.offsets[1:] = np.cumsum(lengths)
+    offsets = np.asarray(out.offsets)
+    blob = np.empty(int(offsets[-1]), dtype=np.uint8)
+    old_blob = np.asarray(previous.paths.blob)
+    for src, dst, k in _runs(keep_src, keep):
+        blob[offsets[dst] : offsets[dst + k]] = old_blob[old_offsets[src] : old_offsets[src + k]]
+    for row, e in zip(at.tolist(), encoded):
+        blob[offsets[row] : offsets[row + 1]] = np.frombuffer(e, dtype=np.uint8)
+    out.blob = blob
+
+
+def _id_rows(ids: np.ndarray, fresh: np.ndarray, old: np.ndarray, kept: np.ndarray, keep: np.ndarray,
+             at: np.ndarray, rows: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+    """(id_sorted, id_rows) of the new cache without sorting its ids again: ids is
+    ascending; a kept id's row follows its old row, a fresh id's is where it was put."""
+    new_row_of_old = np.full(len(kept), -1, dtype=np.int64)
+    new_row_of_old[kept] = keep
+    id_rows = np.empty(len(ids), dtype=np.int64)
+    id_rows[~fresh] = new_row_of_old[old[~fresh]]
+    fresh_ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+    id_rows[fresh] = at[np.argsort(fresh_ids, kind="stable")]  # ids[fresh] is ascending too
+    return ids, id_rows
 
 
 def _vectors(out: CacheArrays, previous: VectorIndex, keep: np.ndarray, old_slots: np.ndarray, at: np.ndarray,
@@ -132,23 +187,3 @@ def _copy_file_runs(previous: VectorIndex, out: CacheArrays, runs: list[tuple[in
     except OSError:
         return False  # the caller copies them all through the memory maps
     return True
-
-
-def _keys(conn: sqlite3.Connection, model: records.ModelVectors, count: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """ids, stamps and paths of the model's ok rows, in path order."""
-    ids = np.empty(count, dtype=np.int64)
-    stamps = np.empty(count, dtype=np.int64)
-    paths: list[str] = []
-    i = 0
-    for rows in records.iter_search_keys(conn, model.model, page=KEY_PAGE):
-        k = len(rows)
-        if i + k > count:
-            raise SearchError("the database changed while its vectors were read")
-        page_ids, page_paths, page_stamps = zip(*rows)  # columns, in C
-        ids[i : i + k] = page_ids
-        stamps[i : i + k] = page_stamps
-        paths.extend(page_paths)
-        i += k
-    if i != count:
-        raise SearchError("the database changed while its vectors were read")
-    return ids, stamps, paths

@@ -185,18 +185,23 @@ def test_a_damaged_or_foreign_index_is_rebuilt(synthetic, tmp_path, damage, capl
 
 # -- updates ---------------------------------------------------------------------------
 def change(path: Path, seed: int, k: int) -> None:
-    """Re-embed k rows, delete k and add k, as a re-index would."""
+    """Re-embed k rows, delete k, rename k / 4 and add k, as a re-index would; half the new
+    and all the renamed paths sort in among the kept ones, not after them."""
     rng = np.random.default_rng(seed)
     rw = sqlite3.connect(path)
-    picked = rng.choice(4000, 2 * k, replace=False)
+    picked = rng.choice(4000, 2 * k + k // 4, replace=False)
     fresh = clustered(3 * k, seed)[0]
     for i, v in zip(picked[:k], fresh):
         rw.execute("UPDATE files SET embedding = ? WHERE path = ?", (v.tobytes(), path_of(int(i))))
-    rw.executemany("DELETE FROM files WHERE path = ?", [(path_of(int(i)),) for i in picked[k:]])
+    rw.executemany("DELETE FROM files WHERE path = ?", [(path_of(int(i)),) for i in picked[k : 2 * k]])
+    rw.executemany("UPDATE files SET path = ? WHERE path = ?",
+                   [(f"/p/{(int(i) * 7) % 40:03d}/moved-{seed}-{i}.jpg", path_of(int(i))) for i in picked[2 * k :]])
     for j, v in enumerate(fresh[k : 2 * k]):
+        where = f"/p/{(j * 13) % 40:03d}" if j % 4 < 2 else "/p/new"
         rw.execute("INSERT INTO files (path, size, mtime_ns, ctime_ns, status, model, dim, embedding, exif) "
                    "VALUES (?, 1, 1, 1, 'ok', ?, ?, ?, ?)",
-                   (f"/p/new/{'été-' if j % 2 else ''}{seed}-{j}.jpg", MODEL, DIM, v.tobytes(), json.dumps({"Model": "Pixel"})))
+                   (f"{where}/{'été-' if j % 2 else ''}{seed}-{j}.jpg", MODEL, DIM, v.tobytes(),
+                    json.dumps({"Model": "Pixel"})))
     rw.commit()
     rw.close()
 
@@ -227,6 +232,7 @@ def test_an_update_gives_what_a_rebuild_gives(synthetic, tmp_path, monkeypatch):
         for name in ("vectors", "ids", "taken", "id_sorted", "id_rows"):
             assert np.array_equal(getattr(index, name), getattr(rebuilt, name)), name
         assert index.paths.blob.tobytes() == rebuilt.paths.blob.tobytes()
+        assert np.array_equal(index.paths.offsets, rebuilt.paths.offsets)
         assert [index.cameras[c] if c >= 0 else None for c in index.camera] == \
             [rebuilt.cameras[c] if c >= 0 else None for c in rebuilt.camera]
         assert np.array_equal(approx.ids, rebuilt_ann.ids) and approx.faiss_index.ntotal == len(index)
@@ -378,6 +384,7 @@ def test_nearest_cells_in_bfloat16_agree_with_float32(synthetic, monkeypatch):
     centroids = x[np.random.default_rng(2).choice(len(x), 100, replace=False)]
     exact = ann.nearest_cells(centroids, x, ann.DUPLICATE_CELLS)
     monkeypatch.setattr(ann, "BFLOAT16_FROM", 0)
+    monkeypatch.setattr(ann, "TORCH_LOAD_FROM", 0)  # (torch may not be loaded yet)
     fast = ann.nearest_cells(centroids, x, ann.DUPLICATE_CELLS)
     assert fast.shape == exact.shape == (len(x), ann.DUPLICATE_CELLS) and fast.dtype == np.int32
     s = x @ centroids.T
