@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from . import cpu
 from .progress import Progress, no_progress
 from .vectors import VectorIndex, newer_than, remove_stale
 
@@ -336,12 +337,11 @@ def _previous(folder: Path, index: VectorIndex) -> tuple[Path, dict[str, Any]] |
 
 def score_dtype() -> Any:
     """The torch dtype for the build's large products: bfloat16 where the CPU multiplies it
-    in hardware (AMX or AVX-512 BF16), where it pays, else float32."""
+    in hardware, where it pays, else float32; decided as for the model (cpu.choose_dtype)."""
     import torch
 
-    fast = [getattr(torch.cpu, name, lambda: False) for name in ("_is_amx_tile_supported",
-                                                                  "_is_avx512_bf16_supported")]
-    return torch.bfloat16 if any(f() for f in fast) else torch.float32
+    native, _ = cpu.choose_dtype(cpu.features())
+    return torch.bfloat16 if native == "bfloat16" else torch.float32
 
 
 def nearest_cells(centroids: np.ndarray, block: np.ndarray, m: int, *, scores: int | None = None) -> np.ndarray:
