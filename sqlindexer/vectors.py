@@ -103,18 +103,12 @@ class PathTable:
         return self.raw(i).decode("utf-8", "surrogateescape")
 
     def bisect(self, key: bytes) -> int:
-        lo, hi = 0, len(self)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.raw(mid) < key:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
+        return self.bisect_sorted([key])[0]
 
     def bisect_sorted(self, keys: list[bytes]) -> list[int]:
-        """bisect() of each of keys (ascending), read through plain memoryviews: a numpy
-        scalar per step would cost a cache update more than all the rest of it."""
+        """Where each of keys (ascending) goes among the sorted paths (bisect_left), read
+        through plain memoryviews: a numpy scalar per step would cost a cache update more
+        than all the rest of it."""
         blob, offsets = memoryview(np.asarray(self.blob)), memoryview(np.asarray(self.offsets))
         found, lo, n = [], 0, len(self)
         for key in keys:
@@ -136,7 +130,8 @@ class PathTable:
     def prefix_range(self, prefix: str) -> tuple[int, int]:
         """Rows [lo, hi) whose path starts with prefix (no UTF-8 string holds a 0xff byte)."""
         key = prefix.encode("utf-8", "surrogateescape")
-        return self.bisect(key), self.bisect(key + b"\xff")
+        lo, hi = self.bisect_sorted([key, key + b"\xff"])
+        return lo, hi
 
 
 @dataclass
