@@ -78,16 +78,29 @@ def move_renamed(conn: sqlite3.Connection, run: Run, arrivals: Sequence[tuple]) 
                 new.append((path, size, mtime_ns, ctime_ns, dev, ino, run_id))
             else:
                 moves.append((path, ctime_ns, run.build, run.id, src))
-        conn.executemany("UPDATE files SET path = ?, ctime_ns = ?, build = ?, changed_run = ? WHERE id = ?", moves)
-        conn.executemany("DELETE FROM temp.missing WHERE id = ?", [(m[-1],) for m in moves])
-        conn.executemany(
-            "INSERT INTO files (path, size, mtime_ns, ctime_ns, dev, ino, status, changed_run) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
-            new,
-        )
+        if moves or new:
+            stamp = own_stamp(conn, vectors=bool(moves))
+            conn.executemany("UPDATE files SET path = ?, ctime_ns = ?, build = ?, changed_run = ?, stamp = ? "
+                             "WHERE id = ?", [(*m[:-1], stamp, m[-1]) for m in moves])
+            conn.executemany("DELETE FROM temp.missing WHERE id = ?", [(m[-1],) for m in moves])
+            conn.executemany(
+                "INSERT INTO files (path, size, mtime_ns, ctime_ns, dev, ino, status, changed_run, stamp) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                [(*n, stamp) for n in new],
+            )
         n = len(moves)
         add_counts(conn, run.id, new=len(arrivals), deleted=n, reused=n, renamed=n)
     return len(new)
+
+
+def own_stamp(conn: sqlite3.Connection, *, vectors: bool) -> int:
+    """Move record_stamp (and vectors_version, for a write of vectors a search sees) once,
+    for statements that then stamp every row they write with the value returned: the
+    triggers leave such rows to them (migrations/0005_own_stamps.sql). Call inside the
+    transaction that writes the rows."""
+    conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'record_stamp' "
+                 "OR (? AND key = 'vectors_version')", (vectors,))
+    return int(conn.execute("SELECT value FROM meta WHERE key = 'record_stamp'").fetchone()[0])
 
 
 def _chunks(values: Sequence, size: int = CHUNK) -> Iterator[Sequence]:
@@ -190,13 +203,15 @@ def adopt(conn: sqlite3.Connection, adoptions: Sequence[Adoption], run: Run, *, 
         # The join starts from temp.adopting and finds each row of files by its id: the IN
         # and the unary + keep the planner from walking every pending row (through
         # files_status_model) or every row (files_scan) instead.
+        stamp = own_stamp(conn, vectors=True)
         done = conn.execute(
             "UPDATE files SET width = a.width, height = a.height, exif = a.exif, model = a.model, dim = a.dim, "
-            "embedding = a.embedding, content = a.content, status = 'ok', error = NULL, build = ?, changed_run = ? "
+            "embedding = a.embedding, content = a.content, status = 'ok', error = NULL, build = ?, changed_run = ?, "
+            "stamp = ? "
             "FROM temp.adopting AS a WHERE files.id IN (SELECT dst FROM temp.adopting) AND files.id = a.dst "
             "AND a.embedding IS NOT NULL AND +files.status = 'pending' AND files.size = a.size "
             "AND files.mtime_ns = a.mtime_ns",
-            (run.build, run.id),
+            (run.build, run.id, stamp),
         ).rowcount
         conn.execute("DELETE FROM temp.adopting")
         add_counts(conn, run.id, reused=done, renamed=done if renamed else 0, hashed_bytes=hashed_bytes)
