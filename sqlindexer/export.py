@@ -18,8 +18,11 @@ commit and the end of its export leaves changes that the next run must export.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sqlite3
+from collections.abc import Iterator
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,7 @@ from . import db, records, runs
 from .config import absolute, check_output_file
 from .errors import ExportError
 from .progress import Progress, no_progress
-from .runs import ExportMark
+from .runs import ExportMark, get_meta
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +45,14 @@ class Exported:
 
 
 def export_index(conn: sqlite3.Connection, *, model: str, out: Path, fmt: str, progress: Progress = no_progress,
-                 last: ExportMark | None = None) -> Exported:
+                 last: ExportMark | None = None, lines: Path | None = None) -> Exported:
     """Write (or keep) the index file at out from the committed rows of model.
 
     last: the mark of the previous export (runs.export_mark), if any. The caller records
     the returned mark when it can write the database (the `export` command reads it
-    read-only)."""
+    read-only). lines: where this database's line map is kept (line_map.py), given by a
+    caller that records the mark: a jsonl export reads the last one's map there and
+    replaces it with its own."""
     # One read transaction: the stamp recorded with the file is that of the rows in it.
     with db.transaction(conn, immediate=False):
         total = records.count_export_rows(conn, model)
@@ -59,11 +64,22 @@ def export_index(conn: sqlite3.Connection, *, model: str, out: Path, fmt: str, p
         # Deferred: numpy and orjson, which a run with nothing to export does not need.
         from . import index_file
 
-        count = _write(conn, out, fmt, model, total, _copy_from(conn, last, rows, total), progress)
+        database_id = get_meta(conn, records.DATABASE_ID) or ""
+        at = lines if fmt == "jsonl" else None
+        copy = _copy_from(conn, last, rows, total)
+        old_lines = _old_lines(at, database_id, out) if copy is not None else None
+        count, new_lines = _write(conn, out, fmt, model, total, copy, progress, old_lines, with_map=at is not None)
     st = out.stat()
+    if at is not None:
+        _keep_lines(at, database_id, out, st, new_lines)
     mark = ExportMark(str(out), st.st_size, st.st_mtime_ns, st.st_ino, **rows,
                       layout=index_file.JSONL_LAYOUT if fmt == "jsonl" else None)
     return Exported(count, True, mark)
+
+
+def line_map_path(database: Path) -> Path:
+    """Where the line map of the database's last jsonl export is kept (line_map.py)."""
+    return database.with_name(database.name + ".export-lines")
 
 
 def check_target(output_file: str, database: str) -> Path:
@@ -109,19 +125,95 @@ def _copy_from(conn: sqlite3.Connection, last: ExportMark | None, rows: dict[str
 
 
 def _write(conn: sqlite3.Connection, out: Path, fmt: str, model: str, total: int, copy: tuple[int, int] | None,
-           progress: Progress) -> int:
-    from . import index_file
+           progress: Progress, old_lines: Any, *, with_map: bool) -> tuple[int, Any]:
+    """Write the file (copying lines by old_lines, the last export's line map, where there
+    is one); returns the count and, with_map, the new file's line map (a line_map.LineMap;
+    None where its lines were not all accounted for)."""
+    from . import index_file, line_map
 
     log.debug("exporting %d records to %s%s", total, out, "" if copy is None else
               f", {copy[1]} changed since it was written")
+    lengths = line_map.Lengths() if with_map else None
     with progress("exporting", total) as tick:
         if copy is not None:
             try:
-                return index_file.write_index(records.iter_export_changes(conn, model, copy[0]), out, fmt, tick=tick,
-                                              previous=out, load=lambda path: records.export_row(conn, path))
+                if old_lines is not None:
+                    ids, entries = _by_line_map(conn, model, copy[0], old_lines)
+                    count = index_file.write_index(entries, out, fmt, tick=tick, previous=out, lines=old_lines,
+                                                   lengths=lengths, load=lambda path: records.export_row(conn, path))
+                    return count, _line_map(ids, lengths)
+                count = index_file.write_index(records.iter_export_changes(conn, model, copy[0]), out, fmt, tick=tick,
+                                               previous=out, load=lambda path: records.export_row(conn, path),
+                                               lengths=lengths)
+                return count, _line_map(_export_ids(conn, model) if with_map else None, lengths)
             except ValueError as e:  # not lines we wrote after all: write every record
                 log.warning("cannot copy records from %s (%s); writing them all", out, e)
-        return index_file.write_index(records.iter_export_rows(conn, model), out, fmt, tick=tick)
+                lengths = line_map.Lengths() if with_map else None
+        count = index_file.write_index(records.iter_export_rows(conn, model), out, fmt, tick=tick, lengths=lengths)
+        return count, _line_map(_export_ids(conn, model) if with_map else None, lengths)
+
+
+def _by_line_map(conn: sqlite3.Connection, model: str, since: int, old_lines: Any) -> tuple[Any, Iterator[Any]]:
+    """The ids of the export's rows in line order, and what to write: blocks of the last
+    export's lines (found by the ids in its line map) and the rows changed since."""
+    import numpy as np
+
+    from . import line_map
+
+    order = np.array(records.export_order(conn, model, since), dtype=np.int64).reshape(-1, 2)
+    ids, changed = order[:, 0].copy(), order[:, 1].astype(bool)
+
+    def entries() -> Iterator[Any]:
+        fresh = records.iter_changed_rows(conn, model, since)
+        ahead = next(fresh, None)
+        for entry in line_map.plan(old_lines, ids, changed):
+            if isinstance(entry, line_map.Block):
+                yield entry
+            elif ahead is not None and ahead.id == entry:
+                yield ahead
+                ahead = next(fresh, None)
+            else:  # unchanged, but the last export has no line of it
+                log.debug("no line for row %d in the last export; writing it afresh", entry)
+                yield records.export_row_by_id(conn, entry)
+
+    return ids, entries()
+
+
+def _export_ids(conn: sqlite3.Connection, model: str) -> Any:
+    import numpy as np
+
+    return np.array([row_id for row_id, _ in records.export_order(conn, model, 0)], dtype=np.int64)
+
+
+def _line_map(ids: Any, lengths: Any) -> Any:
+    from . import line_map
+
+    if lengths is None:
+        return None
+    ends = lengths.ends()
+    return line_map.LineMap(ids, ends) if len(ends) == len(ids) else None
+
+
+def _old_lines(at: Path | None, database_id: str, out: Path) -> Any:
+    """The line map of the file at out, if at holds it."""
+    if at is None:
+        return None
+    from . import line_map
+
+    try:
+        return line_map.read(at, line_map.identity(database_id, out, out.stat()))
+    except OSError:
+        return None
+
+
+def _keep_lines(at: Path, database_id: str, out: Path, st: os.stat_result, new_lines: Any) -> None:
+    from . import line_map
+
+    if new_lines is None:
+        with contextlib.suppress(OSError):
+            at.unlink()
+        return
+    line_map.write(at, line_map.identity(database_id, out, st), new_lines)
 
 
 def _time_zone() -> tuple[Any, ...]:

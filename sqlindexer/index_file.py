@@ -3,8 +3,8 @@
 The file is written to <output>.tmp in the same folder, flushed, fsynced and renamed into
 place, so a reader sees the old index or the new one, never half of either. A jsonl index
 can be written from the last one: the lines of records that did not change are copied
-from it, the others serialised. The .tmp is
-created fresh (O_EXCL | O_NOFOLLOW: a planted file or symlink there is never written
+from it (found by its line map, line_map.py, else by their paths, previous_lines.py), the
+others serialised. The .tmp is created fresh (O_EXCL | O_NOFOLLOW: a planted file or symlink there is never written
 through), and the rename replaces whatever is at the output path, a symlink included,
 without following it.
 """
@@ -27,6 +27,8 @@ import orjson
 
 from .config import OUTPUT_FORMATS
 from .errors import ExportError
+from .line_map import Block, Lengths, LineMap
+from .previous_lines import ByPath
 from .records import ExportRow
 
 log = logging.getLogger(__name__)
@@ -35,11 +37,6 @@ log = logging.getLogger(__name__)
 # it was written in this form: bump it whenever a record is written differently.
 JSONL_LAYOUT = 1
 _WRITE_BUFFER = 1 << 20
-_PATH_KEY = b',"metadata":{"path":"'
-_PATH_KEY_BYTES = np.frombuffer(_PATH_KEY, dtype=np.uint8)
-_PATH_KEY_RANGE = np.arange(len(_PATH_KEY))
-_SCAN_READ = 1 << 22
-_WINDOW = 4096  # lines whose paths are read at once when a run of records is not one block
 
 
 def iso_time(ns: int) -> str:
@@ -75,10 +72,11 @@ def record(row: ExportRow) -> dict[str, Any]:
     return {"vector": vector_list(row), "metadata": metadata(row, exif=json.loads(row.exif) if row.exif else {})}
 
 
-def _write_jsonl(rows: Iterable[ExportRow], f: BinaryIO, tick: Callable[[int], None]) -> int:
+def _write_jsonl(rows: Iterable[ExportRow], f: BinaryIO, tick: Callable[[int], None],
+                 lengths: Lengths | None) -> int:
     n = 0
     for row in rows:
-        f.write(_jsonl_line(row))
+        _write_row(row, f, lengths)
         n += 1
         tick(1)
     return n
@@ -94,170 +92,62 @@ def _jsonl_line(row: ExportRow) -> bytes:
             + b"}}\n")
 
 
-def _write_jsonl_reusing(entries: Iterable[ExportRow | list[str]], f: BinaryIO, tick: Callable[[int], None], *,
-                         previous: BinaryIO, load: Callable[[str], ExportRow]) -> int:
-    """Write entries: rows serialised, and lists of the paths of records unchanged since
-    previous was written, whose lines are copied from it (see _Previous.copy)."""
-    old = _Previous(previous)
-    n = copied = 0
+def _write_jsonl_reusing(entries: Iterable[ExportRow | list[str] | Block], f: BinaryIO,
+                         tick: Callable[[int], None], *, previous: BinaryIO, load: Callable[[str], ExportRow],
+                         lines: LineMap | None, lengths: Lengths | None) -> int:
+    """Write entries: rows serialised, blocks of lines of previous (by lines, its line
+    map) and lists of the paths of records unchanged since previous was written, whose
+    lines are found by their paths (previous_lines.ByPath, the fallback without a map)."""
+    by_path = None
+    n = copied = blocks = 0
     for entry in entries:
-        if isinstance(entry, list):
-            copied += old.copy(entry, f, load)
+        if isinstance(entry, Block):
+            if lines is None:
+                raise TypeError("blocks of lines need the line map of previous")
+            _copy_block(previous, lines, entry, f)
+            if lengths is not None:
+                lengths.lines(lines.lengths[entry.first : entry.end])
+            k = entry.end - entry.first
+            n, copied, blocks = n + k, copied + k, blocks + 1
+            tick(k)
+        elif isinstance(entry, list):
+            if by_path is None:
+                by_path = ByPath(previous, lengths)
+            copied += by_path.copy(entry, f, lambda row: _write_row(row, f, lengths), load)
             n += len(entry)
             tick(len(entry))
         else:
-            f.write(_jsonl_line(entry))
+            _write_row(entry, f, lengths)
             n += 1
             tick(1)
-    log.debug("copied %d of %d records from the last export in %d blocks (%d of its %d lines looked at)",
-              copied, n, old.blocks, old.looked, old.count)
+    if by_path is not None:
+        log.debug("copied %d of %d records from the last export in %d blocks (%d of its %d lines looked at)",
+                  copied, n, by_path.blocks, by_path.looked, by_path.count)
+    else:
+        log.debug("copied %d of %d records from the last export in %d blocks (by its line map)", copied, n, blocks)
     return n
 
 
-class _Previous:
-    """A jsonl index that _jsonl_line wrote, read by line number.
-
-    Where each line starts is found first, by numpy, in reads of a few megabytes (8 bytes
-    a line are kept, not the file); a line's path is read only where it is looked at.
-    """
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._fd = f.fileno()
-        self._starts = _line_starts(self._fd)
-        self.count = len(self._starts) - 1
-        self._next = 0  # the first line not yet copied or passed over
-        self.blocks = 0  # runs of consecutive lines copied, each with one read and write
-        self.looked = 0  # lines whose path was read
-        self._read_from, self._read = 0, []  # the paths of the lines of the last window
-
-    def copy(self, paths: list[str], out: BinaryIO, load: Callable[[str], ExportRow]) -> int:
-        """Write the records of paths (unchanged since previous was written, in path
-        order, after those of earlier calls) to out; return how many were copied.
-
-        previous is in path order and holds each path once: it was written from the
-        ordered, unique paths of the database. Lines before the first path (records no
-        longer exported, or changed) are passed over. If the line k-1 after the first
-        path's is that of the last, the k lines between are those of the k paths, and are
-        copied as one block after two paths were looked at. Otherwise (lines of records
-        deleted or changed since lie among them) the paths and the lines are merged, the
-        lines' paths read a window at a time, and each run of consecutive lines copied as
-        one block; a path without a line (which the caller's bookkeeping rules out) is
-        loaded and written afresh.
-        """
-        k = len(paths)
-        if self._seek(paths[0]) and self._next + k <= self.count and self._path(self._next + k - 1) == paths[-1]:
-            self._copy_lines(self._next, self._next + k, out)
-            self._next += k
-            return k
-        return self._merge(paths, out, load)
-
-    def _merge(self, paths: list[str], out: BinaryIO, load: Callable[[str], ExportRow]) -> int:
-        i = copied = 0
-        block = self._next  # the first line of the run of lines not yet copied
-        while i < len(paths) and self._next < self.count:
-            for found in self._window(2 * (len(paths) - i) + 16):
-                while i < len(paths) and paths[i] < found:
-                    self._copy_lines(block, self._next, out)
-                    block = self._next
-                    self._afresh(paths[i], out, load)
-                    i += 1
-                if i == len(paths):
-                    break
-                if found == paths[i]:
-                    i += 1
-                    copied += 1
-                else:  # the line of a record not in paths: passed over
-                    self._copy_lines(block, self._next, out)
-                    block = self._next + 1
-                self._next += 1
-                if i == len(paths):
-                    break
-        self._copy_lines(block, self._next, out)
-        for path in paths[i:]:
-            self._afresh(path, out, load)
-        return copied
-
-    @staticmethod
-    def _afresh(path: str, out: BinaryIO, load: Callable[[str], ExportRow]) -> None:
-        log.debug("no line for %s in the last export; writing it afresh", path)
-        out.write(_jsonl_line(load(path)))
-
-    def _seek(self, path: str) -> bool:
-        """Pass over the lines of paths before path; whether the next line is path's."""
-        while self._next < self.count:
-            found = self._path(self._next)
-            if found >= path:
-                return found == path
-            self._next += 1
-        return False
-
-    def _path(self, i: int) -> str:
-        if self._read_from <= i < self._read_from + len(self._read):
-            return self._read[i - self._read_from]
-        return self._paths(i, i + 1)[0]
-
-    def _window(self, want: int) -> list[str]:
-        """The paths of the next lines, up to want of them (or _WINDOW): those read last
-        time if they are still ahead, so that no line's path is read twice."""
-        ahead = self._read_from + len(self._read) - self._next
-        if ahead > 0:
-            return self._read[len(self._read) - ahead :]
-        self._read_from = self._next
-        self._read = self._paths(self._next, min(self._next + min(want, _WINDOW), self.count))
-        return self._read
-
-    def _paths(self, first: int, end: int) -> list[str]:
-        """The paths of lines first to end-1, from one read: each line's path follows the
-        first "]" of its line (the end of its vector), where the layout puts its key."""
-        self.looked += end - first
-        base, stop = int(self._starts[first]), int(self._starts[end])
-        buf = os.pread(self._fd, stop - base, base)
-        if len(buf) != stop - base:
+def _copy_block(previous: BinaryIO, lines: LineMap, block: Block, out: BinaryIO) -> None:
+    # Blocks come in the order of the old file's lines (unchanged records keep their
+    # order), so the buffered reads go forward through it.
+    start, end = lines.start(block.first), int(lines.ends[block.end - 1])
+    previous.seek(start)
+    while start < end:
+        data = previous.read(min(end - start, _WRITE_BUFFER))
+        if not data:
             raise ValueError("it was truncated while it was read")
-        data = np.frombuffer(buf, dtype=np.uint8)
-        starts, ends = self._starts[first:end] - base, self._starts[first + 1 : end + 1] - base
-        closes = np.flatnonzero(data == ord("]"))
-        at = np.searchsorted(closes, starts)
-        if at.size and at[-1] >= closes.size:
-            raise ValueError("not a line of this layout")
-        keys = closes[at] + 1
-        if (keys + len(_PATH_KEY) >= ends).any() or \
-                not (data[keys[:, None] + _PATH_KEY_RANGE] == _PATH_KEY_BYTES).all():
-            raise ValueError("not a line of this layout")
-        paths = []
-        for head, a, b in zip((keys + len(_PATH_KEY)).tolist(), starts.tolist(), ends.tolist()):
-            tail = buf.find(b'"', head, b)
-            if tail < 0:
-                raise ValueError("not a line of this layout")
-            raw = buf[head:tail]
-            # A path with a quote, a backslash or a control character is escaped: parse its line.
-            paths.append(raw.decode("utf-8") if b"\\" not in raw else _escaped_path(buf[a:b]))
-        return paths
-
-    def _copy_lines(self, first: int, end: int, out: BinaryIO) -> None:
-        if first >= end:
-            return
-        self.blocks += 1
-        pos, stop = int(self._starts[first]), int(self._starts[end])
-        while pos < stop:
-            data = os.pread(self._fd, min(stop - pos, _WRITE_BUFFER), pos)
-            if not data:
-                raise ValueError("it was truncated while it was read")
-            out.write(data)
-            pos += len(data)
+        out.write(data)
+        start += len(data)
+    if not data.endswith(b"\n"):
+        raise ValueError("a line of its line map does not end there")
 
 
-def _line_starts(fd: int) -> np.ndarray:
-    """The offset of each line's start, then that of the end of the file."""
-    parts = [np.zeros(1, dtype=np.int64)]
-    pos = 0
-    while chunk := os.pread(fd, _SCAN_READ, pos):
-        parts.append(np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == ord("\n")) + (pos + 1))
-        pos += len(chunk)
-    starts = np.concatenate(parts)
-    if starts[-1] != pos:
-        raise ValueError("not a line of this layout (its last line does not end)")
-    return starts
+def _write_row(row: ExportRow, f: BinaryIO, lengths: Lengths | None) -> None:
+    line = _jsonl_line(row)
+    f.write(line)
+    if lengths is not None:
+        lengths.line(len(line))
 
 
 def _write_pkl(rows: Iterable[ExportRow], f: BinaryIO, tick: Callable[[int], None]) -> int:
@@ -275,20 +165,23 @@ def tmp_path(output: Path) -> Path:
 
 
 def write_index(
-    rows: Iterable[ExportRow | list[str]],
+    rows: Iterable[ExportRow | list[str] | Block],
     output: Path,
     fmt: str,
     *,
     tick: Callable[[int], None] = lambda n: None,
     previous: Path | None = None,
     load: Callable[[str], ExportRow] | None = None,
+    lines: LineMap | None = None,
+    lengths: Lengths | None = None,
 ) -> int:
     """Write rows to output atomically; return the number of records written.
 
-    With previous (jsonl only: an index this module wrote in JSONL_LAYOUT), rows may hold
-    lists of paths instead of rows, in the same path order: records that did not change
-    since previous was written, whose lines are copied from it. load gives the row of such
-    a path if previous lacks it.
+    With previous (jsonl only: an index this module wrote in JSONL_LAYOUT), rows may hold,
+    in the same path order, records that did not change since previous was written, whose
+    lines are copied from it: blocks of its lines (lines: its line map), or lists of their
+    paths (found by path; load gives the row of such a path if previous lacks it).
+    lengths (jsonl): collects the length of every line written, for the new line map.
     """
     if fmt not in OUTPUT_FORMATS:
         raise ExportError(f"unknown output format {fmt!r} (use jsonl or pkl)")
@@ -314,10 +207,12 @@ def write_index(
                 except OSError as e:
                     raise ValueError(f"cannot read it: {e.strerror or e}") from None
                 with old:
-                    count = _write_jsonl_reusing(rows, f, tick, previous=old, load=load)
+                    count = _write_jsonl_reusing(rows, f, tick, previous=old, load=load, lines=lines,
+                                                 lengths=lengths)
+            elif fmt == "jsonl":
+                count = _write_jsonl(rows, f, tick, lengths)  # type: ignore[arg-type]
             else:
-                writer = _write_jsonl if fmt == "jsonl" else _write_pkl
-                count = writer(rows, f, tick)  # type: ignore[arg-type]
+                count = _write_pkl(rows, f, tick)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, output)
@@ -358,13 +253,3 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _escaped_path(line: bytes) -> str:
-    """The path of a line whose path is escaped; a line that is not a record of this layout
-    (a hand-edited file) is a ValueError like any other layout mismatch."""
-    try:
-        path = json.loads(line)["metadata"]["path"]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"not a line of this layout ({e!r})") from None
-    if not isinstance(path, str):
-        raise ValueError("not a line of this layout (a path that is not a string)")
-    return path

@@ -25,13 +25,14 @@ class ExportRow:
     exif: str | None  # JSON text, as stored
     embedding: bytes
     dim: int
+    id: int | None = None  # the row's, where it was read with it
 
 
 def count_export_rows(conn: sqlite3.Connection, model: str) -> int:
     return conn.execute("SELECT count(*) FROM files WHERE status = 'ok' AND model = ?", (model,)).fetchone()[0]
 
 
-_EXPORT_COLUMNS = "path, size, mtime_ns, ctime_ns, width, height, exif, embedding, dim"
+_EXPORT_COLUMNS = "path, size, mtime_ns, ctime_ns, width, height, exif, embedding, dim, id"
 
 
 def iter_export_rows(conn: sqlite3.Connection, model: str) -> Iterator[ExportRow]:
@@ -59,6 +60,28 @@ def count_changed_export_rows(conn: sqlite3.Connection, model: str, since: int) 
     ).fetchone()[0]
 
 
+def export_order(conn: sqlite3.Connection, model: str, since: int) -> list[tuple[int, int]]:
+    """(id, 1 if changed after the stamp `since` else 0) of each of the export's rows, in
+    path order: the order of its lines."""
+    cur = conn.cursor()
+    cur.row_factory = None
+    # The unary + keep the planner on files_scan, as in iter_export_changes.
+    return cur.execute("SELECT id, stamp > ? FROM files WHERE +status = 'ok' AND +model = ? ORDER BY path",
+                       (since, model)).fetchall()
+
+
+def iter_changed_rows(conn: sqlite3.Connection, model: str, since: int) -> Iterator[ExportRow]:
+    """The export's rows changed after the stamp `since`, whole, in path order."""
+    # files_scan holds status, model and stamp, so the table is read for the rows that
+    # pass alone; the planner would rather walk the path index and read every row.
+    cur = conn.cursor()
+    cur.row_factory = None
+    cur.execute(f"SELECT {_EXPORT_COLUMNS} FROM files INDEXED BY files_scan "
+                "WHERE +status = 'ok' AND +model = ? AND stamp > ? ORDER BY path", (model, since))
+    for row in cur:
+        yield ExportRow(*row)
+
+
 def iter_export_changes(conn: sqlite3.Connection, model: str, since: int) -> Iterator[ExportRow | list[str]]:
     """The export's rows in path order: those not changed after the stamp `since` (their
     records are the ones written then) as lists of their paths, a list for each run of
@@ -70,22 +93,17 @@ def iter_export_changes(conn: sqlite3.Connection, model: str, since: int) -> Ite
     cur.execute("SELECT path, stamp > ? FROM files WHERE +status = 'ok' AND +model = ? ORDER BY path",
                 (since, model))
     # The changed rows, whole, in the same order, from a second statement on the same
-    # index, not one query per row. files_scan holds status, model and stamp, so the
-    # table is read for the rows that pass alone; the planner would rather walk the path
-    # index and read every row.
-    fresh = conn.cursor()
-    fresh.row_factory = None
-    fresh.execute(f"SELECT {_EXPORT_COLUMNS} FROM files INDEXED BY files_scan "
-                  "WHERE +status = 'ok' AND +model = ? AND stamp > ? ORDER BY path", (model, since))
+    # index, not one query per row.
+    fresh = iter_changed_rows(conn, model, since)
     # Grouped in C: a run of 100,000 unchanged rows is ten list comprehensions, not 100,000
     # steps of this generator.
     for changed, rows in groupby(cur, key=itemgetter(1)):
         if changed:
             for path, _ in rows:
-                row = fresh.fetchone()
-                if row is None or row[0] != path:  # both read in one transaction: never
+                row = next(fresh, None)
+                if row is None or row.path != path:  # both read in one transaction: never
                     raise RuntimeError(f"the changed rows and the export's rows disagree at {path}")
-                yield ExportRow(*row)
+                yield row
         else:
             while run := [path for path, _ in islice(rows, _RUN_PATHS)]:
                 yield run
@@ -96,6 +114,11 @@ _RUN_PATHS = 10_000  # a list of paths held at once, whatever the number of rows
 
 def export_row(conn: sqlite3.Connection, path: str) -> ExportRow:
     row = conn.execute(f"SELECT {_EXPORT_COLUMNS} FROM files WHERE path = ?", (path,)).fetchone()
+    return ExportRow(*row)
+
+
+def export_row_by_id(conn: sqlite3.Connection, row_id: int) -> ExportRow:
+    row = conn.execute(f"SELECT {_EXPORT_COLUMNS} FROM files WHERE id = ?", (row_id,)).fetchone()
     return ExportRow(*row)
 
 

@@ -325,7 +325,7 @@ def _export(ctx: RunContext) -> None:
     config = ctx.config
     done = export.export_index(ctx.conn, model=config.model_name, out=config.output_path,
                                fmt=config.resolved_output_format, progress=ctx.progress,
-                               last=runs.export_mark(ctx.conn))
+                               last=runs.export_mark(ctx.conn), lines=export.line_map_path(config.state_db_path))
     with db.transaction(ctx.conn):
         runs.add_counts(ctx.conn, ctx.run.id, exported=done.count)
     if done.written:

@@ -33,9 +33,10 @@ def _args(photos: Path, out: Path, model: Path, *extra) -> list:
 
 
 # The export's debug line: records copied, records written, the blocks of lines they were
-# copied in, the lines of the last export whose path was read and how many it has.
+# copied in, and either the lines of the last export whose path was read and how many it
+# has (no line map: the lines found by their paths) or "by its line map".
 _COPIED = re.compile(r"copied (\d+) of (\d+) records from the last export in (\d+) blocks "
-                     r"\((\d+) of its (\d+) lines looked at\)")
+                     r"\((?:(\d+) of its (\d+) lines looked at|by its line map)\)")
 
 
 def _copied(stderr: str) -> tuple[int, int] | None:
@@ -331,7 +332,7 @@ def test_an_escaped_path_on_a_line_not_of_this_layout_is_a_layout_error():
     # The block copy reads an escaped path by parsing its line; a hand-edited line that
     # passes the byte checks but parses to another shape must be refused like any other
     # mismatch (the export then writes every record afresh), not crash the run.
-    from sqlindexer.index_file import _escaped_path
+    from sqlindexer.previous_lines import _escaped_path
 
     assert _escaped_path(b'{"embedding":[1.0],"metadata":{"path":"a\\tb"}}') == "a\tb"
     with pytest.raises(ValueError):

@@ -495,13 +495,19 @@ def test_links_at_output_and_tmp_are_not_followed(runner, tmp_path, photos, tiny
     out = outdir / "index.jsonl"
     out.symlink_to(victim)
     (outdir / "index.jsonl.tmp").symlink_to(tmp_victim)
+    map_victim = elsewhere / "victim.lines"
+    map_victim.write_bytes(b"precious too")
+    (outdir / "index.sqlite.export-lines.tmp").symlink_to(map_victim)
     run_cli(runner, ["-i", photos, "-o", out, "--model-name", tiny_model, "--workers", "0"])
     # The link at the output path was replaced by the index (os.replace renames over the
-    # link itself); neither target was written.
+    # link itself); no target was written, the line map's temporary file included.
     assert victim.read_bytes() == b"precious" and tmp_victim.read_bytes() == b"also precious"
+    assert map_victim.read_bytes() == b"precious too"
     assert not out.is_symlink() and stat.S_ISREG(out.lstat().st_mode)
     assert len(read_jsonl(out)) == 2
-    assert sorted(p.name for p in outdir.iterdir()) == ["index.jsonl", "index.sqlite", "index.sqlite.lock"]
+    assert sorted(p.name for p in outdir.iterdir()) == ["index.jsonl", "index.sqlite", "index.sqlite.export-lines",
+                                                      "index.sqlite.lock"]
+    assert not (outdir / "index.sqlite.export-lines").is_symlink()
 
 
 def test_pkl_export_replaces_a_link_at_the_output(tmp_path):

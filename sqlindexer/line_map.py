@@ -1,0 +1,143 @@
+"""Where each record's line is in the last jsonl export: the line map beside the database.
+
+An export that writes a jsonl index also writes `<database>.export-lines`: the ids of the
+rows whose records it wrote, in line order, and where each line ends. The next export
+finds the line of each record that did not change since from its row's id, and copies
+every run of such lines that lie one after another in the old file as one block, without
+reading a path from the old file (index_file's path-reading copy is the fallback where
+the map is missing or not that of the file on disk: the first export after an upgrade, a
+map that could not be written).
+
+The map names the file it describes (path, size, mtime, inode) and the database its ids
+are of; one that names anything else is not used. It is a cache: written after the index
+file is in place and not fsynced, so a crash leaves it stale or absent, never wrong for a
+file it names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Block:
+    """Lines first to end-1 of the last export, copied as they are."""
+
+    first: int
+    end: int
+
+
+@dataclass(frozen=True)
+class LineMap:
+    ids: np.ndarray  # int64: the row of each line
+    ends: np.ndarray  # int64: the offset just past each line's newline
+
+    def start(self, line: int) -> int:
+        return int(self.ends[line - 1]) if line else 0
+
+    @functools.cached_property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.ends, prepend=0)
+
+
+class Lengths:
+    """The lengths of the lines an export writes, in the order written: the ends of the new
+    line map."""
+
+    def __init__(self) -> None:
+        self._parts: list[np.ndarray] = []
+        self._run: list[int] = []
+
+    def line(self, length: int) -> None:
+        self._run.append(length)
+
+    def lines(self, lengths: np.ndarray) -> None:
+        self._flush()
+        self._parts.append(np.asarray(lengths, dtype=np.int64))
+
+    def ends(self) -> np.ndarray:
+        self._flush()
+        return np.cumsum(np.concatenate(self._parts)) if self._parts else np.zeros(0, dtype=np.int64)
+
+    def _flush(self) -> None:
+        if self._run:
+            self._parts.append(np.array(self._run, dtype=np.int64))
+            self._run = []
+
+
+def identity(database_id: str, output: Path, st: os.stat_result) -> dict[str, Any]:
+    """What a map must name to be that of the file at output (stat result st)."""
+    return {"format": _FORMAT, "database_id": database_id, "path": str(output), "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+
+def read(path: Path, want: dict[str, Any]) -> LineMap | None:
+    """The map at path if it names want (identity()), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = json.loads(f.readline())
+            if head != {**want, "count": head.get("count")} or not isinstance(head["count"], int):
+                return None
+            n = head["count"]
+            data = f.read()
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    if len(data) != 16 * n:
+        return None
+    ids = np.frombuffer(data, dtype="<i8", count=n)
+    ends = np.frombuffer(data, dtype="<i8", count=n, offset=8 * n)
+    if n and (ends[-1] != want["size"] or (np.diff(ends, prepend=0) <= 0).any()):
+        return None
+    return LineMap(ids.astype(np.int64), ends.astype(np.int64))
+
+
+def write(path: Path, ident: dict[str, Any], lines: LineMap) -> None:
+    """Replace the map at path; one that cannot be written is removed, and logged."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        # As for the index's .tmp: a planted file or link there is removed, never written through.
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps({**ident, "count": len(lines.ids)}).encode() + b"\n")
+            f.write(lines.ids.astype("<i8").tobytes())
+            f.write(lines.ends.astype("<i8").tobytes())
+        os.replace(tmp, path)
+    except OSError as e:
+        log.debug("cannot write the export's line map %s (%s)", path, e.strerror or e)
+        for p in (tmp, path):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def plan(old: LineMap, ids: np.ndarray, changed: np.ndarray) -> Iterator[Block | int]:
+    """The new export, ids (its rows in path order) with changed (those changed since the
+    old one was written), as blocks of the old export's lines and the ids of the rows to
+    serialise. A row not changed whose id has no line there is serialised too."""
+    where = np.full(max(int(old.ids.max(initial=0)), int(ids.max(initial=0))) + 1, -1, dtype=np.int64)
+    where[old.ids] = np.arange(len(old.ids))
+    line = np.where(changed, -1, where[ids])
+    fresh = line < 0
+    # A segment starts at every row but a kept line that follows the kept line before it:
+    # a row to serialise is a segment of its own, a block is a run of lines in order.
+    n = len(ids)
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = ~((line[1:] == line[:-1] + 1) & ~fresh[1:] & ~fresh[:-1])
+    first = np.flatnonzero(starts)
+    sizes = np.diff(first, append=n).tolist()
+    for is_fresh, at, row, size in zip(fresh[first].tolist(), line[first].tolist(), ids[first].tolist(), sizes):
+        yield row if is_fresh else Block(at, at + size)
