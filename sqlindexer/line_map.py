@@ -100,8 +100,9 @@ def read(path: Path, want: dict[str, Any]) -> LineMap | None:
         return None
     ids = np.frombuffer(data, dtype="<i8", count=n)
     ends = np.frombuffer(data, dtype="<i8", count=n, offset=8 * n)
-    if n and (ends[-1] != want["size"] or (np.diff(ends, prepend=0) <= 0).any()):
-        return None
+    if n and (ends[-1] != want["size"] or (np.diff(ends, prepend=0) <= 0).any() or ids.min() < 1
+              or len(np.unique(ids)) != n):
+        return None  # not a map an export wrote (row ids are positive and unique)
     return LineMap(ids.astype(np.int64), ends.astype(np.int64))
 
 

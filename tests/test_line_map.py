@@ -87,7 +87,13 @@ def test_moved_and_changed_records_are_written_by_the_map(runner, tmp_path, tiny
     assert out.read_bytes() == _full_export(runner, out, tmp_path)
 
 
-@pytest.mark.parametrize("spoil", ["deleted", "another file", "garbage", "short"])
+def _spoil_ids(at: Path, ids: list[int]) -> None:
+    head, rest = at.read_bytes().split(b"\n", 1)
+    n = json.loads(head)["count"]
+    at.write_bytes(head + b"\n" + np.array(ids[:n], dtype="<i8").tobytes() + rest[8 * n :])
+
+
+@pytest.mark.parametrize("spoil", ["deleted", "another file", "garbage", "short", "negative id", "repeated id"])
 def test_without_a_map_of_that_file_the_lines_are_found_by_their_paths(runner, tmp_path, tiny_model, indexed,
                                                                         spoil):
     # A database upgraded from before maps, a map of another export or a damaged one: the
@@ -101,8 +107,12 @@ def test_without_a_map_of_that_file_the_lines_are_found_by_their_paths(runner, t
         at.write_bytes(json.dumps({**json.loads(head), "size": 1}).encode() + b"\n" + rest)
     elif spoil == "garbage":
         at.write_bytes(b"\x00\xff" * 50)
-    else:
+    elif spoil == "short":
         at.write_bytes(at.read_bytes()[:-8])
+    elif spoil == "negative id":
+        _spoil_ids(at, [-1] + list(range(2, 13)))
+    else:
+        _spoil_ids(at, [1] * 12)
     make_photo(photos / "d0" / "new.jpg", seed=60)
     result = run_cli(runner, _args(photos, out, tiny_model, "--reindex"))
     found = _BY_PATH.search(result.stderr)
