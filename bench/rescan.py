@@ -14,8 +14,8 @@ first index leaves it), then times, each as a fresh process:
               (they are embedded with a tiny random SigLIP 2)
   alone       image-indexer on a folder of copies of just the changed files (fresh
               database): the "time to embed the changed files" of the 1% target
-  10% moved   --reindex after 10% of the files were renamed into another folder of the
-              same filesystem (each round moves them on again): no file is read
+  10% moved   --reindex after every tenth file was renamed into another folder of the
+              same filesystem (put back, untimed, before the next round): no file is read
   10% copied  --reindex after the same 10% were copied into another folder (removed
               again after the round): each copy is read once and hashed
   read        a fresh process that reads those copies once (the 10%-copied target is
@@ -160,8 +160,9 @@ def main() -> None:
                 p.write_bytes(p.read_bytes()[:-8] + b"%08d" % (10**7 * rewrites + hash(p.name) % 10**7))
             return cli(*base)
 
-        # 10% moved, then the same 10% copied. The moved files go on to another folder in
-        # each round (a rename: same inode, size and mtime).
+        # 10% moved, then the same 10% copied. Every round moves every tenth file out of its
+        # folder into a new one (a rename: same inode, size and mtime): the files a round
+        # moved are first put back, untimed, so that each round times the same scattered move.
         m = max(1, int(args.files * args.moved))
         mstep = max(1, args.files // m)
         moving = paths[::mstep][:m]
@@ -170,6 +171,11 @@ def main() -> None:
 
         def moved_run():
             nonlocal moves
+            if moves:
+                for p in moving:
+                    os.rename(where[p], p)
+                    where[p] = p
+                cli(*base)  # untimed: the rows are back at their first paths
             moves += 1
             target = tree / f"moved-{moves}"
             target.mkdir()
