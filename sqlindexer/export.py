@@ -22,8 +22,8 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

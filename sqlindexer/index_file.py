@@ -4,9 +4,9 @@ The file is written to <output>.tmp in the same folder, flushed, fsynced and ren
 place, so a reader sees the old index or the new one, never half of either. A jsonl index
 can be written from the last one: the lines of records that did not change are copied
 from it (found by its line map, line_map.py, else by their paths, previous_lines.py), the
-others serialised. The .tmp is created fresh (O_EXCL | O_NOFOLLOW: a planted file or symlink there is never written
-through), and the rename replaces whatever is at the output path, a symlink included,
-without following it.
+others serialised. The .tmp is created fresh (O_EXCL | O_NOFOLLOW: a planted file or
+symlink there is never written through), and the rename replaces whatever is at the output
+path, a symlink included, without following it.
 """
 
 from __future__ import annotations
@@ -100,6 +100,9 @@ def _write_jsonl_reusing(entries: Iterable[ExportRow | list[str] | Block], f: Bi
     lines are found by their paths (previous_lines.ByPath, the fallback without a map)."""
     by_path = None
     n = copied = blocks = 0
+    if lines is not None and not lines.describes(os.fstat(previous.fileno())):
+        # Replaced between the check and the open (an `export` to the same path).
+        raise ValueError("it is not the file its line map describes")
     for entry in entries:
         if isinstance(entry, Block):
             if lines is None:

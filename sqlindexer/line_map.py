@@ -1,6 +1,6 @@
 """Where each record's line is in the last jsonl export: the line map beside the database.
 
-An export that writes a jsonl index also writes `<database>.export-lines`: the ids of the
+An index run's jsonl export also writes `<database>.export-lines`: the ids of the
 rows whose records it wrote, in line order, and where each line ends. The next export
 finds the line of each record that did not change since from its row's id, and copies
 every run of such lines that lie one after another in the old file as one block, without
@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _FORMAT = 1
+_HEAD_MAX = 1 << 16  # bytes of the header line read at most (it names a path)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,11 @@ class Block:
 class LineMap:
     ids: np.ndarray  # int64: the row of each line
     ends: np.ndarray  # int64: the offset just past each line's newline
+    file: tuple[int, int, int] | None = None  # (size, mtime_ns, inode) of the file it was read for
+
+    def describes(self, st: os.stat_result) -> bool:
+        """Whether st (of the file opened to copy from) is the file this map was read for."""
+        return self.file is None or self.file == (st.st_size, st.st_mtime_ns, st.st_ino)
 
     def start(self, line: int) -> int:
         return int(self.ends[line - 1]) if line else 0
@@ -86,24 +93,40 @@ def identity(database_id: str, output: Path, st: os.stat_result) -> dict[str, An
 
 
 def read(path: Path, want: dict[str, Any]) -> LineMap | None:
-    """The map at path if it names want (identity()), else None."""
+    """The map at path if it names want (identity()), else None. Only a regular file is
+    read (a link, a FIFO or a device is refused), and only as many bytes as it says."""
     try:
-        with open(path, "rb") as f:
-            head = json.loads(f.readline())
-            if head != {**want, "count": head.get("count")} or not isinstance(head["count"], int):
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
                 return None
-            n = head["count"]
-            data = f.read()
+            line = f.readline(_HEAD_MAX)
+            head = json.loads(line)
+            n = head.get("count")
+            if head != {**want, "count": n} or not isinstance(n, int) or n < 0 \
+                    or st.st_size != len(line) + 16 * n:
+                return None
+            data = f.read(16 * n)
     except (OSError, ValueError, TypeError, AttributeError):
         return None
     if len(data) != 16 * n:
         return None
-    ids = np.frombuffer(data, dtype="<i8", count=n)
-    ends = np.frombuffer(data, dtype="<i8", count=n, offset=8 * n)
-    if n and (ends[-1] != want["size"] or (np.diff(ends, prepend=0) <= 0).any() or ids.min() < 1
-              or len(np.unique(ids)) != n):
+    ids = np.frombuffer(data, dtype="<i8", count=n).astype(np.int64)
+    ends = np.frombuffer(data, dtype="<i8", count=n, offset=8 * n).astype(np.int64)
+    if not n:
+        return LineMap(ids, ends, _file(want)) if want["size"] == 0 else None
+    if ends[-1] != want["size"] or (np.diff(ends, prepend=0) <= 0).any() or ids.min() < 1 \
+            or len(np.unique(ids)) != n:
         return None  # not a map an export wrote (row ids are positive and unique)
-    return LineMap(ids.astype(np.int64), ends.astype(np.int64))
+    return LineMap(ids, ends, _file(want))
+
+
+def _file(want: dict[str, Any]) -> tuple[int, int, int]:
+    return (want["size"], want["mtime_ns"], want["ino"])
 
 
 def write(path: Path, ident: dict[str, Any], lines: LineMap) -> None:
@@ -129,9 +152,13 @@ def plan(old: LineMap, ids: np.ndarray, changed: np.ndarray) -> Iterator[Block |
     """The new export, ids (its rows in path order) with changed (those changed since the
     old one was written), as blocks of the old export's lines and the ids of the rows to
     serialise. A row not changed whose id has no line there is serialised too."""
-    where = np.full(max(int(old.ids.max(initial=0)), int(ids.max(initial=0))) + 1, -1, dtype=np.int64)
-    where[old.ids] = np.arange(len(old.ids))
-    line = np.where(changed, -1, where[ids])
+    # Each row's old line, by a binary search of the old ids (any ids: no table as long as
+    # the largest of them).
+    order = np.argsort(old.ids, kind="stable")
+    sorted_ids = old.ids[order]
+    at = np.minimum(np.searchsorted(sorted_ids, ids), max(len(sorted_ids) - 1, 0))
+    found = (sorted_ids[at] == ids) if len(sorted_ids) else np.zeros(len(ids), dtype=bool)
+    line = np.where(changed | ~found, -1, order[at] if len(sorted_ids) else -1)
     fresh = line < 0
     # A segment starts at every row but a kept line that follows the kept line before it:
     # a row to serialise is a segment of its own, a block is a run of lines in order.

@@ -25,7 +25,7 @@ _PATH_KEY_BYTES = np.frombuffer(_PATH_KEY, dtype=np.uint8)
 _PATH_KEY_RANGE = np.arange(len(_PATH_KEY))
 _SCAN_READ = 1 << 22
 _WINDOW = 4096  # lines whose paths are read at once when a run of records is not one block
-_WRITE_BUFFER = 1 << 20
+_READ = 1 << 20  # bytes of a block copied per read
 
 
 class ByPath:
@@ -159,7 +159,7 @@ class ByPath:
             self._lengths.lines(np.diff(self._starts[first : end + 1]))
         pos, stop = int(self._starts[first]), int(self._starts[end])
         while pos < stop:
-            data = os.pread(self._fd, min(stop - pos, _WRITE_BUFFER), pos)
+            data = os.pread(self._fd, min(stop - pos, _READ), pos)
             if not data:
                 raise ValueError("it was truncated while it was read")
             out.write(data)
@@ -177,8 +177,6 @@ def _line_starts(fd: int) -> np.ndarray:
     if starts[-1] != pos:
         raise ValueError("not a line of this layout (its last line does not end)")
     return starts
-
-
 
 
 def _escaped_path(line: bytes) -> str:

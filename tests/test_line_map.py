@@ -6,6 +6,7 @@ writers of many rows set themselves (migrations/0005_own_stamps.sql)."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import sqlite3
@@ -47,7 +48,7 @@ def indexed(runner, tmp_path, tiny_model):
 
 
 def test_an_index_run_leaves_the_map_of_its_export(indexed):
-    photos, out = indexed
+    _, out = indexed
     head, *_ = _map_of(out).read_bytes().split(b"\n", 1)
     meta = json.loads(head)
     st = out.stat()
@@ -93,11 +94,13 @@ def _spoil_ids(at: Path, ids: list[int]) -> None:
     at.write_bytes(head + b"\n" + np.array(ids[:n], dtype="<i8").tobytes() + rest[8 * n :])
 
 
-@pytest.mark.parametrize("spoil", ["deleted", "another file", "garbage", "short", "negative id", "repeated id"])
+@pytest.mark.parametrize("spoil", ["deleted", "another file", "another database", "garbage", "short",
+                                   "negative id", "repeated id", "huge id", "a link", "a fifo"])
 def test_without_a_map_of_that_file_the_lines_are_found_by_their_paths(runner, tmp_path, tiny_model, indexed,
                                                                         spoil):
     # A database upgraded from before maps, a map of another export or a damaged one: the
-    # export falls back to reading the old file's paths, and writes a good map again.
+    # export falls back to reading the old file's paths, and writes a good map again. (A
+    # row id far past any is looked up by binary search, never a table that large.)
     photos, out = indexed
     at = _map_of(out)
     if spoil == "deleted":
@@ -105,29 +108,44 @@ def test_without_a_map_of_that_file_the_lines_are_found_by_their_paths(runner, t
     elif spoil == "another file":
         head, rest = at.read_bytes().split(b"\n", 1)
         at.write_bytes(json.dumps({**json.loads(head), "size": 1}).encode() + b"\n" + rest)
+    elif spoil == "another database":
+        head, rest = at.read_bytes().split(b"\n", 1)
+        at.write_bytes(json.dumps({**json.loads(head), "database_id": "0" * 32}).encode() + b"\n" + rest)
+    elif spoil in ("a link", "a fifo"):
+        good = at.with_name("elsewhere")
+        at.rename(good)
+        at.symlink_to(good) if spoil == "a link" else os.mkfifo(at)
     elif spoil == "garbage":
         at.write_bytes(b"\x00\xff" * 50)
     elif spoil == "short":
         at.write_bytes(at.read_bytes()[:-8])
     elif spoil == "negative id":
         _spoil_ids(at, [-1] + list(range(2, 13)))
-    else:
+    elif spoil == "repeated id":
         _spoil_ids(at, [1] * 12)
+    else:  # a map naming a row id far past any: never a table that large
+        _spoil_ids(at, [10**15] + list(range(2, 13)))
     make_photo(photos / "d0" / "new.jpg", seed=60)
     result = run_cli(runner, _args(photos, out, tiny_model, "--reindex"))
-    found = _BY_PATH.search(result.stderr)
-    assert found and (int(found[1]), int(found[2])) == (12, 13), result.stderr
+    if spoil == "huge id":  # read, and harmless: row 1's line is not found, so it is written afresh
+        found = _BY_MAP.search(result.stderr)
+        assert "no line for row 1 in the last export" in result.stderr
+        assert found and (int(found[1]), int(found[2])) == (11, 13), result.stderr
+    else:
+        found = _BY_PATH.search(result.stderr)
+        assert found and (int(found[1]), int(found[2])) == (12, 13), result.stderr
     assert out.read_bytes() == _full_export(runner, out, tmp_path)
+    if spoil in ("a link", "a fifo"):
+        at.unlink()  # what the export put there instead is a regular file
     make_photo(photos / "d0" / "new2.jpg", seed=61)
     result = run_cli(runner, _args(photos, out, tiny_model, "--reindex"))
-    assert _BY_MAP.search(result.stderr), result.stderr
+    if spoil not in ("a link", "a fifo"):
+        assert _BY_MAP.search(result.stderr), result.stderr
 
 
 def test_a_map_whose_lines_do_not_end_where_it_says_is_refused(runner, tmp_path, tiny_model, indexed):
     # Same size, same mtime, same inode, other bytes: a block that does not end with a
     # newline stops the copy, and every record is written afresh.
-    import os
-
     photos, out = indexed
     st = out.stat()
     data = out.read_bytes().replace(b"\n", b" ")
@@ -177,6 +195,9 @@ def test_random_edits_written_by_the_map_are_the_full_export(tmp_path, seed):
         after[next_id] = _row(f"/p/b/{next_id:04d}n.jpg", 1, next_id)
         changed.add(next_id)
         next_id += 1
+    for i in [i for i in before if i not in after][:3]:  # new rows taking the ids of deleted ones
+        after[i] = _row(f"/p/c/{i:04d}r.jpg", 3, i)
+        changed.add(i)
     new_order = sorted(after.values(), key=lambda r: r.path)
     ids = np.array([r.id for r in new_order], dtype=np.int64)
     flags = np.array([r.id in changed for r in new_order])
@@ -253,3 +274,33 @@ def test_renamed_rows_share_one_stamp_and_move_each_counter_once(runner, tmp_pat
         stamps = {r[0] for r in conn.execute("SELECT stamp FROM files WHERE path LIKE '%d0-moved%'")}
         after = _counters(conn)
     assert stamps == {stamp + 1} and after[0] == stamp + 1 and after[1] == version + 1, (stamps, after)
+
+
+def test_a_row_copied_with_its_stamp_by_hand_is_still_stamped_and_counted(tmp_path):
+    # INSERT ... SELECT of the newest row, stamp and all: the triggers must not take it for
+    # a writer's own stamp (only move_renamed's pending rows are inserted that way).
+    from sqlindexer import db
+
+    db.connect(tmp_path / "state.sqlite").close()
+    with open_db(tmp_path / "state.sqlite") as conn:
+        conn.isolation_level = None
+        conn.execute("INSERT INTO files (path, size, mtime_ns, ctime_ns, status, model, dim, embedding) "
+                     "VALUES ('/p/a.jpg', 1, 1, 1, 'ok', 'm', 1, x'00000000')")
+        stamp, version = _counters(conn)
+        conn.execute("INSERT INTO files (path, size, mtime_ns, ctime_ns, status, model, dim, embedding, stamp) "
+                     "SELECT '/p/b.jpg', size, mtime_ns, ctime_ns, status, model, dim, embedding, stamp FROM files")
+        assert _counters(conn) == (stamp + 1, version + 1)
+        assert conn.execute("SELECT stamp FROM files WHERE path = '/p/b.jpg'").fetchone()[0] == stamp + 1
+
+
+def test_a_file_replaced_after_its_map_was_read_is_not_copied_by_it(tmp_path):
+    # The map names the file it was read for; the file opened to copy from is checked
+    # against it (an `export` to the same path may have replaced it in between).
+    rows = [_row(f"/p/{i}.jpg", 0, i) for i in range(1, 4)]
+    previous, lengths = tmp_path / "previous.jsonl", line_map.Lengths()
+    write_index(rows, previous, "jsonl", lengths=lengths)
+    st = previous.stat()
+    old = line_map.LineMap(np.array([1, 2, 3]), lengths.ends(), (st.st_size, st.st_mtime_ns + 1, st.st_ino))
+    with pytest.raises(ValueError, match="not the file its line map describes"):
+        write_index([line_map.Block(0, 3)], tmp_path / "out.jsonl", "jsonl", previous=previous, lines=old,
+                    load=lambda path: None)
