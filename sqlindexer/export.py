@@ -18,9 +18,7 @@ commit and the end of its export leaves changes that the next run must export.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -62,16 +60,16 @@ def export_index(conn: sqlite3.Connection, *, model: str, out: Path, fmt: str, p
             log.info("%s is up to date", out)
             return Exported(total, False, last)
         # Deferred: numpy and orjson, which a run with nothing to export does not need.
-        from . import index_file
+        from . import index_file, line_map
 
         database_id = get_meta(conn, records.DATABASE_ID) or ""
         at = lines if fmt == "jsonl" else None
         copy = _copy_from(conn, last, rows, total)
-        old_lines = _old_lines(at, database_id, out) if copy is not None else None
+        old_lines = line_map.load(at, database_id, out) if at is not None and copy is not None else None
         count, new_lines = _write(conn, out, fmt, model, total, copy, progress, old_lines, with_map=at is not None)
     st = out.stat()
     if at is not None:
-        _keep_lines(at, database_id, out, st, new_lines)
+        line_map.keep(at, database_id, out, st, new_lines)
     mark = ExportMark(str(out), st.st_size, st.st_mtime_ns, st.st_ino, **rows,
                       layout=index_file.JSONL_LAYOUT if fmt == "jsonl" else None)
     return Exported(count, True, mark)
@@ -141,16 +139,16 @@ def _write(conn: sqlite3.Connection, out: Path, fmt: str, model: str, total: int
                     ids, entries = _by_line_map(conn, model, copy[0], old_lines)
                     count = index_file.write_index(entries, out, fmt, tick=tick, previous=out, lines=old_lines,
                                                    lengths=lengths, load=lambda path: records.export_row(conn, path))
-                    return count, _line_map(ids, lengths)
+                    return count, lengths.line_map(ids) if lengths is not None else None
                 count = index_file.write_index(records.iter_export_changes(conn, model, copy[0]), out, fmt, tick=tick,
                                                previous=out, load=lambda path: records.export_row(conn, path),
                                                lengths=lengths)
-                return count, _line_map(_export_ids(conn, model) if with_map else None, lengths)
+                return count, _new_map(conn, model, lengths)
             except ValueError as e:  # not lines we wrote after all: write every record
                 log.warning("cannot copy records from %s (%s); writing them all", out, e)
                 lengths = line_map.Lengths() if with_map else None
         count = index_file.write_index(records.iter_export_rows(conn, model), out, fmt, tick=tick, lengths=lengths)
-        return count, _line_map(_export_ids(conn, model) if with_map else None, lengths)
+        return count, _new_map(conn, model, lengths)
 
 
 def _by_line_map(conn: sqlite3.Connection, model: str, since: int, old_lines: Any) -> tuple[Any, Iterator[Any]]:
@@ -179,41 +177,14 @@ def _by_line_map(conn: sqlite3.Connection, model: str, since: int, old_lines: An
     return ids, entries()
 
 
-def _export_ids(conn: sqlite3.Connection, model: str) -> Any:
-    import numpy as np
-
-    return np.array([row_id for row_id, _ in records.export_order(conn, model, 0)], dtype=np.int64)
-
-
-def _line_map(ids: Any, lengths: Any) -> Any:
-    from . import line_map
-
+def _new_map(conn: sqlite3.Connection, model: str, lengths: Any) -> Any:
+    """The new file's line map, from the lengths of its lines and the export's rows' ids
+    (read again: the copy by path knows its lines by path only)."""
     if lengths is None:
         return None
-    ends = lengths.ends()
-    return line_map.LineMap(ids, ends) if len(ends) == len(ids) else None
+    import numpy as np
 
-
-def _old_lines(at: Path | None, database_id: str, out: Path) -> Any:
-    """The line map of the file at out, if at holds it."""
-    if at is None:
-        return None
-    from . import line_map
-
-    try:
-        return line_map.read(at, line_map.identity(database_id, out, out.stat()))
-    except OSError:
-        return None
-
-
-def _keep_lines(at: Path, database_id: str, out: Path, st: os.stat_result, new_lines: Any) -> None:
-    from . import line_map
-
-    if new_lines is None:
-        with contextlib.suppress(OSError):
-            at.unlink()
-        return
-    line_map.write(at, line_map.identity(database_id, out, st), new_lines)
+    return lengths.line_map(np.array([row_id for row_id, _ in records.export_order(conn, model, 0)], dtype=np.int64))
 
 
 def _time_zone() -> tuple[Any, ...]:

@@ -80,6 +80,12 @@ class Lengths:
         self._flush()
         return np.cumsum(np.concatenate(self._parts)) if self._parts else np.zeros(0, dtype=np.int64)
 
+    def line_map(self, ids: np.ndarray) -> LineMap | None:
+        """The map of the lines written, of rows ids in line order; None if they are not
+        one line each."""
+        ends = self.ends()
+        return LineMap(ids, ends) if len(ends) == len(ids) else None
+
     def _flush(self) -> None:
         if self._run:
             self._parts.append(np.array(self._run, dtype=np.int64))
@@ -129,6 +135,24 @@ def _file(want: dict[str, Any]) -> tuple[int, int, int]:
     return (want["size"], want["mtime_ns"], want["ino"])
 
 
+def load(path: Path, database_id: str, output: Path) -> LineMap | None:
+    """The map at path if it is that of the file now at output, else None."""
+    try:
+        return read(path, identity(database_id, output, output.stat()))
+    except OSError:
+        return None
+
+
+def keep(path: Path, database_id: str, output: Path, st: os.stat_result, lines: LineMap | None) -> None:
+    """Leave at path the map of the file just written at output (stat result st); with
+    none to leave (its lines were not all accounted for), remove the old one."""
+    if lines is None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return
+    write(path, identity(database_id, output, st), lines)
+
+
 def write(path: Path, ident: dict[str, Any], lines: LineMap) -> None:
     """Replace the map at path; one that cannot be written is removed, and logged."""
     tmp = path.with_name(path.name + ".tmp")
@@ -156,9 +180,12 @@ def plan(old: LineMap, ids: np.ndarray, changed: np.ndarray) -> Iterator[Block |
     # the largest of them).
     order = np.argsort(old.ids, kind="stable")
     sorted_ids = old.ids[order]
-    at = np.minimum(np.searchsorted(sorted_ids, ids), max(len(sorted_ids) - 1, 0))
-    found = (sorted_ids[at] == ids) if len(sorted_ids) else np.zeros(len(ids), dtype=bool)
-    line = np.where(changed | ~found, -1, order[at] if len(sorted_ids) else -1)
+    at = np.searchsorted(sorted_ids, ids)
+    found = at < len(sorted_ids)
+    found[found] = sorted_ids[at[found]] == ids[found]
+    keep = found & ~changed
+    line = np.full(len(ids), -1, dtype=np.int64)
+    line[keep] = order[at[keep]]
     fresh = line < 0
     # A segment starts at every row but a kept line that follows the kept line before it:
     # a row to serialise is a segment of its own, a block is a run of lines in order.
@@ -167,5 +194,6 @@ def plan(old: LineMap, ids: np.ndarray, changed: np.ndarray) -> Iterator[Block |
     starts[1:] = ~((line[1:] == line[:-1] + 1) & ~fresh[1:] & ~fresh[:-1])
     first = np.flatnonzero(starts)
     sizes = np.diff(first, append=n).tolist()
-    for is_fresh, at, row, size in zip(fresh[first].tolist(), line[first].tolist(), ids[first].tolist(), sizes):
-        yield row if is_fresh else Block(at, at + size)
+    for is_fresh, old_line, row, size in zip(fresh[first].tolist(), line[first].tolist(), ids[first].tolist(),
+                                             sizes):
+        yield row if is_fresh else Block(old_line, old_line + size)
