@@ -238,15 +238,20 @@ class Embedder:
                 # Page-locked host memory lets the copy run asynchronously to the GPU.
                 value = value.pin_memory()
             moved[key] = value.to(self.device, non_blocking=True)
-        if spec is not None:
-            moved["pixel_values"] = spec.normalize(moved["pixel_values"], moved["pixel_attention_mask"])
-        for key, value in moved.items():
-            moved[key] = value.to(self.dtype) if value.is_floating_point() else value
         with torch.inference_mode():
-            features = self._forward_openvino(moved) if self._tower is not None else self._forward_torch(moved)
+            if self._tower is not None:
+                features = self._forward_openvino(moved, spec)
+            else:
+                features = self._forward_torch(self._normalized(moved, spec))
             features = features.float()
             features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return features.cpu().numpy().astype("<f4", copy=False)
+
+    def _normalized(self, moved: dict[str, Any], spec: PatchSpec | None) -> dict[str, Any]:
+        """Processor output with PatchSpec's uint8 patches normalised, floats in self.dtype."""
+        if spec is not None:
+            moved = {**moved, "pixel_values": spec.normalize(moved["pixel_values"], moved["pixel_attention_mask"])}
+        return {key: value.to(self.dtype) if value.is_floating_point() else value for key, value in moved.items()}
 
     def _forward_torch(self, moved: dict[str, Any]) -> Any:
         import torch
@@ -263,14 +268,20 @@ class Embedder:
             parts.append(out.pooler_output if hasattr(out, "pooler_output") else out)
         return torch.cat(parts)
 
-    def _forward_openvino(self, moved: dict[str, Any]) -> Any:
+    def _forward_openvino(self, moved: dict[str, Any], spec: PatchSpec | None) -> Any:
         import torch
 
         # The patch embedding and the position embeddings resized to each image's shape,
         # in torch, as transformers computes them; then the encoder and head in OpenVINO.
-        embeds = self._model(moved["pixel_values"], moved["spatial_shapes"])
-        mask = moved["pixel_attention_mask"].to(torch.int64)
-        return torch.from_numpy(self._tower(embeds.numpy(), mask.numpy()))
+        # One of OpenVINO's chunks at a time: a whole batch's float pixels, embeddings and
+        # their temporaries would be held at once, next to OpenVINO's own buffers.
+        n, step, parts = len(moved["pixel_values"]), self._tower.chunk, []
+        for i in range(0, n, step):
+            chunk = self._normalized({k: v[i : i + step] for k, v in moved.items()}, spec)
+            embeds = self._model(chunk["pixel_values"], chunk["spatial_shapes"])
+            mask = chunk["pixel_attention_mask"].to(torch.int64)
+            parts.append(torch.from_numpy(self._tower(embeds.numpy(), mask.numpy())))
+        return torch.cat(parts)
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.embed_pixels(self.preprocess(images))

@@ -4,8 +4,11 @@ weights, and the C heap that a conversion freed. Linux only; elsewhere both do n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 _ELF = b"\x7fELF"
@@ -43,6 +46,29 @@ def release_mapped_files(folder: Path) -> int:
         if madvise(start, end - start, mmap.MADV_DONTNEED) == 0:
             released += end - start
     return released
+
+
+@contextlib.contextmanager
+def releasing(folder: Path, *, every: float = 0.02) -> Iterator[None]:
+    """release_mapped_files(folder) every `every` seconds while the block runs, and once
+    at its end. OpenVINO reads the weights of its mapped blob (or IR) once, while it
+    compiles and repacks them into its own memory; pages it is done with are let go as it
+    goes, instead of all of them being resident at once next to the repacked copy. A page
+    dropped before OpenVINO is done with it is read back from the file (page cache)."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            release_mapped_files(folder)
+
+    thread = threading.Thread(target=loop, name="release-mapped-files", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        release_mapped_files(folder)
 
 
 def _is_elf(path: str) -> bool:

@@ -200,7 +200,8 @@ def check_paths(embedders, arrays: list[np.ndarray]) -> dict[tuple[str, str], fl
 def test_every_backend_gives_torch_float32_s_vectors_on_generated_images(embedders, tmp_path):
     sizes = [(64, 48), (40, 300), (500, 500), (1000, 250), (17, 9), (333, 777), (4000, 3000), (256, 256)]
     paths = [make_photo(tmp_path / f"g{i}.jpg", size=s, seed=i) for i, s in enumerate(sizes)]
-    # 11 images: one full chunk of 8, a shorter one of 3, and padding of several sizes.
+    # 11 images: full chunks (8 images in 16 bits, 4 in float32), a shorter last one, and
+    # padding of several sizes.
     paths += [make_photo(tmp_path / f"h{i}.png", size=(90 + 31 * i, 60), seed=20 + i) for i in range(3)]
     check_paths(embedders, prepared(paths, embedders["torch", "float32"]))
 
@@ -215,6 +216,17 @@ def test_every_backend_gives_torch_float32_s_vectors_on_the_corpus(embedders, co
     with capsys.disabled():
         print(f"\n{len(picks)} corpus images, least cosine to torch float32: "
               + ", ".join(f"{b} {d} {c:.6f}" for (b, d), c in worst.items()))
+
+
+def test_openvino_requests_hold_the_same_bytes_of_activations_in_each_precision(embedders):
+    # A float32 computation takes half as many images per request as a 16-bit one.
+    if ("openvino", "float32") not in embedders:
+        pytest.skip("openvino is not installed (the openvino extra)")
+    for dtype in ("float32", "bfloat16", "auto"):
+        tower = embedders["openvino", dtype]._tower
+        want = ov_vision.CHUNK if tower.precision in ("bf16", "f16") else ov_vision.CHUNK // 2
+        assert tower.chunk == want, (dtype, tower.precision, tower.chunk)
+    assert embedders["openvino", "float32"]._tower.chunk == ov_vision.CHUNK // 2
 
 
 def test_processor_path_through_openvino(embedders):
@@ -359,6 +371,31 @@ def test_released_pages_of_a_read_only_mapping_leave_memory_and_read_back(tmp_pa
         assert mapped[:] == data  # read back from the file
         mapped.close()
         other.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_pages_are_released_while_the_block_runs_and_the_thread_ends_with_it(tmp_path):
+    import mmap
+    import threading
+    import time
+
+    path = tmp_path / "cache" / "weights.bin"
+    path.parent.mkdir()
+    data = np.random.default_rng(1).integers(0, 255, 4 << 20, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with process_memory.releasing(tmp_path / "cache", every=0.01):
+            assert mapped[:] == data  # read while the block runs (pages may be dropped meanwhile)
+            deadline = time.monotonic() + 5
+            while _resident_kb(path) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _resident_kb(path) == 0  # let go without waiting for the block to end
+            assert mapped[:] == data
+        assert _resident_kb(path) == 0  # and once more at its end
+        assert not [t for t in threading.enumerate() if t.name == "release-mapped-files"]
+        assert mapped[:] == data
+        mapped.close()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
