@@ -38,9 +38,8 @@ CACHE_ENV = "SQLINDEXER_OPENVINO_CACHE"
 # the CPU (bf16 where the CPU has native bf16 arithmetic, f32 otherwise).
 PRECISIONS = {"auto": None, "float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 # Images per inference request in a 16-bit computation; a float32 one takes half as many,
-# the same bytes of activations (its requests of 8 were slower and held more memory). The
-# batch dimension is dynamic, so the last, shorter chunk of a batch is not padded
-# (docs/performance-cpu.md has the measurements).
+# the same bytes of activations per request. The batch dimension is dynamic, so the last,
+# shorter chunk of a batch is not padded (docs/performance-cpu.md has the measurements).
 CHUNK = 8
 # The architectures whose tower has the parts converted here (embeddings, encoder,
 # post_layernorm, a head that takes the patch mask).
@@ -116,7 +115,7 @@ class Tower:
 
         self._compiled = compiled
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32"
-        self.chunk = chunk or (CHUNK if self.precision in ("bf16", "f16") else CHUNK // 2)
+        self.chunk = chunk if chunk is not None else CHUNK if self.precision in ("bf16", "f16") else CHUNK // 2
         requests = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self._queue = openvino.AsyncInferQueue(compiled, max(1, requests))
         self._lock = threading.Lock()
@@ -243,18 +242,20 @@ def compile_tower(xml: Path, *, dtype: str, cache: Path | None = None) -> Tower:
     hint = PRECISIONS[dtype]
     if hint:
         config["INFERENCE_PRECISION_HINT"] = hint
-    # OpenVINO compiles from the mapped IR (or imports the mapped compiled blob) and, on
+    # OpenVINO compiles from the mapped IR (or imports the mapped compiled blob), then, on
     # the first inference, repacks the weights for this CPU into a copy of its own; the
-    # file's pages it read stay mapped, counted in our memory. One image goes through now,
-    # and the pages are let go while OpenVINO works through them, so that the file's
-    # weights and the repacked ones are never all resident at once.
+    # file's pages it read stay mapped, counted in our memory. They are let go after each
+    # step, between OpenVINO's calls (never while it runs: it may unmap a file and reuse
+    # the addresses), and one image goes through now, while the batches are still to come.
+    root = cache or cache_root()
     try:
-        with process_memory.releasing(cache or cache_root()):
-            compiled = _core().compile_model(str(xml), "CPU", config)
-            tower = Tower(compiled)
-            tower.warm_up()
+        compiled = _core().compile_model(str(xml), "CPU", config)
+        process_memory.release_mapped_files(root)
+        tower = Tower(compiled)
+        tower.warm_up()
     except Exception as e:  # noqa: BLE001 - disk and plugin errors alike
         raise BackendError(f"--backend openvino: cannot compile the vision tower ({one_line(e)})") from None
+    process_memory.release_mapped_files(root)
     return tower
 
 

@@ -4,11 +4,8 @@ weights, and the C heap that a conversion freed. Linux only; elsewhere both do n
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 _ELF = b"\x7fELF"
@@ -16,7 +13,9 @@ _ELF = b"\x7fELF"
 
 def release_mapped_files(folder: Path) -> int:
     """Drop from this process's memory the pages of the files under folder that are mapped
-    read-only (OpenVINO maps its blobs and IR weights); bytes released. A page of such a
+    read-only and shared (as OpenVINO maps its blobs and IR weights); bytes released. Call
+    it only while nothing that maps them runs: a range unmapped and reused between the
+    read of /proc/self/maps and the madvise would lose its contents. A page of such a
     mapping that is touched again is read back from its file. Never a writable mapping
     (its pages may hold changes that are in no file), nor a shared library, however it is
     mapped: the loader writes relocations into some of its pages and then makes them
@@ -37,7 +36,9 @@ def release_mapped_files(folder: Path) -> int:
         return 0
     for line in lines:
         parts = line.split(maxsplit=5)
-        if len(parts) < 6 or "w" in parts[1]:
+        # Shared and read-only only: a private mapping may hold pages written before it
+        # was made read-only, which are in no file.
+        if len(parts) < 6 or parts[1][:2] != "r-" or parts[1][3:4] != "s":
             continue
         path = parts[5].strip()
         if not path.startswith(prefix) or _is_elf(path):
@@ -46,29 +47,6 @@ def release_mapped_files(folder: Path) -> int:
         if madvise(start, end - start, mmap.MADV_DONTNEED) == 0:
             released += end - start
     return released
-
-
-@contextlib.contextmanager
-def releasing(folder: Path, *, every: float = 0.02) -> Iterator[None]:
-    """release_mapped_files(folder) every `every` seconds while the block runs, and once
-    at its end. OpenVINO reads the weights of its mapped blob (or IR) once, while it
-    compiles and repacks them into its own memory; pages it is done with are let go as it
-    goes, instead of all of them being resident at once next to the repacked copy. A page
-    dropped before OpenVINO is done with it is read back from the file (page cache)."""
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.wait(every):
-            release_mapped_files(folder)
-
-    thread = threading.Thread(target=loop, name="release-mapped-files", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        release_mapped_files(folder)
 
 
 def _is_elf(path: str) -> bool:
