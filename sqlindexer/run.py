@@ -147,7 +147,9 @@ def _record_end(ctx: RunContext, *, status: str, error: str) -> None:
     try:
         runs.finish_run(conn, ctx.run.id, status=status, error=error)
     except sqlite3.Error as e:
-        log.debug("could not record the end of run %d: %s", ctx.run.id, e)
+        # Said, not hidden: a row left 'running' is what a user reading the runs table sees.
+        log.warning("could not record the end of run %d (%s); the next run records it as interrupted",
+                    ctx.run.id, e)
 
 
 # -- the steps -------------------------------------------------------------------------

@@ -459,7 +459,7 @@ def _check_stopped(run: Run, moment: Moment, code: int) -> str:
         assert len(errors) == 1 and f"interrupted by {moment.signame}" in errors[0], err
         assert err.rstrip().splitlines()[-1] == errors[0], "the interruption is not the last word on stderr"
         assert not w.out.with_name(w.out.name + ".tmp").exists(), "a .tmp was left behind"
-        assert last["pid"] == run.proc.pid and last["status"] == "interrupted", dict(last)
+        assert last["pid"] == run.proc.pid and last["status"] == "interrupted", (dict(last), err)
         assert moment.signame in last["error"]
     _nothing_left_behind(run)
     _integrity(w.state)
