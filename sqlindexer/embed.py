@@ -12,7 +12,7 @@ import gc
 import logging
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import cpu
@@ -82,6 +82,13 @@ def resolve_backend(requested: str, device: str, *, model_type: str, model_name:
         log.info("backend auto: torch, since %s", str(e).removeprefix("--backend openvino").lstrip(": "))
         return "torch"
     return "openvino"
+
+
+def _slices(inputs: dict[str, Any], step: int) -> Iterator[dict[str, Any]]:
+    """The batch's inputs, step images at a time."""
+    n = len(next(iter(inputs.values())))
+    for i in range(0, n, step):
+        yield {key: value[i : i + step] for key, value in inputs.items()}
 
 
 class Embedder:
@@ -256,13 +263,11 @@ class Embedder:
     def _forward_torch(self, moved: dict[str, Any]) -> Any:
         import torch
 
-        n = len(next(iter(moved.values())))
         # On a CPU the forward pass is fastest in small chunks: the activations of a large
         # batch fall out of cache (docs/performance.md). A GPU takes the whole batch at once.
-        step = CPU_CHUNK if self.device == "cpu" else n
+        step = CPU_CHUNK if self.device == "cpu" else len(next(iter(moved.values())))
         parts = []
-        for i in range(0, n, step):
-            chunk = {k: v[i : i + step] for k, v in moved.items()}
+        for chunk in _slices(moved, step):
             out = self._model(**chunk) if self._vision_only else self._model.get_image_features(**chunk)
             # transformers 5 returns an output object, 4.x returned the tensor itself.
             parts.append(out.pooler_output if hasattr(out, "pooler_output") else out)
@@ -275,9 +280,9 @@ class Embedder:
         # in torch, as transformers computes them; then the encoder and head in OpenVINO.
         # One of OpenVINO's chunks at a time: a whole batch's float pixels, embeddings and
         # their temporaries would be held at once, next to OpenVINO's own buffers.
-        n, step, parts = len(moved["pixel_values"]), self._tower.chunk, []
-        for i in range(0, n, step):
-            chunk = self._normalized({k: v[i : i + step] for k, v in moved.items()}, spec)
+        parts = []
+        for chunk in _slices(moved, self._tower.chunk):
+            chunk = self._normalized(chunk, spec)
             embeds = self._model(chunk["pixel_values"], chunk["spatial_shapes"])
             mask = chunk["pixel_attention_mask"].to(torch.int64)
             parts.append(torch.from_numpy(self._tower(embeds.numpy(), mask.numpy())))

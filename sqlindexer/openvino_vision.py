@@ -41,6 +41,8 @@ PRECISIONS = {"auto": None, "float32": "f32", "bfloat16": "bf16", "float16": "f1
 # the same bytes of activations per request. The batch dimension is dynamic, so the last,
 # shorter chunk of a batch is not padded (docs/performance-cpu.md has the measurements).
 CHUNK = 8
+# OpenVINO's names of the 16-bit precisions.
+SIXTEEN = ("bf16", "f16")
 # The architectures whose tower has the parts converted here (embeddings, encoder,
 # post_layernorm, a head that takes the patch mask).
 SUPPORTED = ("siglip2", "siglip2_vision_model")
@@ -115,7 +117,7 @@ class Tower:
 
         self._compiled = compiled
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32"
-        self.chunk = chunk if chunk is not None else CHUNK if self.precision in ("bf16", "f16") else CHUNK // 2
+        self.chunk = chunk if chunk is not None else CHUNK if self.precision in SIXTEEN else CHUNK // 2
         requests = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self._queue = openvino.AsyncInferQueue(compiled, max(1, requests))
         self._lock = threading.Lock()
@@ -196,7 +198,7 @@ def remember_ir(xml: Path, config: Any, *, max_patches: int, source: str, cache:
 
 
 def _sixteen(dtype: str) -> bool:
-    return _compute_precision(dtype) in ("bf16", "f16")
+    return _compute_precision(dtype) in SIXTEEN
 
 
 def _ir_name(folder: Path, dtype: str) -> Path:
