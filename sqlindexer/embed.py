@@ -2,12 +2,14 @@
 tower's encoder may run in OpenVINO instead (openvino_vision.py).
 
 torch and transformers (and openvino) are imported only when a model is actually loaded,
-so runs with nothing to embed (and --help) never pay for them.
+so runs with nothing to embed (and --help) never pay for them. A CPU run whose converted
+tower is already in OpenVINO's cache imports neither: the checkpoint's JSON configs and
+its embeddings' tensors are read as files (model_files.py), the embeddings computed in
+numpy (vision_embeddings.py).
 """
 
 from __future__ import annotations
 
-import copy
 import gc
 import logging
 import threading
@@ -15,26 +17,28 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import cpu
+from . import cpu, model_files, process_memory
 from . import openvino_vision as ov_vision
-from . import process_memory
 from .config import BACKENDS, DTYPES
 from .errors import BackendError
 from .model_load import (  # noqa: F401 - quiet_transformers, _weights_options: imported from here by others
     _weights_options,
+    gpu_possible,
     load_image_model,
     load_text_model,
-    load_vision_embeddings,
     quiet_transformers,
     read_config,
     resolve_device,
     weights_identity,
 )
+from .backends import _resolve_dtype, resolve_backend, resolve_dtype  # noqa: F401 - _resolve_dtype: for old bench scripts
 from .patches import PatchSpec
 
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
+
+    from .vision_embeddings import VisionEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -43,45 +47,17 @@ __all__ = ["BACKENDS", "DTYPES", "Embedder", "PatchSpec", "resolve_backend", "re
 CPU_CHUNK = 8
 
 
-def resolve_dtype(requested: str, device: str | None) -> Any:
-    """auto: bfloat16 on CUDA GPUs that support it, else float16 on CUDA; on a CPU,
-    bfloat16 where it has native bf16 arithmetic and float32 otherwise (cpu.py); float32
-    elsewhere (MPS)."""
-    import torch
-
-    if requested not in DTYPES:
-        raise BackendError(f"unknown dtype {requested!r} (choose {', '.join(DTYPES)})")
-    if requested == "auto":
-        if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device == "cpu":
-            return getattr(torch, cpu.auto_dtype())
-        return torch.float32
-    return getattr(torch, requested)
+def _numpy(value: Any) -> np.ndarray:
+    """A CPU torch tensor (the processor's output) as numpy; numpy arrays as they are."""
+    return value if type(value).__module__ == "numpy" else value.numpy()
 
 
-_resolve_dtype = resolve_dtype  # the name bench scripts of earlier versions import
+def _unit(features: np.ndarray) -> np.ndarray:
+    import numpy as np
 
-
-def resolve_backend(requested: str, device: str, *, model_type: str, model_name: str) -> str:
-    """torch or openvino for the vision tower on this device; BackendError, in one line,
-    for a choice that cannot run. auto: OpenVINO where it is installed, the device is the
-    CPU and the model is one it can run, torch otherwise."""
-    if requested not in BACKENDS:
-        raise BackendError(f"unknown backend {requested!r} (choose {', '.join(BACKENDS)})")
-    if requested == "torch":
-        return "torch"
-    if requested == "openvino":
-        ov_vision.check(device, model_type, model_name)
-        return "openvino"
-    if device != "cpu" or not ov_vision.installed():
-        return "torch"
-    try:
-        ov_vision.check(device, model_type, model_name)
-    except BackendError as e:
-        log.info("backend auto: torch, since %s", str(e).removeprefix("--backend openvino").lstrip(": "))
-        return "torch"
-    return "openvino"
+    features = features.astype(np.float32, copy=False)
+    norms = np.sqrt(np.einsum("ij,ij->i", features, features))[:, None]
+    return (features / np.maximum(norms, np.float32(1e-12))).astype("<f4", copy=False)
 
 
 def _slices(inputs: dict[str, Any], step: int) -> Iterator[dict[str, Any]]:
@@ -114,32 +90,71 @@ class Embedder:
         self._model: Any = None
         self._tower: Any = None  # OpenVINO: the compiled encoder and head
         self._processor: Any = None
+        self._spec: PatchSpec | None = None
+        self._prepared = False
+        self._warm_ir: Any = None  # the cached IR found by a prepare() that read no transformers config
         self._vision_only = False
         self._loading = threading.Lock()
 
     # -- loading -----------------------------------------------------------------------
     def prepare(self) -> Embedder:
         """Resolve the device and backend, read the model's config and image processor."""
-        if self._processor is not None:
+        if self._prepared:
             return self
         if self.requested_dtype not in DTYPES:
             raise BackendError(f"unknown dtype {self.requested_dtype!r} (choose {', '.join(DTYPES)})")
         if self.requested_backend == "openvino" and self.requested_device in ("cuda", "mps"):
             # Named before the device is looked for: the choice itself cannot run.
             ov_vision.check(self.requested_device, "", self.model_name)
-        config, processor = read_config(self.model_name)
+        if not self._prepare_warm_openvino():
+            config, processor = read_config(self.model_name)
+            self._choose_device_and_backend(getattr(config, "model_type", ""))
+            self._config = config
+            vision = getattr(config, "vision_config", config)
+            # SigLIP's image embedding is the vision tower's pooled output: hidden_size wide.
+            self.dim = int(getattr(config, "projection_dim", None) or vision.hidden_size)
+            self._processor = processor
+            self._spec = PatchSpec.of(processor)
+        self._prepared = True
+        return self
+
+    def _choose_device_and_backend(self, model_type: str) -> None:
         if self.requested_backend == "openvino" and self.requested_device == "auto":
             self.device = "cpu"  # OpenVINO runs on the CPU, whatever GPU there is
         else:
             self.device = resolve_device(self.requested_device)
-        self.backend = resolve_backend(self.requested_backend, self.device,
-                                       model_type=getattr(config, "model_type", ""), model_name=self.model_name)
-        self._config = config
-        vision = getattr(config, "vision_config", config)
-        # SigLIP's image embedding is the vision tower's pooled output: hidden_size wide.
-        self.dim = int(getattr(config, "projection_dim", None) or vision.hidden_size)
-        self._processor = processor
-        return self
+        self.backend = resolve_backend(self.requested_backend, self.device, model_type=model_type,
+                                       model_name=self.model_name)
+
+    def _prepare_warm_openvino(self) -> bool:
+        """Prepare from the checkpoint's files alone, where OpenVINO will run a tower already
+        in its cache: the CPU is the device, the JSON configs name a SigLIP 2 model and a
+        standard naflex processor, and the embeddings' tensors are in safetensors. False
+        (nothing set) otherwise: the caller reads the config through transformers."""
+        if self.requested_backend == "torch" or self.requested_device not in ("auto", "cpu"):
+            return False
+        if not ov_vision.installed():
+            return False
+        if self.requested_device == "auto" and self.requested_backend == "auto" and gpu_possible():
+            return False  # torch decides whether there is a GPU to run on instead
+        config = model_files.read_json(self.model_name, "config.json")
+        processor = model_files.read_json(self.model_name, "preprocessor_config.json")
+        if config is None or processor is None:
+            return False
+        from .vision_embeddings import embedding_width
+
+        model_type = str(config.get("model_type") or "")
+        spec = PatchSpec.from_config(processor)
+        dim = embedding_width(self.model_name)
+        if model_type not in ov_vision.SUPPORTED or spec is None or dim is None or config.get("projection_dim"):
+            return False
+        xml = ov_vision.cached_ir(ov_vision.vision_config(config), dtype=self.requested_dtype,
+                                  source=weights_identity(self.model_name), max_patches=spec.max_patches)
+        if xml is None:
+            return False
+        self._choose_device_and_backend(model_type)  # the device is the CPU: no torch to ask
+        self.dim, self._spec, self._warm_ir = dim, spec, xml
+        return True
 
     def load(self) -> Embedder:
         """Load the weights (after prepare()); safe to call again, from any thread: a call
@@ -164,52 +179,77 @@ class Embedder:
         return self
 
     def _load_openvino(self) -> None:
-        import torch
-
         if self.requested_dtype == "auto":
             cpu.auto_dtype()  # logs what the CPU does natively; OpenVINO makes its own choice
         shape = {"max_patches": self.max_num_patches}
         source = weights_identity(self.model_name)
-        xml = ov_vision.cached_ir(self._config, dtype=self.requested_dtype, source=source, **shape)
-        # With the encoder and head in the cache, only the embeddings' weights are read from
+        vision = ov_vision.vision_config(model_files.read_json(self.model_name, "config.json"))
+        xml = self._warm_ir or ov_vision.cached_ir(vision, dtype=self.requested_dtype, source=source, **shape)
+        # With the encoder and head in the cache, only the embeddings' tensors are read from
         # the checkpoint: the rest would sit in memory (its mapped pages) next to OpenVINO's.
-        embeddings = load_vision_embeddings(self.model_name, self._config) if xml else None
+        embeddings = self._read_embeddings() if xml else None
         if embeddings is None:
-            model, vision_only = load_image_model(self.model_name, self._config)
-            model.eval()
-            tower = model if vision_only else model.vision_model
-            xml = ov_vision.convert_tower(tower, dtype=self.requested_dtype, source=source, **shape)
-            ov_vision.remember_ir(xml, self._config, source=source, **shape)
-            # A copy: the checkpoint's weights are memory-mapped, and a module that pointed
-            # into them would keep the whole mapping (and every page read) alive.
-            embeddings = copy.deepcopy(tower.embeddings).to(dtype=torch.float32)
-            # Every other weight let go before OpenVINO compiles: the checkpoint stays mapped
-            # (its pages resident) while any one tensor of it lives, so no name here may keep
-            # a submodule, and the tracer's reference cycles are collected now.
-            for module in (tower, model):
-                for name in [n for n, _ in module.named_children()]:
-                    setattr(module, name, None)
-            del model, tower, module
-            gc.collect()
-            process_memory.trim_heap()
+            if self._config is None:  # prepared from the files alone, but they cannot be used
+                self._config, self._processor = read_config(self.model_name)
+            xml, embeddings = self._convert_openvino(vision, source, shape)
         # Set only once compiled: a failed compile leaves the Embedder unloaded.
         self._tower = ov_vision.compile_tower(xml, dtype=self.requested_dtype)
-        self._model = embeddings.eval()
-        self.dtype = torch.float32
+        self._model = embeddings
+        self.dtype = "float32"
         self.precision = self._tower.precision
+
+    def _read_embeddings(self) -> VisionEmbeddings | None:
+        from .vision_embeddings import VisionEmbeddings
+
+        try:
+            return VisionEmbeddings.from_checkpoint(self.model_name)
+        except (OSError, ValueError) as e:
+            log.info("%s: the vision embeddings alone cannot be read (%s); loading the whole tower",
+                     self.model_name, e)
+            return None
+
+    def _convert_openvino(self, vision: Any, source: str, shape: dict[str, int]) -> tuple[Any, VisionEmbeddings]:
+        """Load the whole tower, convert its encoder and head to OpenVINO IR in the cache,
+        keep a copy of its embeddings' weights and let go of every other."""
+        model, vision_only = load_image_model(self.model_name, self._config)
+        model.eval()
+        tower = model if vision_only else model.vision_model
+        xml = ov_vision.convert_tower(tower, dtype=self.requested_dtype, source=source, **shape)
+        ov_vision.remember_ir(xml, vision, source=source, **shape)
+        from .vision_embeddings import VisionEmbeddings
+
+        embeddings = VisionEmbeddings.from_module(tower.embeddings)
+        # Every weight let go before OpenVINO compiles: the checkpoint stays mapped (its
+        # pages resident) while any one tensor of it lives, so no name here may keep a
+        # submodule, and the tracer's reference cycles are collected now.
+        for module in (tower, model):
+            for name in [n for n, _ in module.named_children()]:
+                setattr(module, name, None)
+        del model, tower, module
+        gc.collect()
+        process_memory.trim_heap()
+        return xml, embeddings
 
     @property
     def patch_size(self) -> int:
+        if self._spec is not None:
+            return self._spec.patch
         return int(getattr(self._processor, "patch_size", 16) or 16)
 
     @property
     def max_num_patches(self) -> int:
+        if self._spec is not None:
+            return self._spec.max_patches
         return int(getattr(self._processor, "max_num_patches", 256) or 256)
 
     # -- inference ---------------------------------------------------------------------
     def preprocess(self, images: Sequence[Image.Image]) -> dict[str, Any]:
         """The model's own processor on upright RGB images."""
         self.prepare()
+        if self._processor is None:  # prepared from the files alone: transformers now
+            with self._loading:
+                if self._processor is None:
+                    self._processor = read_config(self.model_name)[1]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return dict(self._processor(images=list(images), return_tensors="pt"))
@@ -219,7 +259,7 @@ class Embedder:
         makes them) -> (n, dim) vectors, the processor's last steps done by PatchSpec; any
         other processor, or an array not at a target size, goes through embed_images."""
         self.prepare()
-        spec = self._patch_spec
+        spec = self._spec
         if spec is None or not all(spec.fits(a) for a in arrays):
             from PIL import Image
 
@@ -228,29 +268,27 @@ class Embedder:
 
     @property
     def _patch_spec(self) -> PatchSpec | None:
-        if not hasattr(self, "_spec"):
-            self._spec = PatchSpec.of(self._processor)
+        self.prepare()
         return self._spec
 
     def embed_pixels(self, inputs: dict[str, Any], *, spec: PatchSpec | None = None) -> np.ndarray:
-        """Forward pass on processor output -> (n, dim) float32, L2-normalised. With spec,
-        pixel_values are PatchSpec.pack's uint8 patches (a quarter of the bytes to copy),
-        normalised on the device."""
+        """Forward pass on processor output (torch tensors) or PatchSpec.pack's (numpy
+        arrays) -> (n, dim) float32, L2-normalised. With spec, pixel_values are uint8
+        patches (a quarter of the bytes to copy), normalised on the device."""
+        self.load()
+        if self._tower is not None:
+            return _unit(self._forward_openvino({k: _numpy(v) for k, v in inputs.items()}, spec))
         import torch
 
-        self.load()
         moved = {}
         for key, value in inputs.items():
+            value = torch.as_tensor(value)
             if self.device == "cuda":
                 # Page-locked host memory lets the copy run asynchronously to the GPU.
                 value = value.pin_memory()
             moved[key] = value.to(self.device, non_blocking=True)
         with torch.inference_mode():
-            if self._tower is not None:
-                features = self._forward_openvino(moved, spec)
-            else:
-                features = self._forward_torch(self._normalized(moved, spec))
-            features = features.float()
+            features = self._forward_torch(self._normalized(moved, spec)).float()
             features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return features.cpu().numpy().astype("<f4", copy=False)
 
@@ -273,20 +311,21 @@ class Embedder:
             parts.append(out.pooler_output if hasattr(out, "pooler_output") else out)
         return torch.cat(parts)
 
-    def _forward_openvino(self, moved: dict[str, Any], spec: PatchSpec | None) -> Any:
-        import torch
+    def _forward_openvino(self, inputs: dict[str, np.ndarray], spec: PatchSpec | None) -> np.ndarray:
+        import numpy as np
 
-        # The patch embedding and the position embeddings resized to each image's shape,
-        # in torch, as transformers computes them; then the encoder and head in OpenVINO.
-        # One of OpenVINO's chunks at a time: a whole batch's float pixels, embeddings and
-        # their temporaries would be held at once, next to OpenVINO's own buffers.
+        # The patch embedding and the position embeddings resized to each image's shape in
+        # numpy, as transformers computes them; then the encoder and head in OpenVINO. One
+        # of OpenVINO's chunks at a time: a whole batch's float pixels, embeddings and their
+        # temporaries would be held at once, next to OpenVINO's own buffers.
         parts = []
-        for chunk in _slices(moved, self._tower.chunk):
-            chunk = self._normalized(chunk, spec)
-            embeds = self._model(chunk["pixel_values"], chunk["spatial_shapes"])
-            mask = chunk["pixel_attention_mask"].to(torch.int64)
-            parts.append(torch.from_numpy(self._tower(embeds.numpy(), mask.numpy())))
-        return torch.cat(parts)
+        for chunk in _slices(inputs, self._tower.chunk):
+            pixels, mask = chunk["pixel_values"], chunk["pixel_attention_mask"]
+            if spec is not None:
+                pixels = spec.normalize(pixels, mask)
+            embeds = self._model(pixels.astype(np.float32, copy=False), chunk["spatial_shapes"])
+            parts.append(self._tower(embeds, mask.astype(np.int64)))
+        return np.concatenate(parts)
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.embed_pixels(self.preprocess(images))

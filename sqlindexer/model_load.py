@@ -7,12 +7,14 @@ import contextlib
 import logging
 import os
 import pickle
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 from .config import looks_like_path
 from .errors import DeviceError, ModelLoadError, one_line
+from .model_files import has_safetensors, weights_identity  # noqa: F401 - weights_identity: imported from here
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,10 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def resolve_device(requested: str) -> str:
-    """auto -> cuda, then mps, then cpu; a device asked for by name must exist."""
+    """auto -> cuda, then mps, then cpu; a device asked for by name must exist. torch is
+    asked only where there may be a GPU for it to find."""
+    if requested == "cpu" or (requested == "auto" and not gpu_possible()):
+        return "cpu"
     import torch
 
     cuda = torch.cuda.is_available()
@@ -63,130 +68,18 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-_SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
+# Device files without which no GPU can be used on Linux: NVIDIA's (CUDA), AMD's (ROCm,
+# which torch reaches as cuda) and WSL 2's (CUDA on Windows' driver).
+_GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
 
 
-def _has_safetensors(name: str) -> bool | None:
-    """Whether the checkpoint (a local folder, or a hub snapshot already in the cache) has
-    safetensors weights; None when that is not known before downloading."""
-    if os.path.isdir(name):
-        return any(os.path.isfile(os.path.join(name, f)) for f in _SAFETENSORS)
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return True if any(isinstance(try_to_load_from_cache(name, f), str) for f in _SAFETENSORS) else None
-    except Exception:  # noqa: BLE001 - not a valid hub id: from_pretrained says why
-        return None
-
-
-def _local_file(name: str, file: str) -> str | None:
-    """The path of one of the checkpoint's files: in a local folder, or in the hub's cache
-    (never downloaded here); None where it is not on disk."""
-    if os.path.isdir(os.path.expanduser(name)):
-        path = os.path.join(os.path.expanduser(name), file)
-    else:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(name, file)
-            path = found if isinstance(found, str) else ""
-        except Exception:  # noqa: BLE001 - not a hub id
-            path = ""
-    return path if path and os.path.isfile(path) else None
-
-
-def weights_identity(name: str) -> str:
-    """The checkpoint's weight files as "file size mtime_ns" lines (a local folder, or a hub
-    snapshot in the cache, whose files are named by their content hash); "" where unknown."""
-    from pathlib import Path
-
-    lines = []
-    for file in (*_SAFETENSORS, "pytorch_model.bin", "pytorch_model.bin.index.json", *_shards(name)):
-        path = _local_file(name, file)
-        if path:
-            real = Path(path).resolve()
-            st = real.stat()
-            lines.append(f"{real} {st.st_size} {st.st_mtime_ns}")
-    return "\n".join(lines)
-
-
-def _shards(name: str) -> list[str]:
-    """The weight files a sharded checkpoint's index names: new weights in a shard leave
-    the index as it was."""
-    import json
-
-    shards: set[str] = set()
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        path = _local_file(name, index)
-        if path:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    shards.update(str(v) for v in json.load(f)["weight_map"].values())
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                pass  # an index that cannot be read: the load itself says so
-    return sorted(shards)
-
-
-def load_vision_embeddings(name: str, config: Any) -> Any | None:
-    """The SigLIP 2 vision tower's embeddings alone (patch embedding, position embeddings),
-    float32, their weights copied out of the checkpoint's safetensors and nothing else read
-    from it: what the OpenVINO backend runs in torch once the rest of the tower is in its
-    cache. None where the checkpoint has no such tensors on disk (the caller loads the
-    whole tower instead)."""
-    import torch
-    from safetensors import SafetensorError, safe_open
-    from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
-
-    vision = getattr(config, "vision_config", config)
-    if getattr(vision, "model_type", "") not in ("siglip2_vision_model", "siglip2"):
-        return None
-    try:
-        files = _embedding_files(name)
-        if not files:
-            return None
-        found: dict[str, Any] = {}
-        for file, keys in files.items():
-            # safe_open maps the whole file; only the pages of these tensors are read, and
-            # the clone lets the mapping go when the block ends.
-            with safe_open(file, framework="pt") as f:
-                for key in keys:
-                    found[key.split("embeddings.", 1)[1]] = f.get_tensor(key).to(torch.float32).clone()
-        with quiet_transformers(), torch.device("meta"):
-            module = Siglip2VisionEmbeddings(vision)
-        module.load_state_dict(found, strict=True, assign=True)
-    except (OSError, RuntimeError, KeyError, ValueError, SafetensorError) as e:
-        log.info("%s: the vision embeddings alone cannot be read (%s); loading the whole tower", name, one_line(e))
-        return None
-    return module.eval()
-
-
-def _embedding_files(name: str) -> dict[str, list[str]]:
-    """safetensors file -> the vision embeddings' tensor names in it (one file, or the
-    shards that the index names)."""
-    import json
-
-    def wanted(key: str) -> bool:
-        return key.startswith(("vision_model.embeddings.", "embeddings."))
-
-    index = _local_file(name, "model.safetensors.index.json")
-    if index:
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        folder = os.path.dirname(index)
-        out: dict[str, list[str]] = {}
-        for key, shard in weight_map.items():
-            if wanted(key):
-                path = _local_file(name, shard) or os.path.join(folder, shard)
-                out.setdefault(path, []).append(key)
-        return out
-    single = _local_file(name, "model.safetensors")
-    if not single:
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(single, framework="pt") as f:
-        keys = [k for k in f.keys() if wanted(k)]
-    return {single: keys} if keys else {}
+def gpu_possible() -> bool:
+    """Whether torch could find a GPU here: False only on Linux with none of the device
+    files a GPU driver makes, where importing torch to ask would find none; True elsewhere
+    (macOS has MPS, and other systems are asked)."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(os.path.exists(path) for path in _GPU_DEVICE_FILES)
 
 
 def _weights_options(name: str) -> dict[str, Any]:
@@ -195,11 +88,11 @@ def _weights_options(name: str) -> dict[str, Any]:
     tensors, no pickle), and for a checkpoint with only pickle weights (pytorch_model.bin)
     torch's weights_only unpickler, which admits tensors and plain containers and refuses
     any other global. (None leaves transformers to try safetensors first, then .bin.)"""
-    has_safetensors = _has_safetensors(name)
-    if has_safetensors is False:
+    safetensors = has_safetensors(name)
+    if safetensors is False:
         log.info("%s has no safetensors weights: reading its pickle weights with torch's weights_only unpickler",
                  name)
-    return {"trust_remote_code": False, "use_safetensors": has_safetensors, "weights_only": True}
+    return {"trust_remote_code": False, "use_safetensors": safetensors, "weights_only": True}
 
 
 def _load_error(name: str, e: Exception) -> ModelLoadError:

@@ -1,14 +1,16 @@
 """The SigLIP 2 vision tower's encoder and head, run by OpenVINO on the CPU.
 
 The patch embedding and the naflex position-embedding resize depend on each image's
-spatial shape and are a small part of the tower's work: they stay in torch (embed.py).
+spatial shape and are a small part of the tower's work: they run in numpy
+(vision_embeddings.py).
 What follows them (the encoder layers, the post-layernorm and the attention-pooling
 head) sees one shape for every batch, since batches are padded to max_num_patches: it is
 converted once with openvino.convert_model, saved as OpenVINO IR in a cache folder, and
 compiled with OpenVINO's model cache there, so a later run pays neither the conversion
 nor the compile.
 
-openvino is imported only here, and only when this backend is used.
+openvino is imported only here, and only when this backend is used; torch and
+transformers only to convert a tower the cache does not hold yet.
 """
 
 from __future__ import annotations
@@ -168,26 +170,37 @@ def convert_tower(tower: Any, *, max_patches: int, dtype: str, source: str = "",
     return xml
 
 
-def cached_ir(config: Any, *, max_patches: int, dtype: str, source: str, cache: Path | None = None) -> Path | None:
+def vision_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The vision tower's part of a checkpoint's config.json (the whole of a vision-only
+    one's); None where there is no config.json to read."""
+    if config is None:
+        return None
+    vision = config.get("vision_config", config)
+    return vision if isinstance(vision, dict) else None
+
+
+def cached_ir(vision: dict[str, Any] | None, *, max_patches: int, dtype: str, source: str,
+              cache: Path | None = None) -> Path | None:
     """The IR that an earlier run converted from this checkpoint, found from its files'
-    identity (source) and its config alone, so that no weight of the tower is read; None
-    where there is none (or the checkpoint's files are not known)."""
-    if not source:
+    identity (source) and its vision config (vision_config) alone, so that no weight of the
+    tower is read; None where there is none (or the checkpoint's files are not known)."""
+    if not source or vision is None:
         return None
     root = cache or cache_root()
     try:
-        name = (root / "by-source" / _source_key(config, max_patches, source)).read_text().strip()
+        name = (root / "by-source" / _source_key(vision, max_patches, source)).read_text().strip()
         return _variant(root / "ir" / name, dtype) if name else None
     except Exception:  # noqa: BLE001 - a missing or unreadable link, a broken IR: convert again
         return None
 
 
-def remember_ir(xml: Path, config: Any, *, max_patches: int, source: str, cache: Path | None = None) -> None:
-    """Link the checkpoint's files and config to its converted IR, for cached_ir. A failure
-    to write only costs the next run a full load."""
-    if not source:
+def remember_ir(xml: Path, vision: dict[str, Any] | None, *, max_patches: int, source: str,
+                cache: Path | None = None) -> None:
+    """Link the checkpoint's files and vision config to its converted IR, for cached_ir. A
+    failure to write only costs the next run a full load."""
+    if not source or vision is None:
         return
-    link = (cache or cache_root()) / "by-source" / _source_key(config, max_patches, source)
+    link = (cache or cache_root()) / "by-source" / _source_key(vision, max_patches, source)
     try:
         link.parent.mkdir(parents=True, exist_ok=True)
         tmp = link.with_name(f".{os.getpid()}.{link.name}")
@@ -219,15 +232,21 @@ def _variant(folder: Path, dtype: str) -> Path | None:
     return None
 
 
-def _source_key(config: Any, max_patches: int, source: str) -> str:
-    import openvino
-    import torch
-    import transformers
-
-    vision = getattr(config, "vision_config", config)
-    text = json.dumps([_FORMAT, max_patches, openvino.__version__, transformers.__version__, torch.__version__,
-                       source, vision.to_json_string()])
+def _source_key(vision: dict[str, Any], max_patches: int, source: str) -> str:
+    # The installed versions as their packages record them: importing torch and
+    # transformers to ask would cost a warm run more than all its other loading.
+    text = json.dumps([_FORMAT, max_patches, *map(_version, ("openvino", "transformers", "torch")), source,
+                       json.dumps(vision, sort_keys=True)])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return ""
 
 
 def _compute_precision(dtype: str) -> str:

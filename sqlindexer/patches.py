@@ -31,8 +31,22 @@ class PatchSpec:
     def of(cls, processor: Any) -> PatchSpec | None:
         """The spec of a SigLIP 2 naflex processor whose steps are the standard ones; None for
         anything else, which then goes through the processor itself."""
-        get = lambda name: getattr(processor, name, None)
-        if not type(processor).__name__.startswith("Siglip2ImageProcessor"):
+        return cls._from(type(processor).__name__, lambda name: getattr(processor, name, None))
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> PatchSpec | None:
+        """The spec of a checkpoint's preprocessor_config.json, read without transformers:
+        only one that names a SigLIP 2 processor and spells out every step (a key left to
+        the processor's defaults is left to the processor itself)."""
+        needed = ("do_rescale", "do_normalize", "image_mean", "image_std", "rescale_factor", "patch_size",
+                  "max_num_patches", "resample")
+        if not all(config.get(key) is not None for key in needed):
+            return None
+        return cls._from(str(config.get("image_processor_type") or ""), config.get)
+
+    @classmethod
+    def _from(cls, kind: str, get: Any) -> PatchSpec | None:
+        if not kind.startswith("Siglip2ImageProcessor"):
             return None
         if not (get("do_rescale") and get("do_normalize") and get("do_resize") is not False):
             return None
@@ -58,10 +72,10 @@ class PatchSpec:
         h, w = pixels.shape[:2]
         return naflex_size(h, w, patch_size=self.patch, max_num_patches=self.max_patches) == (h, w)
 
-    def pack(self, arrays: Sequence[np.ndarray]) -> dict[str, Any]:
-        """uint8 (H, W, 3) arrays -> the processor's three inputs, pixel values still uint8."""
+    def pack(self, arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """uint8 (H, W, 3) arrays -> the processor's three inputs as numpy arrays, pixel
+        values still uint8."""
         import numpy as np
-        import torch
 
         p, n = self.patch, len(arrays)
         values = np.zeros((n, self.max_patches, p * p * 3), dtype=np.uint8)
@@ -73,15 +87,22 @@ class PatchSpec:
             values[i, : h * w] = a.reshape(h, p, w, p, 3).transpose(0, 2, 1, 3, 4).reshape(h * w, -1)
             mask[i, : h * w] = 1
             shapes[i] = (h, w)
-        return {"pixel_values": torch.from_numpy(values), "pixel_attention_mask": torch.from_numpy(mask),
-                "spatial_shapes": torch.from_numpy(shapes)}
+        return {"pixel_values": values, "pixel_attention_mask": mask, "spatial_shapes": shapes}
 
     def normalize(self, values: Any, mask: Any) -> Any:
         """uint8 patches -> float32 as the processor makes them: x * rescale, minus mean, over
-        std, per channel (channels are the fastest-varying axis of a patch row); padding 0."""
-        import torch
+        std, per channel (channels are the fastest-varying axis of a patch row); padding 0.
+        numpy arrays give a numpy array; torch tensors a tensor, on their device."""
+        import numpy as np
 
         d = values.shape[-1]
+        if isinstance(values, np.ndarray):
+            mean = np.tile(np.asarray(self.mean, dtype=np.float32), d // 3)
+            std = np.tile(np.asarray(self.std, dtype=np.float32), d // 3)
+            x = (values.astype(np.float32) * np.float32(self.rescale) - mean) / std
+            return x * np.asarray(mask, dtype=np.float32)[..., None]
+        import torch
+
         mean = torch.tensor(self.mean, dtype=torch.float32, device=values.device).repeat(d // 3)
         std = torch.tensor(self.std, dtype=torch.float32, device=values.device).repeat(d // 3)
         x = (values.to(torch.float32) * self.rescale - mean) / std

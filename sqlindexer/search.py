@@ -217,16 +217,14 @@ def search_image(conn: sqlite3.Connection, db_path: str | os.PathLike[str], imag
 
 def embed_image_file(embedder: Embedder, path: str) -> np.ndarray:
     """One image file -> its vector, by the indexer's own path: decoded upright and resized
-    to the model's input size in decode.prepare, then Embedder.embed_images."""
-    from PIL import Image
-
+    to the model's input size in decode.prepare, then Embedder.embed_resized."""
     from .decode import DecodeOptions, prepare
 
     embedder.prepare()
     prepared = prepare(path, DecodeOptions(patch_size=embedder.patch_size, max_num_patches=embedder.max_num_patches))
     if prepared.error is not None:
         raise SearchError(f"cannot read {path}: {prepared.error}")
-    return embedder.embed_images([Image.fromarray(prepared.pixels, "RGB")])[0]
+    return embedder.embed_resized([prepared.pixels])[0]
 
 
 def _rank(index: VectorIndex, query: np.ndarray, top: int, filters: Filters, *, pin: int | None = None,

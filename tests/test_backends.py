@@ -228,16 +228,18 @@ def test_openvino_runs_8_images_a_request_in_16_bits_4_in_float32_and_embeds_the
     assert sixteen.chunk == (8 if sixteen.precision in ("bf16", "f16") else 4), sixteen.precision
     # The patch and position embeddings are computed one request at a time, not for the
     # whole batch at once (which would hold all its temporaries next to OpenVINO's).
-    # A forward hook on the real embeddings module counts the images of each call.
+    # The real embeddings' __call__ is wrapped to count the images of each call.
     emb = embedders["openvino", "float32"]
     seen = []
-    hook = emb._model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    cls = type(emb._model)
+    call = cls.__call__
     paths = [make_photo(tmp_path / f"c{i}.jpg", size=(60 + 17 * i, 45), seed=40 + i) for i in range(11)]
     arrays = prepared(paths, emb)
+    cls.__call__ = lambda self, pixels, shapes: (seen.append(len(pixels)), call(self, pixels, shapes))[1]
     try:
         got = emb.embed_resized(arrays)
     finally:
-        hook.remove()
+        cls.__call__ = call
     assert seen == [4, 4, 3]
     want = embedders["torch", "float32"].embed_resized(arrays)
     assert float((got.astype(np.float64) * want).sum(-1).min()) >= 0.9999
@@ -487,16 +489,18 @@ def test_a_sharded_checkpoint_is_known_by_its_shards(tmp_path):
 
 
 def test_a_damaged_safetensors_file_loads_the_whole_tower_instead(tmp_path, tiny_model):
-    # On a warm cache only the embeddings are read from the checkpoint; a file safetensors
-    # cannot parse must fall back to the full load (which then says what is wrong), not
-    # raise safetensors' own error out of the CLI.
+    # On a warm cache only the embeddings are read from the checkpoint; a file that is not
+    # safetensors must fall back to the full load (which then says what is wrong), not
+    # raise a parse error out of the CLI.
     import shutil
 
-    from transformers import AutoConfig
-
-    from sqlindexer.model_load import load_vision_embeddings
+    from sqlindexer.embed import Embedder
+    from sqlindexer.vision_embeddings import VisionEmbeddings, embedding_width
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model, folder)
     (folder / "model.safetensors").write_bytes(b"\xff" * 64)
-    assert load_vision_embeddings(str(folder), AutoConfig.from_pretrained(folder)) is None
+    with pytest.raises(ValueError, match="model.safetensors is not a safetensors file"):
+        VisionEmbeddings.from_checkpoint(str(folder))
+    assert embedding_width(str(folder)) is None
+    assert Embedder(str(folder), backend="openvino")._read_embeddings() is None

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from conftest import make_photo, read_jsonl, run_cli
@@ -309,11 +310,14 @@ def test_packed_patches_equal_processor_output(embedder, size):
     assert spec.fits(p.pixels)
     want = embedder.preprocess([Image.fromarray(p.pixels, "RGB")])
     packed = spec.pack([p.pixels])
-    got = spec.normalize(packed["pixel_values"], packed["pixel_attention_mask"])
     assert packed["pixel_attention_mask"].tolist() == want["pixel_attention_mask"].tolist()
     assert packed["spatial_shapes"].tolist() == want["spatial_shapes"].tolist()
-    assert got.shape == want["pixel_values"].shape
-    assert float((got - want["pixel_values"]).abs().max()) <= 1e-6
+    # In numpy (the OpenVINO backend) and in torch (the torch backend, on its device).
+    got = spec.normalize(packed["pixel_values"], packed["pixel_attention_mask"])
+    assert isinstance(got, np.ndarray) and got.shape == want["pixel_values"].shape
+    assert float(np.abs(got - want["pixel_values"].numpy()).max()) <= 1e-6
+    on_torch = spec.normalize(*(torch.from_numpy(packed[k]) for k in ("pixel_values", "pixel_attention_mask")))
+    assert float((on_torch - want["pixel_values"]).abs().max()) <= 1e-6
 
 
 def test_embed_resized_equals_embed_images_and_falls_back(embedder):

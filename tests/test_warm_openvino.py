@@ -1,0 +1,231 @@
+"""A warm OpenVINO run without torch or transformers: the vision embeddings in numpy against
+transformers' own module, the checkpoint's files read by hand (safetensors headers and
+tensors, JSON configs), the device found without torch, and a real run that imports
+neither and gives the vectors of torch float32."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, make_photo, read_jsonl
+
+from sqlindexer import model_files, model_load
+from sqlindexer import openvino_vision as ov_vision
+from sqlindexer.patches import PatchSpec
+from sqlindexer.vision_embeddings import VisionEmbeddings, embedding_width, resize_weights
+
+needs_openvino = pytest.mark.skipif(not ov_vision.installed(), reason="openvino is not installed (the openvino extra)")
+
+
+@pytest.fixture(scope="module")
+def tower_embeddings(tiny_model):
+    """transformers' Siglip2VisionEmbeddings of the tiny model, loaded by transformers."""
+    from transformers import Siglip2VisionModel
+
+    model = Siglip2VisionModel.from_pretrained(tiny_model).eval()
+    return getattr(model, "vision_model", model).embeddings
+
+
+def test_numpy_embeddings_equal_transformers_for_every_grid(tiny_model, tower_embeddings):
+    """The resized positions for every patch grid an image can have (h x w <= the grid's
+    positions, so the position grid is enlarged along one axis and shrunk along the other,
+    with antialiasing), padded positions included; the whole embeddings on a sample."""
+    ours = VisionEmbeddings.from_checkpoint(str(tiny_model))
+    length = ours.grid ** 2
+    grids = [(h, w) for h in range(1, length + 1) for w in range(1, length // h + 1)]
+    assert len(grids) > 1000 and (1, length) in grids and (length, 1) in grids
+    grid = torch.from_numpy(ours.positions).reshape(ours.grid, ours.grid, -1)
+    worst = 0.0
+    for i in range(0, len(grids), 128):
+        shapes = grids[i : i + 128]
+        want = tower_embeddings.resize_positional_embeddings(grid, torch.tensor(shapes), length).numpy()
+        got = np.stack([ours._positions(h, w, length) for h, w in shapes])
+        worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
+    assert worst < 1e-6, worst
+    rng = np.random.default_rng(0)
+    shapes = np.array(grids[:: len(grids) // 40])
+    pixels = rng.standard_normal((len(shapes), length, ours.weight_t.shape[0])).astype(np.float32)
+    with torch.no_grad():
+        want = tower_embeddings(torch.from_numpy(pixels), torch.from_numpy(shapes)).numpy()
+    assert float(np.abs(ours(pixels, shapes) - want).max() / np.abs(want).max()) < 1e-6
+
+
+def test_resize_weights_are_interpolate_antialias(tower_embeddings):
+    """The weights alone against F.interpolate itself, on a grid of one-hot positions."""
+    grid = 16
+    eye = torch.eye(grid * grid).reshape(grid * grid, grid, grid)[None]  # each channel one position
+    for h, w in [(16, 16), (8, 32), (32, 8), (1, 256), (7, 9), (20, 12)]:
+        want = torch.nn.functional.interpolate(eye, size=(h, w), mode="bilinear", align_corners=False,
+                                               antialias=True)[0].reshape(grid * grid, h * w).T.numpy()
+        got = resize_weights(grid, h, w, 256)
+        assert np.abs(got[: h * w] - want).max() < 1e-6, (h, w)
+        assert (got[h * w :] == got[0]).all()  # padding takes position 0's weights
+
+
+def test_embeddings_from_the_checkpoint_equal_those_of_the_loaded_module(tiny_model, tower_embeddings):
+    a = VisionEmbeddings.from_checkpoint(str(tiny_model))
+    b = VisionEmbeddings.from_module(tower_embeddings)
+    assert np.array_equal(a.weight_t, b.weight_t) and np.array_equal(a.bias, b.bias)
+    assert np.array_equal(a.positions, b.positions)
+    assert embedding_width(str(tiny_model)) == tower_embeddings.embed_dim
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tensors_are_read_in_each_dtype_a_checkpoint_may_hold(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    values = torch.randn(5, 7).to(dtype)
+    save_file({"vision_model.embeddings.x": values, "other": torch.zeros(3)}, str(tmp_path / "model.safetensors"))
+    found = model_files.tensors(str(tmp_path), ("vision_model.embeddings.",))
+    assert list(found) == ["vision_model.embeddings.x"]
+    got = model_files.read_tensor(found["vision_model.embeddings.x"])
+    assert got.dtype == np.float32 and np.array_equal(got, values.float().numpy())
+
+
+def test_a_sharded_checkpoint_is_read_from_the_shards_its_index_names(tmp_path, tiny_model):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tiny_model / "model.safetensors"))
+    # The embeddings in a shard of their own with some other tensors, the rest in another.
+    keys = sorted(state)
+    weight_map = {k: "b.safetensors" if k.startswith("vision_model.embeddings.") or i % 3 == 0 else "a.safetensors"
+                  for i, k in enumerate(keys)}
+    for shard in ("a.safetensors", "b.safetensors"):
+        save_file({k: state[k] for k in keys if weight_map[k] == shard}, str(tmp_path / shard))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    got = VisionEmbeddings.from_checkpoint(str(tmp_path))
+    want = VisionEmbeddings.from_checkpoint(str(tiny_model))
+    assert np.array_equal(got.positions, want.positions) and np.array_equal(got.weight_t, want.weight_t)
+    # The shard that holds the embeddings missing: not on disk, so not read here.
+    (tmp_path / "b.safetensors").unlink()
+    assert embedding_width(str(tmp_path)) is None and VisionEmbeddings.from_checkpoint(str(tmp_path)) is None
+
+
+def _safetensors(path: Path, header: dict | bytes, data: bytes = b"") -> Path:
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"\x01\x02", "too short"),
+    (b"\xff" * 64, "header length"),
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 100]}}, "lies outside the file"),
+    ({"x": {"dtype": "F32", "shape": [2]}}, "malformed header entry"),
+    (b"[1, 2]", "not an object"),
+    (b"{not json", "not JSON"),
+])
+def test_a_malformed_safetensors_header_is_a_value_error_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "model.safetensors"
+    if isinstance(content, bytes) and not content.startswith((b"[", b"{")):
+        path.write_bytes(content)
+    else:
+        _safetensors(path, content, b"\0" * 8)
+    with pytest.raises(ValueError, match=f"model.safetensors.*{message}"):
+        model_files.read_header(str(path))
+
+
+def test_a_tensor_whose_bytes_do_not_match_its_shape_or_dtype_is_refused(tmp_path):
+    path = _safetensors(tmp_path / "model.safetensors", {
+        "short": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]},
+        "ints": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]},
+        "fine": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, np.array([1.5, -2], "<f4").tobytes())
+    found = model_files.read_header(str(path))
+    with pytest.raises(ValueError, match="does not match its shape"):
+        model_files.read_tensor(found["short"])
+    with pytest.raises(ValueError, match="dtype I64"):
+        model_files.read_tensor(found["ints"])
+    assert model_files.read_tensor(found["fine"]).tolist() == [1.5, -2.0]
+
+
+def test_the_patch_spec_of_the_json_config_is_the_processors(tiny_model):
+    from transformers import AutoImageProcessor
+
+    config = json.loads((tiny_model / "preprocessor_config.json").read_text())
+    from_json = PatchSpec.from_config(config)
+    of = PatchSpec.of(AutoImageProcessor.from_pretrained(tiny_model))
+    assert from_json is not None and vars(from_json) == vars(of)
+    for key in ("image_mean", "rescale_factor", "patch_size", "resample"):
+        assert PatchSpec.from_config({k: v for k, v in config.items() if k != key}) is None, key
+    assert PatchSpec.from_config({**config, "image_processor_type": "CLIPImageProcessor"}) is None
+    assert PatchSpec.from_config({**config, "resample": 3}) is None
+
+
+def test_no_gpu_device_file_means_the_cpu_without_asking_torch(tmp_path, monkeypatch):
+    nvidia = tmp_path / "nvidiactl"
+    monkeypatch.setattr(model_load, "_GPU_DEVICE_FILES", (str(nvidia),))
+    monkeypatch.setattr(model_load.sys, "platform", "linux")
+    assert not model_load.gpu_possible() and model_load.resolve_device("auto") == "cpu"
+    nvidia.touch()
+    assert model_load.gpu_possible()
+    monkeypatch.setattr(model_load.sys, "platform", "darwin")  # MPS: torch is asked
+    nvidia.unlink()
+    assert model_load.gpu_possible()
+
+
+PROBE = """
+import sys
+from sqlindexer.cli import cli
+try:
+    cli({args!r})
+except SystemExit as e:
+    assert not e.code, e.code
+print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))
+"""
+
+
+@needs_openvino
+@pytest.mark.skipif(model_load.gpu_possible(), reason="a GPU may be here: the device is then torch's to find")
+def test_a_warm_openvino_run_imports_neither_torch_nor_transformers(tmp_path, tiny_model):
+    """A first run converts the tower (torch and transformers); a second one, on other
+    photos, finds it in the cache and loads nothing but the embeddings' tensors. Its vectors
+    are torch float32's (--dtype float32: within 0.9999)."""
+    photos = tmp_path / "photos"
+    for i in range(5):
+        make_photo(photos / f"p{i}.jpg", size=(90 + 23 * i, 70), seed=i)
+    (tmp_path / "first").mkdir()
+    make_photo(tmp_path / "first" / "x.jpg", seed=9)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    common = ["--model-name", str(tiny_model), "--dtype", "float32", "--log-level", "INFO"]
+    first = subprocess.run([sys.executable, "-m", "sqlindexer", "-i", str(tmp_path / "first"), "-o",
+                            str(tmp_path / "first.jsonl"), *common], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    args = ["-i", str(photos), "-o", str(tmp_path / "warm.jsonl"), *common]
+    done = subprocess.run([sys.executable, "-c", PROBE.format(args=args)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stderr
+    assert "(openvino, f32)" in done.stderr and "converting" not in done.stderr
+    torch_run = ["-i", str(photos), "-o", str(tmp_path / "torch.jsonl"), *common, "--backend", "torch"]
+    assert subprocess.run([sys.executable, "-m", "sqlindexer", *torch_run], env=env,
+                          capture_output=True).returncode == 0
+    warm = {r["metadata"]["path"]: np.array(r["vector"]) for r in read_jsonl(tmp_path / "warm.jsonl")}
+    want = {r["metadata"]["path"]: np.array(r["vector"]) for r in read_jsonl(tmp_path / "torch.jsonl")}
+    assert len(warm) == 5 and warm.keys() == want.keys()
+    assert min(float(warm[p] @ want[p]) for p in want) >= 0.9999
+
+
+@needs_openvino
+def test_prepared_from_files_the_embedder_needs_no_transformers_config(tiny_model, tmp_path):
+    """Once the tower is in the cache, prepare() reads the JSON files only; an image not at
+    a target size still goes through the model's own processor, loaded then."""
+    from PIL import Image
+
+    from sqlindexer.embed import Embedder
+
+    Embedder(str(tiny_model), device="cpu", backend="openvino", dtype="float32").load()  # the cache warm
+    emb = Embedder(str(tiny_model), device="cpu", backend="openvino", dtype="float32").prepare()
+    assert emb._warm_ir is not None and emb._config is None and emb._processor is None
+    assert emb.backend == "openvino" and emb.dim == embedding_width(str(tiny_model))
+    odd = (np.random.default_rng(3).random((48, 64, 3)) * 255).astype(np.uint8)
+    got = emb.embed_resized([odd])  # not a target size: the processor
+    assert emb._processor is not None
+    want = Embedder(str(tiny_model), device="cpu", backend="torch", dtype="float32").embed_images(
+        [Image.fromarray(odd, "RGB")])
+    assert float((got * want).sum()) >= 0.9999
