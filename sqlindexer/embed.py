@@ -47,6 +47,17 @@ __all__ = ["BACKENDS", "DTYPES", "Embedder", "PatchSpec", "resolve_backend", "re
 CPU_CHUNK = 8
 
 
+def _processor_config(name: str) -> dict[str, Any] | None:
+    """The image processor's settings where transformers looks for them: the
+    "image_processor" of processor_config.json (which a processor saved by transformers 5
+    writes alone), else preprocessor_config.json."""
+    combined = model_files.read_json(name, "processor_config.json")
+    if combined is not None and "image_processor" in combined:
+        nested = combined["image_processor"]
+        return nested if isinstance(nested, dict) else None
+    return model_files.read_json(name, "preprocessor_config.json")
+
+
 def _numpy(value: Any) -> np.ndarray:
     """A CPU torch tensor (the processor's output) as numpy; numpy arrays as they are."""
     return value if type(value).__module__ == "numpy" else value.numpy()
@@ -130,7 +141,7 @@ class Embedder:
         """Prepare from the checkpoint's files alone, where OpenVINO will run a tower already
         in its cache: the CPU is the device, the JSON configs name a SigLIP 2 model and a
         standard naflex processor, and the embeddings' tensors are in safetensors. False
-        (nothing set) otherwise: the caller reads the config through transformers."""
+        (nothing kept) otherwise: the caller reads the config through transformers."""
         if self.requested_backend == "torch" or self.requested_device not in ("auto", "cpu"):
             return False
         if not ov_vision.installed():
@@ -138,21 +149,25 @@ class Embedder:
         if self.requested_device == "auto" and self.requested_backend == "auto" and gpu_possible():
             return False  # torch decides whether there is a GPU to run on instead
         config = model_files.read_json(self.model_name, "config.json")
-        processor = model_files.read_json(self.model_name, "preprocessor_config.json")
-        if config is None or processor is None:
+        processor = _processor_config(self.model_name)
+        if config is None or processor is None or config.get("projection_dim") or config.get("transformers_weights"):
             return False
         from .vision_embeddings import embedding_width
 
         model_type = str(config.get("model_type") or "")
         spec = PatchSpec.from_config(processor)
         dim = embedding_width(self.model_name)
-        if model_type not in ov_vision.SUPPORTED or spec is None or dim is None or config.get("projection_dim"):
+        if model_type not in ov_vision.SUPPORTED or spec is None or dim is None:
             return False
-        xml = ov_vision.cached_ir(ov_vision.vision_config(config), dtype=self.requested_dtype,
-                                  source=weights_identity(self.model_name), max_patches=spec.max_patches)
+        xml = ov_vision.cached_ir(config, dtype=self.requested_dtype, source=weights_identity(self.model_name),
+                                  max_patches=spec.max_patches)
         if xml is None:
             return False
-        self._choose_device_and_backend(model_type)  # the device is the CPU: no torch to ask
+        # The device is the CPU (asked for, or no GPU driver here): torch is not asked.
+        backend = resolve_backend(self.requested_backend, "cpu", model_type=model_type, model_name=self.model_name)
+        if backend != "openvino":  # auto, where OpenVINO cannot start: torch, prepared as usual
+            return False
+        self.device, self.backend = "cpu", backend
         self.dim, self._spec, self._warm_ir = dim, spec, xml
         return True
 
@@ -183,15 +198,15 @@ class Embedder:
             cpu.auto_dtype()  # logs what the CPU does natively; OpenVINO makes its own choice
         shape = {"max_patches": self.max_num_patches}
         source = weights_identity(self.model_name)
-        vision = ov_vision.vision_config(model_files.read_json(self.model_name, "config.json"))
-        xml = self._warm_ir or ov_vision.cached_ir(vision, dtype=self.requested_dtype, source=source, **shape)
+        config = model_files.read_json(self.model_name, "config.json")
+        xml = self._warm_ir or ov_vision.cached_ir(config, dtype=self.requested_dtype, source=source, **shape)
         # With the encoder and head in the cache, only the embeddings' tensors are read from
         # the checkpoint: the rest would sit in memory (its mapped pages) next to OpenVINO's.
         embeddings = self._read_embeddings() if xml else None
         if embeddings is None:
             if self._config is None:  # prepared from the files alone, but they cannot be used
                 self._config, self._processor = read_config(self.model_name)
-            xml, embeddings = self._convert_openvino(vision, source, shape)
+            xml, embeddings = self._convert_openvino(shape)
         # Set only once compiled: a failed compile leaves the Embedder unloaded.
         self._tower = ov_vision.compile_tower(xml, dtype=self.requested_dtype)
         self._model = embeddings
@@ -208,14 +223,16 @@ class Embedder:
                      self.model_name, e)
             return None
 
-    def _convert_openvino(self, vision: Any, source: str, shape: dict[str, int]) -> tuple[Any, VisionEmbeddings]:
+    def _convert_openvino(self, shape: dict[str, int]) -> tuple[Any, VisionEmbeddings]:
         """Load the whole tower, convert its encoder and head to OpenVINO IR in the cache,
         keep a copy of its embeddings' weights and let go of every other."""
         model, vision_only = load_image_model(self.model_name, self._config)
         model.eval()
         tower = model if vision_only else model.vision_model
+        # Known only now for a hub model's first run: the load has just downloaded its files.
+        source = weights_identity(self.model_name)
         xml = ov_vision.convert_tower(tower, dtype=self.requested_dtype, source=source, **shape)
-        ov_vision.remember_ir(xml, vision, source=source, **shape)
+        ov_vision.remember_ir(xml, model_files.read_json(self.model_name, "config.json"), source=source, **shape)
         from .vision_embeddings import VisionEmbeddings
 
         embeddings = VisionEmbeddings.from_module(tower.embeddings)

@@ -108,7 +108,9 @@ def tensors(name: str, prefixes: tuple[str, ...]) -> dict[str, TensorInfo]:
     """The tensors whose names start with one of prefixes, in the checkpoint's safetensors
     file or the shards its index names; {} where it has none on disk. ValueError for a file
     that is not valid safetensors."""
-    index = read_json(name, "model.safetensors.index.json")
+    # The single file first, as transformers looks for them.
+    single = local_file(name, "model.safetensors")
+    index = None if single else read_json(name, "model.safetensors.index.json")
     if index is not None:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict):
@@ -118,7 +120,6 @@ def tensors(name: str, prefixes: tuple[str, ...]) -> dict[str, TensorInfo]:
         if not all(paths):
             return {}
     else:
-        single = local_file(name, "model.safetensors")
         paths = [single] if single else []
     out: dict[str, TensorInfo] = {}
     for path in paths:

@@ -51,9 +51,8 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def resolve_device(requested: str) -> str:
-    """auto -> cuda, then mps, then cpu; a device asked for by name must exist. torch is
-    asked only where there may be a GPU for it to find."""
-    if requested == "cpu" or (requested == "auto" and not gpu_possible()):
+    """auto -> cuda, then mps, then cpu; a device asked for by name must exist."""
+    if requested == "cpu":
         return "cpu"
     import torch
 
@@ -68,15 +67,16 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-# Device files without which no GPU can be used on Linux: NVIDIA's (CUDA), AMD's (ROCm,
-# which torch reaches as cuda) and WSL 2's (CUDA on Windows' driver).
-_GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+# What a GPU driver leaves on Linux, loaded or used: NVIDIA's (CUDA; Jetson's nvhost), AMD's
+# (ROCm, which torch reaches as cuda) and WSL 2's (CUDA on Windows' driver).
+_GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/sys/module/nvidia",
+                     "/dev/nvhost-ctrl-gpu", "/dev/kfd", "/sys/module/amdgpu", "/dev/dxg")
 
 
 def gpu_possible() -> bool:
-    """Whether torch could find a GPU here: False only on Linux with none of the device
-    files a GPU driver makes, where importing torch to ask would find none; True elsewhere
-    (macOS has MPS, and other systems are asked)."""
+    """Whether torch might find a GPU here: False only on Linux with no trace of a GPU
+    driver, where `--device auto` is the CPU without importing torch to ask (the warm
+    OpenVINO path, embed.py); True elsewhere (macOS has MPS; other systems are asked)."""
     if not sys.platform.startswith("linux"):
         return True
     return any(os.path.exists(path) for path in _GPU_DEVICE_FILES)

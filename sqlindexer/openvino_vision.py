@@ -170,37 +170,28 @@ def convert_tower(tower: Any, *, max_patches: int, dtype: str, source: str = "",
     return xml
 
 
-def vision_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The vision tower's part of a checkpoint's config.json (the whole of a vision-only
-    one's); None where there is no config.json to read."""
-    if config is None:
-        return None
-    vision = config.get("vision_config", config)
-    return vision if isinstance(vision, dict) else None
-
-
-def cached_ir(vision: dict[str, Any] | None, *, max_patches: int, dtype: str, source: str,
+def cached_ir(config: dict[str, Any] | None, *, max_patches: int, dtype: str, source: str,
               cache: Path | None = None) -> Path | None:
     """The IR that an earlier run converted from this checkpoint, found from its files'
-    identity (source) and its vision config (vision_config) alone, so that no weight of the
-    tower is read; None where there is none (or the checkpoint's files are not known)."""
-    if not source or vision is None:
+    identity (source) and its config.json alone, so that no weight of the tower is read;
+    None where there is none (or the checkpoint's files are not known)."""
+    if not source or config is None:
         return None
     root = cache or cache_root()
     try:
-        name = (root / "by-source" / _source_key(vision, max_patches, source)).read_text().strip()
+        name = (root / "by-source" / _source_key(config, max_patches, source)).read_text().strip()
         return _variant(root / "ir" / name, dtype) if name else None
     except Exception:  # noqa: BLE001 - a missing or unreadable link, a broken IR: convert again
         return None
 
 
-def remember_ir(xml: Path, vision: dict[str, Any] | None, *, max_patches: int, source: str,
+def remember_ir(xml: Path, config: dict[str, Any] | None, *, max_patches: int, source: str,
                 cache: Path | None = None) -> None:
-    """Link the checkpoint's files and vision config to its converted IR, for cached_ir. A
+    """Link the checkpoint's files and config.json to its converted IR, for cached_ir. A
     failure to write only costs the next run a full load."""
-    if not source or vision is None:
+    if not source or config is None:
         return
-    link = (cache or cache_root()) / "by-source" / _source_key(vision, max_patches, source)
+    link = (cache or cache_root()) / "by-source" / _source_key(config, max_patches, source)
     try:
         link.parent.mkdir(parents=True, exist_ok=True)
         tmp = link.with_name(f".{os.getpid()}.{link.name}")
@@ -232,11 +223,11 @@ def _variant(folder: Path, dtype: str) -> Path | None:
     return None
 
 
-def _source_key(vision: dict[str, Any], max_patches: int, source: str) -> str:
+def _source_key(config: dict[str, Any], max_patches: int, source: str) -> str:
     # The installed versions as their packages record them: importing torch and
     # transformers to ask would cost a warm run more than all its other loading.
     text = json.dumps([_FORMAT, max_patches, *map(_version, ("openvino", "transformers", "torch")), source,
-                       json.dumps(vision, sort_keys=True)])
+                       json.dumps(config, sort_keys=True)])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

@@ -42,7 +42,10 @@ class PatchSpec:
                   "max_num_patches", "resample")
         if not all(config.get(key) is not None for key in needed):
             return None
-        return cls._from(str(config.get("image_processor_type") or ""), config.get)
+        try:
+            return cls._from(str(config.get("image_processor_type") or ""), config.get)
+        except (TypeError, ValueError):  # a value of the wrong kind: the processor says what is wrong
+            return None
 
     @classmethod
     def _from(cls, kind: str, get: Any) -> PatchSpec | None:

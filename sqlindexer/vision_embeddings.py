@@ -10,6 +10,7 @@ converted tower is in the cache imports neither torch nor transformers.
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -39,6 +40,7 @@ class VisionEmbeddings:
         self.positions = np.asarray(positions, dtype=np.float32)  # (grid * grid, D)
         self.grid = grid
         self._resized: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
 
     @classmethod
     def from_checkpoint(cls, name: str) -> VisionEmbeddings | None:
@@ -66,14 +68,16 @@ class VisionEmbeddings:
 
     def _positions(self, h: int, w: int, length: int) -> np.ndarray:
         key = (h, w, length)
-        found = self._resized.get(key)
-        if found is None:
-            found = resize_weights(self.grid, h, w, length) @ self.positions
+        with self._lock:
+            found = self._resized.get(key)
+            if found is not None:
+                self._resized.move_to_end(key)
+                return found
+        found = resize_weights(self.grid, h, w, length) @ self.positions
+        with self._lock:
             self._resized[key] = found
             if len(self._resized) > KEPT_SHAPES:
                 self._resized.popitem(last=False)
-        else:
-            self._resized.move_to_end(key)
         return found
 
 

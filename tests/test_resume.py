@@ -70,7 +70,7 @@ def baseline(tree, tiny_model, tmp_path_factory) -> list[dict]:
 
 # -- running and watching the indexer --------------------------------------------------
 def _env() -> dict[str, str]:
-    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1")
 
 
 @dataclass
@@ -105,8 +105,14 @@ class Indexer:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            # A hang says where: faulthandler (PYTHONFAULTHANDLER) writes every thread's
+            # stack to stderr on SIGABRT, and the failure shows that stderr.
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGABRT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
             self.cleanup()
-            raise
+            pytest.fail(f"the indexer did not end within {timeout} s; its stderr:\n{self.stderr()[-6000:]}")
 
     def stderr(self) -> str:
         return self._log.read_text(errors="replace") if self._log else ""

@@ -158,16 +158,117 @@ def test_the_patch_spec_of_the_json_config_is_the_processors(tiny_model):
     assert PatchSpec.from_config({**config, "resample": 3}) is None
 
 
-def test_no_gpu_device_file_means_the_cpu_without_asking_torch(tmp_path, monkeypatch):
+def test_gpu_possible_only_without_any_trace_of_a_gpu_driver(tmp_path, monkeypatch):
     nvidia = tmp_path / "nvidiactl"
     monkeypatch.setattr(model_load, "_GPU_DEVICE_FILES", (str(nvidia),))
     monkeypatch.setattr(model_load.sys, "platform", "linux")
-    assert not model_load.gpu_possible() and model_load.resolve_device("auto") == "cpu"
+    assert not model_load.gpu_possible()
     nvidia.touch()
     assert model_load.gpu_possible()
-    monkeypatch.setattr(model_load.sys, "platform", "darwin")  # MPS: torch is asked
     nvidia.unlink()
+    monkeypatch.setattr(model_load.sys, "platform", "darwin")  # MPS: torch is asked
     assert model_load.gpu_possible()
+
+
+@pytest.fixture
+def warm(tiny_model):
+    """The tiny model's tower converted into the session's OpenVINO cache."""
+    from sqlindexer.embed import Embedder
+
+    Embedder(str(tiny_model), device="cpu", backend="openvino", dtype="float32").load()
+    return tiny_model
+
+
+def _warm(model, **kwargs):
+    from sqlindexer.embed import Embedder
+
+    emb = Embedder(str(model), **{"device": "cpu", "backend": "openvino", "dtype": "float32", **kwargs})
+    return emb, emb._prepare_warm_openvino()
+
+
+@needs_openvino
+def test_the_warm_path_reads_no_torch_and_no_transformers(warm, monkeypatch):
+    monkeypatch.setattr(model_load, "gpu_possible", lambda: False)
+    monkeypatch.setattr("sqlindexer.embed.gpu_possible", lambda: False)
+    # An import of either would now fail.
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    for kwargs in ({}, {"device": "auto", "backend": "auto"}, {"device": "auto"}):
+        emb, ok = _warm(warm, **kwargs)
+        assert ok and emb.device == "cpu" and emb.backend == "openvino", kwargs
+
+
+@needs_openvino
+def test_the_warm_path_is_refused_where_it_would_not_be_the_same_run(warm, tmp_path, monkeypatch):
+    import shutil
+
+    from sqlindexer.embed import Embedder
+    from sqlindexer.errors import BackendError
+
+    assert not _warm(warm, backend="torch")[1]
+    assert not _warm(warm, device="cuda", backend="auto")[1]
+    monkeypatch.setattr("sqlindexer.embed.gpu_possible", lambda: True)  # torch must say whether a GPU is there
+    assert not _warm(warm, device="auto", backend="auto")[1]
+    assert _warm(warm, device="auto")[1]  # --backend openvino: the CPU whatever GPU there is
+
+    def edited(change):
+        folder = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(warm, folder)
+        config = json.loads((folder / "config.json").read_text())
+        change(config)
+        (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    assert not _warm(edited(lambda c: c.update(projection_dim=16)))[1]
+    assert not _warm(edited(lambda c: c["vision_config"].update(layer_norm_eps=1e-3)))[1]  # another tower
+    # auto, where OpenVINO cannot start: torch, prepared through transformers.
+    def broken(*args):
+        raise BackendError("--backend openvino: OpenVINO cannot start (test)")
+
+    monkeypatch.setattr(ov_vision, "check", broken)
+    monkeypatch.setattr("sqlindexer.embed.gpu_possible", lambda: False)
+    emb = Embedder(str(warm), device="cpu", backend="auto", dtype="float32")
+    assert not emb._prepare_warm_openvino()
+    assert emb.prepare().backend == "torch" and emb._config is not None
+
+
+def test_the_processor_settings_are_read_where_transformers_reads_them(tiny_model, tmp_path):
+    """processor_config.json's image_processor first (transformers 5 writes that file
+    alone), else preprocessor_config.json."""
+    import shutil
+
+    from transformers import AutoImageProcessor
+
+    from sqlindexer.embed import _processor_config
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    assert PatchSpec.from_config(_processor_config(str(folder))).max_patches == settings["max_num_patches"]
+    (folder / "processor_config.json").write_text(json.dumps({"image_processor": {**settings, "max_num_patches": 64}}))
+    assert AutoImageProcessor.from_pretrained(folder).max_num_patches == 64
+    assert PatchSpec.from_config(_processor_config(str(folder))).max_patches == 64
+    assert PatchSpec.from_config({**settings, "patch_size": "sixteen"}) is None  # the processor says what is wrong
+
+
+@needs_openvino
+def test_embeddings_that_cannot_be_read_load_the_whole_tower_and_embed_the_same(warm, monkeypatch):
+    from PIL import Image
+
+    from sqlindexer.embed import Embedder
+
+    def unreadable(cls, name):
+        raise ValueError("model.safetensors: a tensor's size does not match its shape (test)")
+
+    emb = Embedder(str(warm), device="cpu", backend="openvino", dtype="float32").prepare()
+    assert emb._warm_ir is not None and emb._config is None
+    monkeypatch.setattr(VisionEmbeddings, "from_checkpoint", classmethod(unreadable))
+    emb.load()
+    assert emb._config is not None and emb.backend == "openvino"
+    image = (np.random.default_rng(5).random((96, 128, 3)) * 255).astype(np.uint8)
+    want = Embedder(str(warm), device="cpu", backend="torch", dtype="float32").embed_images(
+        [Image.fromarray(image, "RGB")])
+    assert float((emb.embed_images([Image.fromarray(image, "RGB")]) * want).sum()) >= 0.9999
 
 
 PROBE = """
@@ -222,7 +323,8 @@ def test_prepared_from_files_the_embedder_needs_no_transformers_config(tiny_mode
     Embedder(str(tiny_model), device="cpu", backend="openvino", dtype="float32").load()  # the cache warm
     emb = Embedder(str(tiny_model), device="cpu", backend="openvino", dtype="float32").prepare()
     assert emb._warm_ir is not None and emb._config is None and emb._processor is None
-    assert emb.backend == "openvino" and emb.dim == embedding_width(str(tiny_model))
+    assert emb.backend == "openvino"
+    assert emb.dim == Embedder(str(tiny_model), device="cpu", backend="torch").prepare().dim
     odd = (np.random.default_rng(3).random((48, 64, 3)) * 255).astype(np.uint8)
     got = emb.embed_resized([odd])  # not a target size: the processor
     assert emb._processor is not None
