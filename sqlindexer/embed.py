@@ -129,6 +129,17 @@ class Embedder:
         self._prepared = True
         return self
 
+    def prepare_if_warm(self) -> bool:
+        """prepare() from the checkpoint's files alone, where OpenVINO's cache holds this
+        model's tower (see _prepare_warm_openvino); whether it did. Nothing is prepared
+        otherwise, and nothing is raised."""
+        if not self._prepared:
+            try:
+                self._prepared = self._prepare_warm_openvino()
+            except BackendError:
+                return False
+        return self._warm_ir is not None
+
     def _choose_device_and_backend(self, model_type: str) -> None:
         if self.requested_backend == "openvino" and self.requested_device == "auto":
             self.device = "cpu"  # OpenVINO runs on the CPU, whatever GPU there is

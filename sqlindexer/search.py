@@ -161,8 +161,12 @@ class Results:
 def _embedder(model: str, embedder_factory: Callable[..., Embedder] | None) -> Embedder:
     if embedder_factory is None:
         from .embed import Embedder as embedder_factory  # noqa: N813 - deferred: imports torch
-    # One query: the CPU answers it sooner than a GPU could be set up, and torch sooner than
-    # an OpenVINO tower that may first have to be converted.
+    # One query: the CPU answers it sooner than a GPU could be set up. OpenVINO where the
+    # tower an index run with default settings converted is in the cache (no torch to
+    # import; its precision is that run's), else torch float32 (no tower to convert first).
+    warm = embedder_factory(model, device="cpu", dtype="auto", backend="openvino")
+    if getattr(warm, "prepare_if_warm", None) and warm.prepare_if_warm():
+        return warm
     return embedder_factory(model, device="cpu", dtype="float32", backend="torch")
 
 

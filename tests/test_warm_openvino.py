@@ -303,6 +303,13 @@ def test_a_warm_openvino_run_imports_neither_torch_nor_transformers(tmp_path, ti
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stderr
     assert "(openvino, f32)" in done.stderr and "converting" not in done.stderr
+    # A new image's query (similar) goes the same way: OpenVINO's cached tower.
+    query = make_photo(tmp_path / "query.jpg", size=(120, 90), seed=77)
+    similar = ["similar", str(query), "--db", str(tmp_path / "warm.sqlite"), "--top", "2", "--model-name",
+               str(tiny_model)]
+    done = subprocess.run([sys.executable, "-c", PROBE.format(args=similar)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
     torch_run = ["-i", str(photos), "-o", str(tmp_path / "torch.jsonl"), *common, "--backend", "torch"]
     assert subprocess.run([sys.executable, "-m", "sqlindexer", *torch_run], env=env,
                           capture_output=True).returncode == 0
@@ -331,3 +338,19 @@ def test_prepared_from_files_the_embedder_needs_no_transformers_config(tiny_mode
     want = Embedder(str(tiny_model), device="cpu", backend="torch", dtype="float32").embed_images(
         [Image.fromarray(odd, "RGB")])
     assert float((got * want).sum()) >= 0.9999
+
+
+@needs_openvino
+def test_a_query_image_is_embedded_by_the_cached_tower_as_by_torch(warm, tmp_path, monkeypatch):
+    from sqlindexer import search
+    from sqlindexer.embed import Embedder
+
+    query = make_photo(tmp_path / "query.jpg", size=(150, 100), seed=78)
+    emb = search._embedder(str(warm), None)
+    assert emb.backend == "openvino" and emb._warm_ir is not None
+    got = search.embed_image_file(emb, str(query))
+    want = search.embed_image_file(Embedder(str(warm), device="cpu", dtype="float32", backend="torch"), str(query))
+    assert float(got @ want) >= 0.999  # OpenVINO's own precision, bf16 where native: 0.999
+    # Without the tower in the cache: torch, with nothing to convert first.
+    monkeypatch.setenv(ov_vision.CACHE_ENV, str(tmp_path / "empty-cache"))
+    assert search._embedder(str(warm), None).requested_backend == "torch"
