@@ -136,7 +136,7 @@ class Embedder:
         if not self._prepared:
             try:
                 self._prepared = self._prepare_warm_openvino()
-            except BackendError:
+            except (BackendError, OSError):  # OpenVINO cannot start; a file gone meanwhile
                 return False
         return self._warm_ir is not None
 

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -100,10 +101,24 @@ _core_lock = threading.Lock()
 _core_instance: Any = None
 
 
+def no_telemetry() -> None:
+    """Keep OpenVINO from sending usage events: importing openvino imports its converter,
+    which sends one to Google Analytics at import time (and more while converting),
+    each from a process it forks for the purpose. Nothing an indexer of private photos
+    should send, and a fork of this multi-threaded process can inherit a lock another
+    thread holds: the forked sender then never ends, and this process waits for it at
+    exit. With the telemetry package unimportable, OpenVINO takes its own stand-in, as
+    where it is not installed. Call before the first import of openvino (a package
+    imported earlier by someone else is left alone; _no_telemetry still covers the
+    converter then)."""
+    sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+
+
 def _core() -> Any:
     global _core_instance
     with _core_lock:
         if _core_instance is None:
+            no_telemetry()
             import openvino
 
             _core_instance = openvino.Core()
@@ -115,6 +130,7 @@ class Tower:
     patch mask -> (n, D) float32 pooled features (not normalised)."""
 
     def __init__(self, compiled: Any, *, chunk: int | None = None) -> None:
+        no_telemetry()
         import openvino
 
         self._compiled = compiled
@@ -294,6 +310,7 @@ def _wrapper(tower: Any) -> Any:
 
 
 def _convert(tower: Any, max_patches: int, folder: Path) -> Any:
+    no_telemetry()
     import openvino
     import torch
     from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
@@ -345,6 +362,7 @@ def _no_telemetry() -> Iterator[None]:
 
 
 def _save(model: Any, xml: Path, *, compress_to_fp16: bool) -> None:
+    no_telemetry()
     import openvino
 
     xml.parent.mkdir(parents=True, exist_ok=True)
@@ -361,6 +379,7 @@ def _key(tower: Any, max_patches: int, source: str) -> str:
     converting libraries, the checkpoint's files (path, size, mtime) and an even sample of
     every weight tensor's values. Only a sample: the weights are memory-mapped, and reading
     them all would bring the whole checkpoint into memory next to OpenVINO's copy."""
+    no_telemetry()
     import openvino
     import torch
     import transformers

@@ -158,15 +158,19 @@ class Results:
     approximate: bool = False  # the candidates came from the approximate index
 
 
-def _embedder(model: str, embedder_factory: Callable[..., Embedder] | None) -> Embedder:
+def _embedder(model: str, embedder_factory: Callable[..., Embedder] | None, *, image: bool = False) -> Embedder:
+    # One query: the CPU answers it sooner than a GPU could be set up. For an image,
+    # OpenVINO where the tower an index run with default settings converted is in the
+    # cache (no torch to import; its precision is that run's); else torch float32 (no
+    # tower to convert first; a text's tower is torch's in any case).
     if embedder_factory is None:
-        from .embed import Embedder as embedder_factory  # noqa: N813 - deferred: imports torch
-    # One query: the CPU answers it sooner than a GPU could be set up. OpenVINO where the
-    # tower an index run with default settings converted is in the cache (no torch to
-    # import; its precision is that run's), else torch float32 (no tower to convert first).
-    warm = embedder_factory(model, device="cpu", dtype="auto", backend="openvino")
-    if getattr(warm, "prepare_if_warm", None) and warm.prepare_if_warm():
-        return warm
+        from .embed import Embedder
+
+        if image:
+            warm = Embedder(model, device="cpu", dtype="auto", backend="openvino")
+            if warm.prepare_if_warm():
+                return warm
+        embedder_factory = Embedder
     return embedder_factory(model, device="cpu", dtype="float32", backend="torch")
 
 
@@ -209,7 +213,7 @@ def search_image(conn: sqlite3.Connection, db_path: str | os.PathLike[str], imag
     if row is not None:
         query = np.array(index.vectors[row])
     elif os.path.isfile(path):
-        query = embed_image_file(_embedder(model.model, embedder_factory), path)
+        query = embed_image_file(_embedder(model.model, embedder_factory, image=True), path)
         if query.shape[0] != model.dim:
             raise SearchError(f"model {model.model} gives {query.shape[0]}-d image vectors, the database's are "
                               f"{model.dim}-d")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import sqlite3
@@ -96,8 +97,10 @@ class Indexer:
         self._log = self.out.parent / f"stderr-{n}.txt"
         with open(self._log, "wb") as err:
             # Its own session: a process group to send Ctrl-C to, and to clean up.
+            # No core file (the hang's SIGABRT): the stacks go to stderr instead.
             self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                         env=_env(), start_new_session=True)
+                                         env=_env(), start_new_session=True,
+                                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
         return self
 
     def wait(self, timeout: float = 300) -> int:

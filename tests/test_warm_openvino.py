@@ -346,11 +346,27 @@ def test_a_query_image_is_embedded_by_the_cached_tower_as_by_torch(warm, tmp_pat
     from sqlindexer.embed import Embedder
 
     query = make_photo(tmp_path / "query.jpg", size=(150, 100), seed=78)
-    emb = search._embedder(str(warm), None)
+    emb = search._embedder(str(warm), None, image=True)
     assert emb.backend == "openvino" and emb._warm_ir is not None
+    assert search._embedder(str(warm), None).requested_backend == "torch"  # a text's query
     got = search.embed_image_file(emb, str(query))
     want = search.embed_image_file(Embedder(str(warm), device="cpu", dtype="float32", backend="torch"), str(query))
     assert float(got @ want) >= 0.999  # OpenVINO's own precision, bf16 where native: 0.999
     # Without the tower in the cache: torch, with nothing to convert first.
     monkeypatch.setenv(ov_vision.CACHE_ENV, str(tmp_path / "empty-cache"))
-    assert search._embedder(str(warm), None).requested_backend == "torch"
+    assert search._embedder(str(warm), None, image=True).requested_backend == "torch"
+
+
+@needs_openvino
+def test_openvino_sends_no_telemetry_and_forks_nothing():
+    """Importing openvino imports its converter, which would send a usage event from a
+    process forked for it (a fork of a multi-threaded indexer that could hang at exit)."""
+    code = ("import multiprocessing, sys\n"
+            "from sqlindexer import openvino_vision as ov\n"
+            "ov._core()\n"
+            "from openvino.tools.ovc import telemetry_utils\n"
+            "print(telemetry_utils.tm.__name__, len(multiprocessing.active_children()))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["openvino.tools.ovc.telemetry_stub", "0"], done.stdout
