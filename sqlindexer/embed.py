@@ -208,9 +208,10 @@ class Embedder:
         if self.requested_dtype == "auto":
             cpu.auto_dtype()  # logs what the CPU does natively; OpenVINO makes its own choice
         shape = {"max_patches": self.max_num_patches}
-        source = weights_identity(self.model_name)
-        config = model_files.read_json(self.model_name, "config.json")
-        xml = self._warm_ir or ov_vision.cached_ir(config, dtype=self.requested_dtype, source=source, **shape)
+        # A warm prepare() found the IR already; otherwise it is looked for now.
+        xml = self._warm_ir or ov_vision.cached_ir(model_files.read_json(self.model_name, "config.json"),
+                                                   dtype=self.requested_dtype,
+                                                   source=weights_identity(self.model_name), **shape)
         # With the encoder and head in the cache, only the embeddings' tensors are read from
         # the checkpoint: the rest would sit in memory (its mapped pages) next to OpenVINO's.
         embeddings = self._read_embeddings() if xml else None

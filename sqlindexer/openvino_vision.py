@@ -101,6 +101,15 @@ _core_lock = threading.Lock()
 _core_instance: Any = None
 
 
+def _openvino() -> Any:
+    """The openvino module, imported with no telemetry: every import of it here goes
+    through this."""
+    no_telemetry()
+    import openvino
+
+    return openvino
+
+
 def no_telemetry() -> None:
     """Keep OpenVINO from sending usage events: importing openvino imports its converter,
     which sends one to Google Analytics at import time (and more while converting),
@@ -118,10 +127,7 @@ def _core() -> Any:
     global _core_instance
     with _core_lock:
         if _core_instance is None:
-            no_telemetry()
-            import openvino
-
-            _core_instance = openvino.Core()
+            _core_instance = _openvino().Core()
         return _core_instance
 
 
@@ -130,8 +136,7 @@ class Tower:
     patch mask -> (n, D) float32 pooled features (not normalised)."""
 
     def __init__(self, compiled: Any, *, chunk: int | None = None) -> None:
-        no_telemetry()
-        import openvino
+        openvino = _openvino()
 
         self._compiled = compiled
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32"
@@ -310,8 +315,7 @@ def _wrapper(tower: Any) -> Any:
 
 
 def _convert(tower: Any, max_patches: int, folder: Path) -> Any:
-    no_telemetry()
-    import openvino
+    openvino = _openvino()
     import torch
     from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
 
@@ -362,8 +366,7 @@ def _no_telemetry() -> Iterator[None]:
 
 
 def _save(model: Any, xml: Path, *, compress_to_fp16: bool) -> None:
-    no_telemetry()
-    import openvino
+    openvino = _openvino()
 
     xml.parent.mkdir(parents=True, exist_ok=True)
     # Written under a temporary name and renamed, so a run killed while saving leaves no
@@ -379,8 +382,7 @@ def _key(tower: Any, max_patches: int, source: str) -> str:
     converting libraries, the checkpoint's files (path, size, mtime) and an even sample of
     every weight tensor's values. Only a sample: the weights are memory-mapped, and reading
     them all would bring the whole checkpoint into memory next to OpenVINO's copy."""
-    no_telemetry()
-    import openvino
+    openvino = _openvino()
     import torch
     import transformers
 
