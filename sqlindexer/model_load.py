@@ -9,7 +9,7 @@ import os
 import pickle
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .config import looks_like_path
@@ -73,13 +73,13 @@ _GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/
                      "/dev/nvhost-ctrl-gpu", "/dev/kfd", "/sys/module/amdgpu", "/dev/dxg")
 
 
-def gpu_possible() -> bool:
+def gpu_possible(platform: str = sys.platform, exists: Callable[[str], bool] = os.path.exists) -> bool:
     """Whether torch might find a GPU here: False only on Linux with no trace of a GPU
     driver, where `--device auto` is the CPU without importing torch to ask (the warm
     OpenVINO path, embed.py); True elsewhere (macOS has MPS; other systems are asked)."""
-    if not sys.platform.startswith("linux"):
+    if not platform.startswith("linux"):
         return True
-    return any(os.path.exists(path) for path in _GPU_DEVICE_FILES)
+    return any(exists(path) for path in _GPU_DEVICE_FILES)
 
 
 def _weights_options(name: str) -> dict[str, Any]:

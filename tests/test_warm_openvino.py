@@ -158,16 +158,13 @@ def test_the_patch_spec_of_the_json_config_is_the_processors(tiny_model):
     assert PatchSpec.from_config({**config, "resample": 3}) is None
 
 
-def test_gpu_possible_only_without_any_trace_of_a_gpu_driver(tmp_path, monkeypatch):
-    nvidia = tmp_path / "nvidiactl"
-    monkeypatch.setattr(model_load, "_GPU_DEVICE_FILES", (str(nvidia),))
-    monkeypatch.setattr(model_load.sys, "platform", "linux")
-    assert not model_load.gpu_possible()
-    nvidia.touch()
-    assert model_load.gpu_possible()
-    nvidia.unlink()
-    monkeypatch.setattr(model_load.sys, "platform", "darwin")  # MPS: torch is asked
-    assert model_load.gpu_possible()
+def test_gpu_possible_only_without_any_trace_of_a_gpu_driver():
+    """The decision, fed the platform and which paths exist (both branches)."""
+    assert not model_load.gpu_possible("linux", lambda path: False)
+    for trace in model_load._GPU_DEVICE_FILES:
+        assert model_load.gpu_possible("linux", lambda path, trace=trace: path == trace), trace
+    assert model_load.gpu_possible("darwin", lambda path: False)  # MPS: torch is asked
+    assert model_load.gpu_possible("win32", lambda path: False)
 
 
 @pytest.fixture
@@ -188,14 +185,20 @@ def _warm(model, **kwargs):
 
 @needs_openvino
 def test_the_warm_path_reads_no_torch_and_no_transformers(warm, monkeypatch):
-    monkeypatch.setattr(model_load, "gpu_possible", lambda: False)
-    monkeypatch.setattr("sqlindexer.embed.gpu_possible", lambda: False)
     # An import of either would now fail.
     monkeypatch.setitem(sys.modules, "torch", None)
     monkeypatch.setitem(sys.modules, "transformers", None)
-    for kwargs in ({}, {"device": "auto", "backend": "auto"}, {"device": "auto"}):
+    # --device auto --backend auto is the CPU only where no GPU driver shows (else torch asks).
+    choices = [{}, {"device": "auto"}, {"device": "cpu", "backend": "auto"}]
+    for kwargs in choices + ([] if model_load.gpu_possible() else [{"device": "auto", "backend": "auto"}]):
         emb, ok = _warm(warm, **kwargs)
         assert ok and emb.device == "cpu" and emb.backend == "openvino", kwargs
+
+
+@needs_openvino
+@pytest.mark.skipif(not model_load.gpu_possible(), reason="no GPU driver here: --device auto is the CPU")
+def test_where_a_gpu_driver_shows_torch_decides_the_device(warm):
+    assert not _warm(warm, device="auto", backend="auto")[1]
 
 
 @needs_openvino
@@ -207,8 +210,6 @@ def test_the_warm_path_is_refused_where_it_would_not_be_the_same_run(warm, tmp_p
 
     assert not _warm(warm, backend="torch")[1]
     assert not _warm(warm, device="cuda", backend="auto")[1]
-    monkeypatch.setattr("sqlindexer.embed.gpu_possible", lambda: True)  # torch must say whether a GPU is there
-    assert not _warm(warm, device="auto", backend="auto")[1]
     assert _warm(warm, device="auto")[1]  # --backend openvino: the CPU whatever GPU there is
 
     def edited(change):
@@ -226,7 +227,6 @@ def test_the_warm_path_is_refused_where_it_would_not_be_the_same_run(warm, tmp_p
         raise BackendError("--backend openvino: OpenVINO cannot start (test)")
 
     monkeypatch.setattr(ov_vision, "check", broken)
-    monkeypatch.setattr("sqlindexer.embed.gpu_possible", lambda: False)
     emb = Embedder(str(warm), device="cpu", backend="auto", dtype="float32")
     assert not emb._prepare_warm_openvino()
     assert emb.prepare().backend == "torch" and emb._config is not None
