@@ -81,7 +81,7 @@ def check(device: str, model_type: str, model_name: str) -> None:
         raise BackendError(f"--backend openvino supports SigLIP 2 models only; {model_name!r} is a "
                            f"{model_type or 'model of unknown type'} (use --backend torch)")
     try:
-        devices = _core().available_devices
+        devices = core().available_devices
     except Exception as e:  # noqa: BLE001 - a broken install, or a CPU its plugin refuses
         raise BackendError(f"--backend openvino: OpenVINO cannot start ({one_line(e)}); use --backend torch") from None
     if "CPU" not in devices:
@@ -101,7 +101,7 @@ _core_lock = threading.Lock()
 _core_instance: Any = None
 
 
-def _openvino() -> Any:
+def openvino_module() -> Any:
     """The openvino module, imported with no telemetry: every import of it here goes
     through this."""
     no_telemetry()
@@ -118,16 +118,16 @@ def no_telemetry() -> None:
     thread holds: the forked sender then never ends, and this process waits for it at
     exit. With the telemetry package unimportable, OpenVINO takes its own stand-in, as
     where it is not installed. Call before the first import of openvino (a package
-    imported earlier by someone else is left alone; _no_telemetry still covers the
+    imported earlier by someone else is left alone; converter_without_telemetry still covers the
     converter then)."""
     sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
 
 
-def _core() -> Any:
+def core() -> Any:
     global _core_instance
     with _core_lock:
         if _core_instance is None:
-            _core_instance = _openvino().Core()
+            _core_instance = openvino_module().Core()
         return _core_instance
 
 
@@ -136,7 +136,7 @@ class Tower:
     patch mask -> (n, D) float32 pooled features (not normalised)."""
 
     def __init__(self, compiled: Any, *, chunk: int | None = None) -> None:
-        openvino = _openvino()
+        openvino = openvino_module()
 
         self._compiled = compiled
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32"
@@ -185,7 +185,7 @@ def convert_tower(tower: Any, *, max_patches: int, dtype: str, source: str = "",
         xml = _variant(folder, dtype)
         if xml is None:
             xml = _ir_name(folder, dtype)
-            _save(_convert(tower, max_patches, folder), xml, compress_to_fp16=_sixteen(dtype))
+            save_ir(_convert(tower, max_patches, folder), xml, compress_to_fp16=_sixteen(dtype))
     except Exception as e:  # noqa: BLE001 - tracing, conversion and disk errors alike
         raise BackendError(f"--backend openvino: cannot convert the vision tower ({one_line(e)})") from None
     return xml
@@ -239,7 +239,7 @@ def _variant(folder: Path, dtype: str) -> Path | None:
     other = folder / ("encoder_head.xml" if _sixteen(dtype) else "encoder_head_f16.xml")
     # Only float32 weights can be re-saved without loss; float16 ones are not widened back.
     if _sixteen(dtype) and other.is_file():
-        _save(_core().read_model(str(other)), xml, compress_to_fp16=True)
+        save_ir(core().read_model(str(other)), xml, compress_to_fp16=True)
         return xml
     return None
 
@@ -247,12 +247,12 @@ def _variant(folder: Path, dtype: str) -> Path | None:
 def _source_key(config: dict[str, Any], max_patches: int, source: str) -> str:
     # The installed versions as their packages record them: importing torch and
     # transformers to ask would cost a warm run more than all its other loading.
-    text = json.dumps([_FORMAT, max_patches, *map(_version, ("openvino", "transformers", "torch")), source,
+    text = json.dumps([_FORMAT, max_patches, *map(package_version, ("openvino", "transformers", "torch")), source,
                        json.dumps(config, sort_keys=True)])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
     from importlib import metadata
 
     try:
@@ -265,7 +265,7 @@ def _compute_precision(dtype: str) -> str:
     """What OpenVINO will compute in for --dtype: the hint, or for auto the CPU plugin's
     own default on this CPU."""
     hint = PRECISIONS[dtype]
-    return hint or _core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+    return hint or core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
 
 
 def compile_tower(xml: Path, *, dtype: str, cache: Path | None = None) -> Tower:
@@ -282,7 +282,7 @@ def compile_tower(xml: Path, *, dtype: str, cache: Path | None = None) -> Tower:
     # the addresses), and one image goes through now, while the batches are still to come.
     root = cache or cache_root()
     try:
-        compiled = _core().compile_model(str(xml), "CPU", config)
+        compiled = core().compile_model(str(xml), "CPU", config)
         process_memory.release_mapped_files(root)
         tower = Tower(compiled)
         tower.warm_up()
@@ -315,7 +315,7 @@ def _wrapper(tower: Any) -> Any:
 
 
 def _convert(tower: Any, max_patches: int, folder: Path) -> Any:
-    openvino = _openvino()
+    openvino = openvino_module()
     import torch
     from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
 
@@ -330,7 +330,7 @@ def _convert(tower: Any, max_patches: int, folder: Path) -> Any:
     log.info("openvino: converting the vision tower (once; kept in %s)", folder)
     # The tracer warns about each Python branch of transformers' code; the example's
     # padding above is what makes those branches the right ones.
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), _no_telemetry():
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), converter_without_telemetry():
         warnings.simplefilter("ignore")
         # What openvino.convert_model builds from a module, less torch's trace check: that
         # check traces the module a second time and holds both traces at once; the tests
@@ -343,7 +343,7 @@ def _convert(tower: Any, max_patches: int, folder: Path) -> Any:
 
 
 @contextlib.contextmanager
-def _no_telemetry() -> Iterator[None]:
+def converter_without_telemetry() -> Iterator[None]:
     """Run OpenVINO's converter with its own stand-in for the telemetry package (what it
     uses where that package is not installed). Otherwise, unless the user has opted out,
     it sends usage events to Google Analytics, forking this whole process once per event
@@ -365,8 +365,8 @@ def _no_telemetry() -> Iterator[None]:
             m.tm = tm
 
 
-def _save(model: Any, xml: Path, *, compress_to_fp16: bool) -> None:
-    openvino = _openvino()
+def save_ir(model: Any, xml: Path, *, compress_to_fp16: bool) -> None:
+    openvino = openvino_module()
 
     xml.parent.mkdir(parents=True, exist_ok=True)
     # Written under a temporary name and renamed, so a run killed while saving leaves no
@@ -382,7 +382,7 @@ def _key(tower: Any, max_patches: int, source: str) -> str:
     converting libraries, the checkpoint's files (path, size, mtime) and an even sample of
     every weight tensor's values. Only a sample: the weights are memory-mapped, and reading
     them all would bring the whole checkpoint into memory next to OpenVINO's copy."""
-    openvino = _openvino()
+    openvino = openvino_module()
     import torch
     import transformers
 

@@ -293,7 +293,7 @@ def test_mapped_pages_are_released_only_between_openvino_s_calls(tiny_model, emb
     from sqlindexer.embed import Embedder
 
     events: list[tuple[str, int]] = []
-    real_core, real_warm_up = ov_vision._core(), ov_vision.Tower.warm_up
+    real_core, real_warm_up = ov_vision.core(), ov_vision.Tower.warm_up
 
     class Core:
         def __getattr__(self, name):
@@ -315,7 +315,7 @@ def test_mapped_pages_are_released_only_between_openvino_s_calls(tiny_model, emb
         events.append(("release", threading.get_ident()))
         return 0
 
-    monkeypatch.setattr(ov_vision, "_core", Core)
+    monkeypatch.setattr(ov_vision, "core", Core)
     monkeypatch.setattr(ov_vision.Tower, "warm_up", warm_up)
     monkeypatch.setattr(process_memory, "release_mapped_files", release)
     Embedder(str(tiny_model), device="cpu", dtype="float32", backend="openvino").load()

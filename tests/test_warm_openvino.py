@@ -363,7 +363,7 @@ def test_openvino_sends_no_telemetry_and_forks_nothing():
     process forked for it (a fork of a multi-threaded indexer that could hang at exit)."""
     code = ("import multiprocessing, sys\n"
             "from sqlindexer import openvino_vision as ov\n"
-            "ov._core()\n"
+            "ov.core()\n"
             "from openvino.tools.ovc import telemetry_utils\n"
             "print(telemetry_utils.tm.__name__, len(multiprocessing.active_children()))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
