@@ -1,9 +1,10 @@
 """A checkpoint's files on disk, read without transformers or torch: where they are (a
 local folder, or a hub snapshot already in the cache, never downloaded here), their
-identity, their JSON configs, and single tensors of their safetensors weights.
+identity, their JSON configs, and single tensors (or rows of one) of their safetensors
+weights.
 
-A warm OpenVINO run needs nothing more of the checkpoint than this (embed.py), so it
-imports neither torch nor transformers.
+A warm OpenVINO run needs nothing more of the checkpoint than this (embed.py, and
+openvino_text.py for a text query), so it imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,8 +70,13 @@ def read_json(name: str, file: str) -> dict[str, Any] | None:
 def weights_identity(name: str) -> str:
     """The checkpoint's weight files as "file size mtime_ns" lines (a local folder, or a hub
     snapshot in the cache, whose files are named by their content hash); "" where unknown."""
+    return files_identity(name, (*SAFETENSORS, "pytorch_model.bin", "pytorch_model.bin.index.json", *shards(name)))
+
+
+def files_identity(name: str, files: Sequence[str]) -> str:
+    """Those of the checkpoint's files that are on disk, as "file size mtime_ns" lines."""
     lines = []
-    for file in (*SAFETENSORS, "pytorch_model.bin", "pytorch_model.bin.index.json", *shards(name)):
+    for file in files:
         path = local_file(name, file)
         if path:
             real = Path(path).resolve()
@@ -166,7 +173,7 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
 
     if info.dtype not in _DTYPES:
         raise ValueError(f"{info.file}: tensors of dtype {info.dtype} are not read here")
-    numpy_dtype, width = _DTYPES[info.dtype]
+    width = _DTYPES[info.dtype][1]
     count = int(np.prod(info.shape, dtype=np.int64))
     if info.end - info.start != count * width:
         raise ValueError(f"{info.file}: a tensor's size does not match its shape {info.shape}")
@@ -175,7 +182,38 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
         data = f.read(info.end - info.start)
     if len(data) != count * width:
         raise ValueError(f"{info.file} ends inside a tensor")
-    values = np.frombuffer(data, dtype=numpy_dtype)
-    if info.dtype == "BF16":
+    return _float32(data, info.dtype).reshape(info.shape)
+
+
+def read_rows(info: TensorInfo, rows: Sequence[int]) -> np.ndarray:
+    """Rows of a 2-D tensor as float32, (len(rows), width): each read from its own bytes
+    alone, so a text's few tokens are looked up without reading a vocabulary's table."""
+    if info.dtype not in _DTYPES:
+        raise ValueError(f"{info.file}: tensors of dtype {info.dtype} are not read here")
+    if len(info.shape) != 2:
+        raise ValueError(f"{info.file}: a table of rows must be 2-D, not of shape {info.shape}")
+    width = _DTYPES[info.dtype][1]
+    count, columns = info.shape
+    step = columns * width
+    if info.end - info.start != count * step:
+        raise ValueError(f"{info.file}: a tensor's size does not match its shape {info.shape}")
+    parts = []
+    with open(info.file, "rb") as f:
+        for row in rows:
+            if not 0 <= row < count:
+                raise ValueError(f"{info.file}: row {row} is outside a table of {count}")
+            f.seek(info.start + row * step)
+            data = f.read(step)
+            if len(data) != step:
+                raise ValueError(f"{info.file} ends inside a tensor")
+            parts.append(data)
+    return _float32(b"".join(parts), info.dtype).reshape(len(parts), columns)
+
+
+def _float32(data: bytes, dtype: str) -> np.ndarray:
+    import numpy as np
+
+    values = np.frombuffer(data, dtype=_DTYPES[dtype][0])
+    if dtype == "BF16":
         values = (values.astype(np.uint32) << 16).view(np.float32)
-    return values.astype(np.float32).reshape(info.shape)
+    return values.astype(np.float32)
