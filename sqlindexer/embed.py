@@ -1,5 +1,6 @@
-"""SigLIP 2 image and text embeddings through Hugging Face transformers; on a CPU the vision
-tower's encoder may run in OpenVINO instead (openvino_vision.py).
+"""SigLIP 2 image embeddings through Hugging Face transformers; on a CPU the vision tower's
+encoder may run in OpenVINO instead (openvino_vision.py). A text query's vector is
+text_query.py's.
 
 torch and transformers (and openvino) are imported only when a model is actually loaded,
 so runs with nothing to embed (and --help) never pay for them. A CPU run whose converted
@@ -25,7 +26,6 @@ from .model_load import (  # noqa: F401 - quiet_transformers, _weights_options: 
     _weights_options,
     gpu_possible,
     load_image_model,
-    load_text_model,
     quiet_transformers,
     read_config,
     resolve_device,
@@ -358,59 +358,3 @@ class Embedder:
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.embed_pixels(self.preprocess(images))
-
-    # -- text queries ------------------------------------------------------------------
-    # The text tower and its tokenizer are loaded only when a text is embedded (search).
-    _text_model: Any = None
-    _tokenizer: Any = None
-    _text_only = False
-    TEXT_LENGTH = 64
-
-    def load_text(self) -> Embedder:
-        """Load the tokenizer and the text tower; safe to call again."""
-        if self._text_model is not None:
-            return self
-        self.device = self.device or resolve_device(self.requested_device)
-        tokenizer, model, text_only = load_text_model(self.model_name, self._config)
-        model.to(device=self.device, dtype=self._text_dtype())
-        model.eval()
-        # SigLIP 2 pads on the right (the checkpoints' tokenizer config says so; some
-        # tokenizer classes default to the left): the text must sit at the positions it
-        # was trained at.
-        tokenizer.padding_side = "right"
-        self._tokenizer, self._text_model, self._text_only = tokenizer, model, text_only
-        return self
-
-    def _text_dtype(self) -> Any:
-        import torch
-
-        # A query is one short text: on a CPU, casting the text tower to bfloat16 costs
-        # about what its one forward pass saves (docs/performance-cpu.md), so auto keeps
-        # float32, the vectors the image side is compared with at full precision.
-        if self.requested_dtype == "auto" and self.device == "cpu":
-            return torch.float32
-        return resolve_dtype(self.requested_dtype, self.device)
-
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Text tower -> (n, dim) float32, L2-normalised, comparable with the image vectors
-        by cosine (Siglip2Model.get_text_features)."""
-        import torch
-
-        self.load_text()
-        # As SigLIP 2 was trained: lower-cased text, padded to exactly 64 tokens
-        # (padding="max_length", max_length=64; longer text is cut), and no attention mask:
-        # the text tower attends to the padding too and pools the last position, so
-        # dynamic padding or a mask would give other vectors than training did.
-        batch = self._tokenizer([t.lower() for t in texts], padding="max_length", max_length=self.TEXT_LENGTH,
-                                truncation=True, return_tensors="pt")
-        ids = batch["input_ids"].to(self.device)
-        with torch.inference_mode():
-            if self._text_only:
-                out = self._text_model(input_ids=ids)
-            else:
-                out = self._text_model.get_text_features(input_ids=ids)
-            # transformers 5 returns an output object, 4.x returned the tensor itself.
-            features = out.pooler_output if hasattr(out, "pooler_output") else out
-            features = features.float()
-            features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return features.cpu().numpy().astype("<f4", copy=False)

@@ -158,18 +158,16 @@ class Results:
     approximate: bool = False  # the candidates came from the approximate index
 
 
-def _embedder(model: str, embedder_factory: Callable[..., Embedder] | None, *, image: bool = False) -> Embedder:
-    # One query: the CPU answers it sooner than a GPU could be set up. For an image,
-    # OpenVINO where the tower an index run with default settings converted is in the
-    # cache (no torch to import; its precision is that run's); else torch float32 (no
-    # tower to convert first; a text's tower is torch's in any case).
+def _image_embedder(model: str, embedder_factory: Callable[..., Embedder] | None) -> Embedder:
+    # One query: the CPU answers it sooner than a GPU could be set up. OpenVINO where the
+    # tower an index run with default settings converted is in the cache (no torch to
+    # import; its precision is that run's); else torch float32 (no tower to convert first).
     if embedder_factory is None:
         from .embed import Embedder
 
-        if image:
-            warm = Embedder(model, device="cpu", dtype="auto", backend="openvino")
-            if warm.prepare_if_warm():
-                return warm
+        warm = Embedder(model, device="cpu", dtype="auto", backend="openvino")
+        if warm.prepare_if_warm():
+            return warm
         embedder_factory = Embedder
     return embedder_factory(model, device="cpu", dtype="float32", backend="torch")
 
@@ -187,12 +185,14 @@ def approximate_index(conn: sqlite3.Connection, index: VectorIndex, *, exact: bo
 
 def search_text(conn: sqlite3.Connection, db_path: str | os.PathLike[str], text: str, *, top: int,
                 model_name: str | None = None, filters: Filters = Filters(), progress: Progress = no_progress,
-                embedder_factory: Callable[..., Embedder] | None = None, exact: bool = False) -> Results:
-    """The images whose vectors best match a text, by SigLIP 2's text tower."""
+                exact: bool = False) -> Results:
+    """The images whose vectors best match a text, by SigLIP 2's text tower (text_query.py)."""
     if not text.strip():
         raise SearchError("the query text is empty")
     model = choose_model(conn, model_name, where=str(absolute(db_path)))
-    query = _embedder(model.model, embedder_factory).embed_texts([text])[0]
+    from .text_query import embed_query
+
+    query = embed_query(model.model, text)
     if query.shape[0] != model.dim:
         raise SearchError(f"model {model.model} gives {query.shape[0]}-d text vectors, its image vectors in "
                           f"the database are {model.dim}-d")
@@ -213,7 +213,7 @@ def search_image(conn: sqlite3.Connection, db_path: str | os.PathLike[str], imag
     if row is not None:
         query = np.array(index.vectors[row])
     elif os.path.isfile(path):
-        query = embed_image_file(_embedder(model.model, embedder_factory, image=True), path)
+        query = embed_image_file(_image_embedder(model.model, embedder_factory), path)
         if query.shape[0] != model.dim:
             raise SearchError(f"model {model.model} gives {query.shape[0]}-d image vectors, the database's are "
                               f"{model.dim}-d")

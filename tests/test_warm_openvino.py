@@ -346,15 +346,14 @@ def test_a_query_image_is_embedded_by_the_cached_tower_as_by_torch(warm, tmp_pat
     from sqlindexer.embed import Embedder
 
     query = make_photo(tmp_path / "query.jpg", size=(150, 100), seed=78)
-    emb = search._embedder(str(warm), None, image=True)
+    emb = search._image_embedder(str(warm), None)
     assert emb.backend == "openvino" and emb._warm_ir is not None
-    assert search._embedder(str(warm), None).requested_backend == "torch"  # a text's query
     got = search.embed_image_file(emb, str(query))
     want = search.embed_image_file(Embedder(str(warm), device="cpu", dtype="float32", backend="torch"), str(query))
     assert float(got @ want) >= 0.999  # OpenVINO's own precision, bf16 where native: 0.999
     # Without the tower in the cache: torch, with nothing to convert first.
     monkeypatch.setenv(ov_vision.CACHE_ENV, str(tmp_path / "empty-cache"))
-    assert search._embedder(str(warm), None, image=True).requested_backend == "torch"
+    assert search._image_embedder(str(warm), None).requested_backend == "torch"
 
 
 @needs_openvino
