@@ -172,24 +172,26 @@ print(sorted(m for m in ('torch', 'transformers') if m in sys.modules), file=sys
 
 
 @needs_openvino
-def test_a_second_search_imports_neither_torch_nor_transformers_and_ranks_the_same(tmp_path, tiny_model):
+def test_a_second_search_imports_neither_torch_nor_transformers_and_ranks_the_same(tmp_path, tiny_model,
+                                                                                  monkeypatch):
+    from click.testing import CliRunner
+    from conftest import run_cli
+
     photos = tmp_path / "photos"
     for i in range(8):
         make_photo(photos / f"p{i}.jpg", size=(60 + 9 * i, 50), seed=40 + i)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
-               **{ov_vision.CACHE_ENV: str(tmp_path / "openvino-cache")})
-    index = [sys.executable, "-m", "sqlindexer", "-i", str(photos), "-o", str(tmp_path / "index.jsonl"),
-             "--model-name", str(tiny_model), "--backend", "torch"]
-    assert subprocess.run(index, env=env, capture_output=True).returncode == 0
+    cache = tmp_path / "openvino-cache"
+    monkeypatch.setenv(ov_vision.CACHE_ENV, str(cache))
+    runner = CliRunner()
+    run_cli(runner, ["-i", photos, "-o", tmp_path / "index.jsonl", "--model-name", tiny_model, "--backend", "torch"])
     search = ["search", "a red car at night", "--db", str(tmp_path / "index.sqlite"), "--top", "8", "--json"]
-    first = subprocess.run([sys.executable, "-c", PROBE.format(args=search)], env=env, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr
-    assert "['torch', 'transformers']" in first.stderr
-    assert list((tmp_path / "openvino-cache" / "text").glob("*/text.json"))
+    first = run_cli(runner, search)  # torch, then the tower is kept
+    assert list((cache / "text").glob("*/text.json"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     second = subprocess.run([sys.executable, "-c", PROBE.format(args=search)], env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr
     assert "[]" in second.stderr.splitlines(), second.stderr
-    hits = [[json.loads(line) for line in done.stdout.splitlines()] for done in (first, second)]
+    hits = [[json.loads(line) for line in out.splitlines()] for out in (first.stdout, second.stdout)]
     assert [h["path"] for h in hits[0]] == [h["path"] for h in hits[1]] and len(hits[0]) == 8
     assert max(abs(a["score"] - b["score"]) for a, b in zip(*hits)) <= 1e-4
 
