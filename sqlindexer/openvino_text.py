@@ -98,6 +98,7 @@ class TextTower:
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if keep_compiled:  # OpenVINO's model cache: a later search reads the compiled blob
             config["CACHE_DIR"] = str(root / "compiled")
+        self.folder = folder
         self._compiled = ov.core().compile_model(str(folder / "text.xml"), "CPU", config)
         # Nothing of OpenVINO runs now: the pages of the files it read may go (see
         # process_memory), it reads back what it needs.
@@ -125,6 +126,10 @@ class TextTower:
             shutil.rmtree(folder, ignore_errors=True)
             return None
 
+    def discard(self) -> None:
+        """Remove the kept folder (it failed): the next search keeps it anew from torch."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         np = self._np
         ids = _encode(self._tokenizer, [query_text(t) for t in texts])
@@ -150,7 +155,8 @@ def keep(name: str, tokenizer: Any, model: Any, torch_vectors: Callable[[Sequenc
             return folder
         refused = folder.with_name(folder.name + ".not-kept")
         if refused.is_file():
-            log.debug("openvino: text queries stay in torch for %s (%s)", name, refused.read_text().strip())
+            why = refused.read_text(encoding="utf-8", errors="replace").strip()
+            log.debug("openvino: text queries stay in torch for %s (%s)", name, why)
             return None
         _remove_abandoned(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +173,7 @@ def keep(name: str, tokenizer: Any, model: Any, torch_vectors: Callable[[Sequenc
             if not (folder / _META).is_file():  # not another search that kept it first
                 raise
         return folder
-    except OSError as e:  # the disk (full, read-only): tried again next time
+    except (OSError, MemoryError) as e:  # the disk (full, read-only), memory: tried again next time
         log.info("openvino: cannot keep the text tower of %s (%s); text queries stay in torch", name, one_line(e))
     except Exception as e:  # noqa: BLE001 - tokens or vectors not torch's, tracing and conversion errors
         why = str(e) if isinstance(e, _NotKept) else one_line(e)
@@ -180,7 +186,7 @@ def keep(name: str, tokenizer: Any, model: Any, torch_vectors: Callable[[Sequenc
 
 def _refuse(path: Path, why: str) -> None:
     try:
-        path.write_text(why + "\n")
+        path.write_text(why + "\n", encoding="utf-8", errors="replace")
     except OSError:
         pass  # tried again next time
 
@@ -198,8 +204,9 @@ def _remove_abandoned(folder: Path) -> None:
 
 def _sync(folder: Path) -> None:
     """Make the files durable before the folder is renamed into place: after a power loss
-    a folder with its text.json holds whole files."""
-    for path in (*folder.iterdir(), folder):
+    a folder with its text.json holds whole files. (Windows cannot open a folder to sync
+    it, and its renames are not made durable that way.)"""
+    for path in (*folder.iterdir(), *(() if os.name == "nt" else (folder,))):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)

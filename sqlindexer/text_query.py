@@ -44,7 +44,8 @@ def embed_query(model_name: str, text: str) -> np.ndarray:
         try:
             return kept.embed_texts([text])[0]
         except Exception as e:  # noqa: BLE001 - a weights file replaced since, OpenVINO failing: torch answers
-            log.info("openvino: the kept text tower failed (%s); using torch", one_line(e))
+            log.info("openvino: the kept text tower failed (%s); using torch, and keeping it anew", one_line(e))
+            kept.discard()
     tower = TorchText(model_name).load()
     vector = tower.embed_texts([text])[0]
     tower.keep_for_openvino()

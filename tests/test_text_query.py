@@ -131,6 +131,41 @@ def test_a_damaged_kept_tower_falls_back_to_torch_and_is_kept_anew(model, cache,
     assert openvino_text.TextTower.find(str(model)) is not None
 
 
+@needs_openvino
+def test_a_kept_tower_that_fails_is_answered_by_torch_and_kept_anew(model, cache, monkeypatch, caplog):
+    from sqlindexer.text_query import embed_query
+
+    torch_text, folder = _kept(model)
+    real, calls = openvino_text.TextTower.embed_texts, []
+
+    def fails_once(self, texts):
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise RuntimeError("Exception from src/inference: the request failed")
+        return real(self, texts)
+
+    monkeypatch.setattr(openvino_text.TextTower, "embed_texts", fails_once)
+    with caplog.at_level(logging.INFO, logger="sqlindexer"):
+        got = embed_query(str(model), "a red car")
+    assert "the kept text tower failed" in caplog.text and "converting the text tower" in caplog.text
+    assert np.array_equal(got, torch_text.embed_texts(["a red car"])[0])  # torch's own vector
+    assert (folder / "text.json").is_file() and not folder.with_name(folder.name + ".not-kept").exists()
+    assert float(openvino_text.TextTower.find(str(model)).embed_texts(["a red car"])[0] @ got) >= 0.9999
+
+
+@needs_openvino
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), MemoryError()])
+def test_a_full_disk_or_memory_keeps_nothing_and_is_tried_again(model, cache, monkeypatch, error):
+    def fails(*args, **kwargs):
+        raise error
+
+    with monkeypatch.context() as m:
+        m.setattr(ov_vision, "save_ir", fails)
+        assert _kept(model)[1] is None
+    assert [p.name for p in (cache / "text").iterdir()] == []  # no half-made folder, no lasting refusal
+    assert _kept(model)[1] is not None
+
+
 def test_a_cache_that_cannot_be_written_leaves_search_to_torch(tmp_path, tiny_model, monkeypatch):
     from click.testing import CliRunner
     from conftest import run_cli
