@@ -159,17 +159,10 @@ class Embedder:
             return False
         if self.requested_device == "auto" and self.requested_backend == "auto" and gpu_possible():
             return False  # torch decides whether there is a GPU to run on instead
-        config = model_files.read_json(self.model_name, "config.json")
-        processor = _processor_config(self.model_name)
-        if config is None or processor is None or config.get("projection_dim") or config.get("transformers_weights"):
+        found = self._geometry_from_files()
+        if found is None:
             return False
-        from .vision_embeddings import embedding_width
-
-        model_type = str(config.get("model_type") or "")
-        spec = PatchSpec.from_config(processor)
-        dim = embedding_width(self.model_name)
-        if model_type not in ov_vision.SUPPORTED or spec is None or dim is None:
-            return False
+        config, model_type, spec, dim = found
         xml = ov_vision.cached_ir(config, dtype=self.requested_dtype, source=weights_identity(self.model_name),
                                   max_patches=spec.max_patches)
         if xml is None:
@@ -181,6 +174,36 @@ class Embedder:
         self.device, self.backend = "cpu", backend
         self.dim, self._spec, self._warm_ir = dim, spec, xml
         return True
+
+    def _geometry_from_files(self) -> tuple[dict[str, Any], str, PatchSpec, int] | None:
+        """(config.json, model type, patch geometry, vector width) of a SigLIP 2 checkpoint
+        from its JSON configs and safetensors headers alone; None where they do not say."""
+        config = model_files.read_json(self.model_name, "config.json")
+        processor = _processor_config(self.model_name)
+        if config is None or processor is None or config.get("projection_dim") or config.get("transformers_weights"):
+            return None
+        from .vision_embeddings import embedding_width
+
+        model_type = str(config.get("model_type") or "")
+        spec = PatchSpec.from_config(processor)
+        dim = embedding_width(self.model_name)
+        if model_type not in ov_vision.SUPPORTED or spec is None or dim is None:
+            return None
+        return config, model_type, spec, dim
+
+    def prepare_geometry(self) -> Embedder:
+        """Only what a process that never runs the model needs (the Ray driver: the vector
+        width and the patch geometry), from the checkpoint's files where they say it, so
+        that neither torch nor transformers is imported; prepare() otherwise. load() is
+        not for an Embedder prepared this way."""
+        if not self._prepared:
+            found = self._geometry_from_files()
+            if found is None:
+                return self.prepare()
+            _, _, self._spec, self.dim = found
+            self.device, self.backend = "cpu", self.requested_backend
+            self._prepared = True
+        return self
 
     def load(self) -> Embedder:
         """Load the weights (after prepare()); safe to call again, from any thread: a call

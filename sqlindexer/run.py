@@ -267,12 +267,14 @@ def _embed(ctx: RunContext, embedder_factory: Callable[..., Any] | None) -> None
 def _prepared_embedder(config: Config, embedder_factory: Callable[..., Any] | None) -> Any:
     if embedder_factory is None:
         from .embed import Embedder as embedder_factory  # noqa: N813 - deferred: imports torch
-    # With Ray the model runs on the cluster's actors: here it only gives the input
-    # geometry and the vector size, whatever GPU this machine lacks.
-    device = "cpu" if config.engine == "ray" else config.device
-    # (Backend checks with Ray: the actors run the model, on the cluster's devices.)
-    backend = "torch" if config.engine == "ray" else config.backend
-    return embedder_factory(config.model_name, device=device, dtype=config.dtype, backend=backend).prepare()
+    if config.engine == "ray":
+        # The model runs on the cluster's actors (and the backend is checked there, on
+        # their devices): here it only gives the input geometry and the vector size,
+        # whatever GPU this machine lacks.
+        embedder = embedder_factory(config.model_name, device="cpu", dtype=config.dtype, backend="torch")
+        return embedder.prepare_geometry()
+    return embedder_factory(config.model_name, device=config.device, dtype=config.dtype,
+                            backend=config.backend).prepare()
 
 
 def _engine(config: Config) -> Any:

@@ -161,15 +161,33 @@ def _actor_pids() -> list[int]:
 
 
 # -- tests -------------------------------------------------------------------------------
+# Runs the CLI given after it and says, at exit, whether torch or transformers was imported.
+IMPORTS_PROBE = ("import atexit, runpy, sys\n"
+                 "atexit.register(lambda: print('imported:', *sorted({'torch', 'transformers'} & set(sys.modules)),"
+                 " file=sys.stderr))\n"
+                 "sys.argv = ['sqlindexer', *sys.argv[4:]]\n"
+                 "runpy.run_module('sqlindexer', run_name='__main__')\n")
+
+
 def test_ray_run_gives_the_local_index(cluster, tree, tiny_model, local_index, tmp_path):
     out = tmp_path / "index.jsonl"
-    err = _finish(_start(tree, out, tiny_model, cluster), out)
+    err = _finish(_start(tree, out, tiny_model, cluster, prefix=(sys.executable, "-c", IMPORTS_PROBE)), out)
     assert "on Ray" in err and "failed 1, exported 25" in err, err
+    # The driver reads the vector width and patch geometry from the checkpoint's files:
+    # the model runs on the actors only.
+    assert err.splitlines()[-1] == "imported:", err
     records, failed = local_index
     _same_index(read_jsonl(out), records)
     # The broken file is failed with the reason the local engine gives.
     assert _query(out.with_suffix(".sqlite"), "SELECT path, error FROM files WHERE status = 'failed'") == failed
     assert [Path(p).name for p, _ in failed] == ["broken.jpg"]
+    # Each file's fingerprint, hashed by the worker that decoded it, is of its bytes.
+    from sqlindexer import fingerprint
+
+    hashed = _query(out.with_suffix(".sqlite"), "SELECT path, content FROM files WHERE status = 'ok'")
+    assert len(hashed) == N_OK
+    for path, content in hashed:
+        assert content == fingerprint.digest(Path(path).read_bytes()), path
 
 
 def test_an_actor_killed_mid_job_is_replaced_and_the_job_completes(cluster, tree, tiny_model, local_index, tmp_path):
@@ -286,16 +304,18 @@ def test_ray_reindex_reuses_moved_and_copied_files(cluster, tiny_model, tmp_path
     # hashes) only the file whose content is new.
     import shutil
 
+    from click.testing import CliRunner
+
     from sqlindexer import fingerprint
 
     lib, out = tmp_path / "lib", tmp_path / "index.jsonl"
     for i in range(6):
         make_photo(lib / "a" / f"p{i}.jpg", size=(64 + 4 * i, 48), seed=i)
-    _finish(_start(lib, out, tiny_model, cluster), out)
+    # The first index in this process, on the local engine: what the Ray run reuses is
+    # what the database holds, whichever engine wrote it (and a Ray job costs seconds).
+    run_cli(CliRunner(), ["-i", lib, "-o", out, "--model-name", tiny_model, "--batch-size", BATCH])
     before = {r["metadata"]["path"]: r["vector"] for r in read_jsonl(out)}
     db = out.with_suffix(".sqlite")
-    for path, content in _query(db, "SELECT path, content FROM files"):
-        assert content == fingerprint.digest(Path(path).read_bytes()), path
 
     (lib / "a").rename(lib / "b")
     shutil.copytree(lib / "b", lib / "c")
