@@ -63,6 +63,20 @@ def corpus() -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_corpus_index(corpus, tiny_model, tmp_path_factory):
+    """The corpus's real/ indexed once for the session with the tiny model (hidden files
+    included): (its index.jsonl, the CLI's result). The tests that use it only read it:
+    indexing those 292 files is the suite's longest setup."""
+    out = tmp_path_factory.mktemp("corpus-real") / "index.jsonl"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_HOME", str(out.parent / "hf-home"))
+        result = run_cli(CliRunner(), ["-i", corpus / "real", "-o", out, "--model-name", tiny_model,
+                                       "--include-hidden"])
+    return out, result
+
+
+@pytest.fixture(scope="session")
 def manifest(corpus) -> dict[str, dict[str, str]]:
     with open(corpus / "MANIFEST.tsv", newline="", encoding="utf-8") as f:
         return {row["path"]: row for row in csv.DictReader(f, delimiter="\t")}

@@ -28,16 +28,20 @@ class Run:
     """One CLI run: its result, the exported records (by corpus-relative path) and the
     `files` rows of its working database."""
 
-    def __init__(self, corpus: Path, folder: Path, out_dir: Path, model: Path, *extra: str) -> None:
+    @classmethod
+    def index(cls, corpus: Path, folder: Path, out_dir: Path, model: Path, *extra: str) -> Run:
         out = out_dir / "index.jsonl"
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("HF_HUB_OFFLINE", "1")
             mp.setenv("HF_HOME", str(out_dir / "hf-home"))
-            self.result = run_cli(CliRunner(), ["-i", folder, "-o", out, "--model-name", model, *extra])
+            return cls(corpus, out, run_cli(CliRunner(), ["-i", folder, "-o", out, "--model-name", model, *extra]))
+
+    def __init__(self, corpus: Path, out: Path, result) -> None:
+        self.result = result
         self.lines = out.read_text(encoding="utf-8").splitlines()
         self.record_list = [json.loads(line) for line in self.lines]
         self.records = {rel(corpus, r["metadata"]["path"]): r for r in self.record_list}
-        conn = sqlite3.connect(out_dir / "index.sqlite")
+        conn = sqlite3.connect(out.with_suffix(".sqlite"))
         conn.row_factory = sqlite3.Row
         self.files = {rel(corpus, row["path"]): dict(row) for row in conn.execute("SELECT * FROM files")}
         conn.close()
@@ -53,13 +57,13 @@ def rel(corpus: Path, path: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def real_run(corpus, tiny_model, tmp_path_factory) -> Run:
-    return Run(corpus, corpus / "real", tmp_path_factory.mktemp("corpus-real"), tiny_model, "--include-hidden")
+def real_run(corpus, real_corpus_index) -> Run:
+    return Run(corpus, *real_corpus_index)
 
 
 @pytest.fixture(scope="module")
 def bad_run(corpus, tiny_model, tmp_path_factory) -> Run:
-    return Run(corpus, corpus / "bad", tmp_path_factory.mktemp("corpus-bad"), tiny_model)
+    return Run.index(corpus, corpus / "bad", tmp_path_factory.mktemp("corpus-bad"), tiny_model)
 
 
 def real_rows(manifest) -> dict[str, dict]:
@@ -199,7 +203,7 @@ def test_all_exif_is_plain_json(real_run):
 def test_hidden_file_only_with_include_hidden(real_run, corpus, tiny_model, tmp_path_factory):
     assert HIDDEN in real_run.records
     # Without the flag, on the folder that holds the hidden one (a small run).
-    naming = Run(corpus, corpus / "real" / "naming", tmp_path_factory.mktemp("corpus-naming"), tiny_model)
+    naming = Run.index(corpus, corpus / "real" / "naming", tmp_path_factory.mktemp("corpus-naming"), tiny_model)
     expected = sorted(p for p in real_run.records if p.startswith("real/naming/") and p != HIDDEN)
     assert len(expected) == 6
     assert sorted(naming.records) == expected

@@ -614,10 +614,8 @@ def test_placeholder_renders_as_text_in_a_browser(runner, browser, tmp_path, tin
 
 # -- the corpus --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def corpus_db(corpus, tiny_model, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("html-corpus") / "index.jsonl"
-    index(CliRunner(), corpus / "real", out, tiny_model)
-    return out.with_suffix(".sqlite")
+def corpus_db(real_corpus_index) -> Path:
+    return real_corpus_index[0].with_suffix(".sqlite")
 
 
 def test_corpus_pages_render_in_a_browser(runner, corpus, corpus_db, browser, tmp_path):
