@@ -353,3 +353,21 @@ def test_patch_spec_refuses_other_processors(embedder):
         setattr(proc, attr, value)
         assert PatchSpec.of(proc) is None, attr
     assert PatchSpec.of(object()) is None
+
+
+def test_the_geometry_read_from_the_files_is_what_transformers_reads(tiny_model, tmp_path):
+    """The Ray driver's prepare_geometry(): the checkpoint's JSON and safetensors headers,
+    else (a processor config that leaves a step to its defaults) transformers' reading."""
+    import json
+
+    from sqlindexer.embed import Embedder
+
+    def geometry(model, how):
+        e = getattr(Embedder(str(model), device="cpu", backend="torch"), how)()
+        return e.dim, e.patch_size, e.max_num_patches, e._config is None
+
+    assert geometry(tiny_model, "prepare_geometry") == (*geometry(tiny_model, "prepare")[:3], True)
+    vague = Path(shutil.copytree(tiny_model, tmp_path / "vague"))
+    config = vague / "preprocessor_config.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "do_normalize"}))
+    assert geometry(vague, "prepare_geometry") == (*geometry(tiny_model, "prepare")[:3], False)
