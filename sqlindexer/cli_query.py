@@ -111,18 +111,22 @@ _ORIGIN = {"cache": "from the cache", "built": "cached now", "memory": "read fro
 def _answer(db_path: str, as_json: bool | None, html_path: str | None, open_page: bool, title: str,
             query: Callable[[Any], Any], query_image: str | None = None) -> None:
     """What search and similar share: the page's target checked before the query, the
-    query's hits echoed, then the page written and reported."""
+    query's hits echoed, then the page written and reported, then what the query left
+    to do (Results.then)."""
     setup_logging("WARNING")
     target = _page_target(html_path, open_page, db_path)
 
-    def work(conn: Any) -> Any:
+    def work(conn: Any) -> tuple[Any, Any]:
         results = query(conn)
         _echo_hits(results, as_json)
-        return target and _hits_page(conn, db_path, target, results, title, query_image=query_image)
+        return results, target and _hits_page(conn, db_path, target, results, title, query_image=query_image)
 
-    page = with_db(db_path, work)
+    results, page = with_db(db_path, work)
     if page:
         _report_page(page, open_page)
+    if results.then is not None:  # after the answer: it takes seconds
+        click.echo("keeping the text tower for OpenVINO, once: later searches skip torch", err=True)
+        results.then()
 
 
 def _echo_hits(results: Any, as_json: bool | None) -> None:

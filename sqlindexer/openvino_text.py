@@ -63,6 +63,8 @@ _FORMAT = 1
 _META = "text.json"  # written last: a folder without it was never finished
 # A folder being kept that is older than this was left by a search that was killed.
 _ABANDONED_AFTER = 3600
+# Folders left unfinished (younger than that) after which no search tries again until they age.
+_MOST_UNFINISHED = 2
 
 
 def key(name: str) -> str | None:
@@ -140,6 +142,37 @@ class TextTower:
         return (features / norms).astype("<f4", copy=False)
 
 
+def would_keep(name: str, *, cache: Path | None = None) -> bool:
+    """Whether keep() would try: OpenVINO installed, nothing kept or refused for name yet,
+    and not two keeps killed within the last hour (a machine that cannot hold the
+    conversion would otherwise pay it, and be killed, at every search)."""
+    if not ov.installed():
+        return False
+    try:
+        folder = folder_for(name, cache)
+        if folder is None or (folder / _META).is_file() or _refusal(folder).is_file():
+            return False
+        return _unfinished(folder) < _MOST_UNFINISHED
+    except OSError:
+        return False
+
+
+def _unfinished(folder: Path) -> int:
+    """How many keeps of folder were left unfinished within the last _ABANDONED_AFTER
+    seconds (or are running now)."""
+    now, n = time.time(), 0
+    for tmp in folder.parent.glob(f".{folder.name}.*"):
+        try:
+            n += now - tmp.stat().st_mtime <= _ABANDONED_AFTER
+        except OSError:
+            pass
+    return n
+
+
+def _refusal(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".not-kept")
+
+
 def keep(name: str, tokenizer: Any, model: Any, torch_vectors: Callable[[Sequence[str]], np.ndarray], *,
          cache: Path | None = None) -> Path | None:
     """After a search embedded its text in torch: keep what a later search needs (see the
@@ -153,7 +186,7 @@ def keep(name: str, tokenizer: Any, model: Any, torch_vectors: Callable[[Sequenc
         folder = folder_for(name, cache)
         if folder is None or (folder / _META).is_file():
             return folder
-        refused = folder.with_name(folder.name + ".not-kept")
+        refused = _refusal(folder)
         if refused.is_file():
             why = refused.read_text(encoding="utf-8", errors="replace").strip()
             log.debug("openvino: text queries stay in torch for %s (%s)", name, why)

@@ -156,6 +156,9 @@ class Results:
     origin: str
     query_seconds: float = 0.0
     approximate: bool = False  # the candidates came from the approximate index
+    # What is left to do once the hits are shown (search: keeping the text tower for
+    # OpenVINO, text_query.embed_query); None where nothing is.
+    then: Callable[[], None] | None = None
 
 
 def _image_embedder(model: str, embedder_factory: Callable[..., Embedder] | None) -> Embedder:
@@ -192,13 +195,15 @@ def search_text(conn: sqlite3.Connection, db_path: str | os.PathLike[str], text:
     model = choose_model(conn, model_name, where=str(absolute(db_path)))
     from .text_query import embed_query
 
-    query = embed_query(model.model, text)
+    query, then = embed_query(model.model, text)
     if query.shape[0] != model.dim:
         raise SearchError(f"model {model.model} gives {query.shape[0]}-d text vectors, its image vectors in "
                           f"the database are {model.dim}-d")
     index = load_index(conn, db_path, model, progress=progress)
     ann = approximate_index(conn, index, exact=exact, progress=progress)
-    return _rank(index, query, top, filters, ann=ann)
+    results = _rank(index, query, top, filters, ann=ann)
+    results.then = then
+    return results
 
 
 def search_image(conn: sqlite3.Connection, db_path: str | os.PathLike[str], image: str, *, top: int,

@@ -14,7 +14,7 @@ with this one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import one_line
@@ -34,22 +34,23 @@ def query_text(text: str) -> str:
     return text.lower()
 
 
-def embed_query(model_name: str, text: str) -> np.ndarray:
+def embed_query(model_name: str, text: str) -> tuple[np.ndarray, Callable[[], None] | None]:
     """The (dim,) float32 vector of text, L2-normalised, comparable with the image vectors by
-    cosine (Siglip2Model.get_text_features)."""
+    cosine (Siglip2Model.get_text_features); and what is left to do once the answer is
+    shown: keeping the tower for OpenVINO after a search through torch (it takes seconds
+    and twice the memory, so it waits until the hits are out). None where nothing is left."""
     from . import openvino_text
 
     kept = openvino_text.TextTower.find(model_name)
     if kept is not None:
         try:
-            return kept.embed_texts([text])[0]
+            return kept.embed_texts([text])[0], None
         except Exception as e:  # noqa: BLE001 - a weights file replaced since, OpenVINO failing: torch answers
             log.info("openvino: the kept text tower failed (%s); using torch, and keeping it anew", one_line(e))
             kept.discard()
     tower = TorchText(model_name).load()
     vector = tower.embed_texts([text])[0]
-    tower.keep_for_openvino()
-    return vector
+    return vector, (tower.keep_for_openvino if openvino_text.would_keep(model_name) else None)
 
 
 class TorchText:

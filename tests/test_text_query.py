@@ -146,8 +146,10 @@ def test_a_kept_tower_that_fails_is_answered_by_torch_and_kept_anew(model, cache
 
     monkeypatch.setattr(openvino_text.TextTower, "embed_texts", fails_once)
     with caplog.at_level(logging.INFO, logger="sqlindexer"):
-        got = embed_query(str(model), "a red car")
-    assert "the kept text tower failed" in caplog.text and "converting the text tower" in caplog.text
+        got, then = embed_query(str(model), "a red car")
+        assert "the kept text tower failed" in caplog.text and not folder.exists()
+        then()
+    assert "converting the text tower" in caplog.text
     assert np.array_equal(got, torch_text.embed_texts(["a red car"])[0])  # torch's own vector
     assert (folder / "text.json").is_file() and not folder.with_name(folder.name + ".not-kept").exists()
     assert float(openvino_text.TextTower.find(str(model)).embed_texts(["a red car"])[0] @ got) >= 0.9999
@@ -222,10 +224,14 @@ def test_a_second_search_imports_neither_torch_nor_transformers_and_ranks_the_sa
     search = ["search", "a red car at night", "--db", str(tmp_path / "index.sqlite"), "--top", "8", "--json"]
     first = run_cli(runner, search)  # torch, then the tower is kept
     assert list((cache / "text").glob("*/text.json"))
+    # Kept after the answer is out: the hits, then the summary, then the line saying so.
+    said = first.stderr.splitlines()
+    assert said[-1].startswith("keeping the text tower") and said[-2].startswith("8 of 8 images"), said
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     second = subprocess.run([sys.executable, "-c", PROBE.format(args=search)], env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr
     assert "[]" in second.stderr.splitlines(), second.stderr
+    assert "keeping" not in second.stderr, second.stderr
     hits = [[json.loads(line) for line in out.splitlines()] for out in (first.stdout, second.stdout)]
     assert [h["path"] for h in hits[0]] == [h["path"] for h in hits[1]] and len(hits[0]) == 8
     assert max(abs(a["score"] - b["score"]) for a, b in zip(*hits)) <= 1e-4
@@ -242,3 +248,20 @@ def test_what_a_killed_search_left_half_kept_is_removed(model, cache):
     _kept(model)
     # The recent one may be another search's, still keeping it.
     assert not old.exists() and recent.exists() and (folder / "text.json").is_file()
+
+
+@needs_openvino
+def test_after_two_keeps_killed_within_the_hour_searches_stop_trying(model, cache):
+    """A machine whose memory cannot hold the conversion would otherwise pay it, and have
+    the search killed, every time."""
+    folder = openvino_text.folder_for(str(model))
+    assert openvino_text.would_keep(str(model))
+    killed = [folder.with_name(f".{folder.name}.killed{i}") for i in range(2)]
+    for left in killed:
+        (left / "partial").mkdir(parents=True)
+    assert not openvino_text.would_keep(str(model))
+    hours_ago = os.stat(killed[0]).st_mtime - 2 * 3600
+    os.utime(killed[0], (hours_ago, hours_ago))
+    assert openvino_text.would_keep(str(model))
+    _kept(model)
+    assert not openvino_text.would_keep(str(model))  # kept now
