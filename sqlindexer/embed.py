@@ -16,7 +16,7 @@ import logging
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import cpu, model_files, process_memory
 from . import openvino_vision as ov_vision
@@ -41,6 +41,14 @@ if TYPE_CHECKING:
     from .vision_embeddings import VisionEmbeddings
 
 log = logging.getLogger(__name__)
+
+
+class _FileGeometry(NamedTuple):
+    config: dict[str, Any]  # config.json
+    model_type: str
+    spec: PatchSpec  # the image processor's patch geometry and normalisation
+    dim: int  # the vector's width
+
 
 __all__ = ["BACKENDS", "DTYPES", "Embedder", "PatchSpec", "resolve_backend", "resolve_device", "resolve_dtype"]
 
@@ -162,7 +170,7 @@ class Embedder:
         found = self._geometry_from_files()
         if found is None:
             return False
-        config, model_type, spec, dim = found
+        config, model_type, spec, dim = found.config, found.model_type, found.spec, found.dim
         xml = ov_vision.cached_ir(config, dtype=self.requested_dtype, source=weights_identity(self.model_name),
                                   max_patches=spec.max_patches)
         if xml is None:
@@ -175,9 +183,9 @@ class Embedder:
         self.dim, self._spec, self._warm_ir = dim, spec, xml
         return True
 
-    def _geometry_from_files(self) -> tuple[dict[str, Any], str, PatchSpec, int] | None:
-        """(config.json, model type, patch geometry, vector width) of a SigLIP 2 checkpoint
-        from its JSON configs and safetensors headers alone; None where they do not say."""
+    def _geometry_from_files(self) -> _FileGeometry | None:
+        """What a SigLIP 2 checkpoint's JSON configs and safetensors headers alone say of
+        it; None where they do not say it all."""
         config = model_files.read_json(self.model_name, "config.json")
         processor = _processor_config(self.model_name)
         if config is None or processor is None or config.get("projection_dim") or config.get("transformers_weights"):
@@ -189,20 +197,18 @@ class Embedder:
         dim = embedding_width(self.model_name)
         if model_type not in ov_vision.SUPPORTED or spec is None or dim is None:
             return None
-        return config, model_type, spec, dim
+        return _FileGeometry(config, model_type, spec, dim)
 
     def prepare_geometry(self) -> Embedder:
         """Only what a process that never runs the model needs (the Ray driver: the vector
         width and the patch geometry), from the checkpoint's files where they say it, so
-        that neither torch nor transformers is imported; prepare() otherwise. load() is
-        not for an Embedder prepared this way."""
+        that neither torch nor transformers is imported; prepare() otherwise. Anything
+        more (load(), embedding) still prepares in full first."""
         if not self._prepared:
             found = self._geometry_from_files()
             if found is None:
                 return self.prepare()
-            _, _, self._spec, self.dim = found
-            self.device, self.backend = "cpu", self.requested_backend
-            self._prepared = True
+            self._spec, self.dim = found.spec, found.dim
         return self
 
     def load(self) -> Embedder:

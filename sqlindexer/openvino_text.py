@@ -128,9 +128,27 @@ class TextTower:
             shutil.rmtree(folder, ignore_errors=True)
             return None
 
+    def broken(self) -> bool:
+        """Whether the tower fails on a plain text too, not only on one query (nor for want
+        of memory, which passes)."""
+        try:
+            self.embed_texts([PROBES[0]])
+        except MemoryError:
+            return False
+        except Exception:  # noqa: BLE001 - whatever made the query fail
+            return True
+        return False
+
     def discard(self) -> None:
-        """Remove the kept folder (it failed): the next search keeps it anew from torch."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Remove the kept folder (it is broken): the next search keeps it anew from torch.
+        Moved aside first, so that a removal cut short leaves no folder under its name."""
+        self._compiled = None  # its files may not be removed while OpenVINO holds them open
+        aside = self.folder.with_name(f"{self.folder.name}.discarded.{os.getpid()}")
+        try:
+            self.folder.rename(aside)
+        except OSError:
+            aside = self.folder
+        shutil.rmtree(aside, ignore_errors=True)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         np = self._np
@@ -203,8 +221,12 @@ def keep(name: str, tokenizer: Any, model: Any, torch_vectors: Callable[[Sequenc
         try:
             tmp.rename(folder)
         except OSError:
-            if not (folder / _META).is_file():  # not another search that kept it first
-                raise
+            if (folder / _META).is_file():  # another search kept it first
+                return folder
+            # What a removal cut short left under the name (never a keep in progress:
+            # those work in their own folder until this rename).
+            shutil.rmtree(folder)
+            tmp.rename(folder)
         return folder
     except (OSError, MemoryError) as e:  # the disk (full, read-only), memory: tried again next time
         log.info("openvino: cannot keep the text tower of %s (%s); text queries stay in torch", name, one_line(e))
@@ -237,10 +259,13 @@ def _remove_abandoned(folder: Path) -> None:
 
 def _sync(folder: Path) -> None:
     """Make the files durable before the folder is renamed into place: after a power loss
-    a folder with its text.json holds whole files. (Windows cannot open a folder to sync
-    it, and its renames are not made durable that way.)"""
-    for path in (*folder.iterdir(), *(() if os.name == "nt" else (folder,))):
-        fd = os.open(path, os.O_RDONLY)
+    a folder with its text.json holds whole files."""
+    # Windows syncs only a file opened for writing, and cannot open a folder at all.
+    opened = [(path, os.O_RDWR | getattr(os, "O_BINARY", 0)) for path in folder.iterdir()]
+    if os.name != "nt":
+        opened.append((folder, os.O_RDONLY))
+    for path, flags in opened:
+        fd = os.open(path, flags)
         try:
             os.fsync(fd)
         finally:

@@ -266,13 +266,13 @@ def _embed(ctx: RunContext, embedder_factory: Callable[..., Any] | None) -> None
 
 def _prepared_embedder(config: Config, embedder_factory: Callable[..., Any] | None) -> Any:
     if embedder_factory is None:
-        from .embed import Embedder as embedder_factory  # noqa: N813 - deferred: imports torch
+        from .embed import Embedder as embedder_factory  # noqa: N813 - deferred, as all model code is
     if config.engine == "ray":
         # The model runs on the cluster's actors (and the backend is checked there, on
         # their devices): here it only gives the input geometry and the vector size,
         # whatever GPU this machine lacks.
         embedder = embedder_factory(config.model_name, device="cpu", dtype=config.dtype, backend="torch")
-        return embedder.prepare_geometry()
+        return getattr(embedder, "prepare_geometry", embedder.prepare)()
     return embedder_factory(config.model_name, device=config.device, dtype=config.dtype,
                             backend=config.backend).prepare()
 

@@ -46,8 +46,10 @@ def embed_query(model_name: str, text: str) -> tuple[np.ndarray, Callable[[], No
         try:
             return kept.embed_texts([text])[0], None
         except Exception as e:  # noqa: BLE001 - a weights file replaced since, OpenVINO failing: torch answers
-            log.info("openvino: the kept text tower failed (%s); using torch, and keeping it anew", one_line(e))
-            kept.discard()
+            log.info("openvino: the kept text tower failed (%s); using torch", one_line(e))
+            if not isinstance(e, MemoryError) and kept.broken():
+                log.info("openvino: it fails on any text: it is kept anew")
+                kept.discard()
     tower = TorchText(model_name).load()
     vector = tower.embed_texts([text])[0]
     return vector, (tower.keep_for_openvino if openvino_text.would_keep(model_name) else None)

@@ -65,8 +65,9 @@ def corpus() -> Path:
 @pytest.fixture(scope="session")
 def real_corpus_index(corpus, tiny_model, tmp_path_factory):
     """The corpus's real/ indexed once for the session with the tiny model (hidden files
-    included): (its index.jsonl, the CLI's result). The tests that use it only read it:
-    indexing those 292 files is the suite's longest setup."""
+    included): (its index.jsonl, the CLI's result). The tests that use it change neither
+    the index nor the database's rows (pages write thumbnails beside it): indexing those
+    292 files is the suite's longest setup."""
     out = tmp_path_factory.mktemp("corpus-real") / "index.jsonl"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")

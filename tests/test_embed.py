@@ -355,7 +355,7 @@ def test_patch_spec_refuses_other_processors(embedder):
     assert PatchSpec.of(object()) is None
 
 
-def test_the_geometry_read_from_the_files_is_what_transformers_reads(tiny_model, tmp_path):
+def test_the_geometry_read_from_the_files_is_what_transformers_reads(tmp_path):
     """The Ray driver's prepare_geometry(): the checkpoint's JSON and safetensors headers,
     else (a processor config that leaves a step to its defaults) transformers' reading."""
     import json
@@ -366,8 +366,14 @@ def test_the_geometry_read_from_the_files_is_what_transformers_reads(tiny_model,
         e = getattr(Embedder(str(model), device="cpu", backend="torch"), how)()
         return e.dim, e.patch_size, e.max_num_patches, e._config is None
 
-    assert geometry(tiny_model, "prepare_geometry") == (*geometry(tiny_model, "prepare")[:3], True)
-    vague = Path(shutil.copytree(tiny_model, tmp_path / "vague"))
+    from sqlindexer.testing import build_random_siglip2
+
+    # Not the defaults the properties fall back to (16-pixel patches, 256 of them).
+    model = build_random_siglip2(tmp_path / "model", max_num_patches=64, patch_size=8, with_tokenizer=False)
+    want = geometry(model, "prepare")[:3]
+    assert want[1:] == (8, 64)
+    assert geometry(model, "prepare_geometry") == (*want, True)
+    vague = Path(shutil.copytree(model, tmp_path / "vague"))
     config = vague / "preprocessor_config.json"
     config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "do_normalize"}))
-    assert geometry(vague, "prepare_geometry") == (*geometry(tiny_model, "prepare")[:3], False)
+    assert geometry(vague, "prepare_geometry") == (*want, False)

@@ -165,7 +165,7 @@ def _actor_pids() -> list[int]:
 IMPORTS_PROBE = ("import atexit, runpy, sys\n"
                  "atexit.register(lambda: print('imported:', *sorted({'torch', 'transformers'} & set(sys.modules)),"
                  " file=sys.stderr))\n"
-                 "sys.argv = ['sqlindexer', *sys.argv[4:]]\n"
+                 "sys.argv = ['sqlindexer', *sys.argv[sys.argv.index('sqlindexer') + 1:]]\n"
                  "runpy.run_module('sqlindexer', run_name='__main__')\n")
 
 
@@ -175,7 +175,7 @@ def test_ray_run_gives_the_local_index(cluster, tree, tiny_model, local_index, t
     assert "on Ray" in err and "failed 1, exported 25" in err, err
     # The driver reads the vector width and patch geometry from the checkpoint's files:
     # the model runs on the actors only.
-    assert err.splitlines()[-1] == "imported:", err
+    assert [line for line in err.splitlines() if line.startswith("imported:")] == ["imported:"], err
     records, failed = local_index
     _same_index(read_jsonl(out), records)
     # The broken file is failed with the reason the local engine gives.

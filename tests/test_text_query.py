@@ -132,27 +132,44 @@ def test_a_damaged_kept_tower_falls_back_to_torch_and_is_kept_anew(model, cache,
 
 
 @needs_openvino
-def test_a_kept_tower_that_fails_is_answered_by_torch_and_kept_anew(model, cache, monkeypatch, caplog):
+@pytest.mark.parametrize("failing", ["every text", "this query", "for want of memory"])
+def test_a_kept_tower_that_fails_is_answered_by_torch(model, cache, monkeypatch, caplog, failing):
+    """Torch answers; the kept folder is removed and kept anew only where it fails on a
+    plain text too (not for one query's sake, nor for want of memory)."""
     from sqlindexer.text_query import embed_query
 
     torch_text, folder = _kept(model)
-    real, calls = openvino_text.TextTower.embed_texts, []
+    real = openvino_text.TextTower.embed_texts
 
-    def fails_once(self, texts):
-        calls.append(len(calls))
-        if len(calls) == 1:
+    def fails(self, texts):
+        if failing == "for want of memory":
+            raise MemoryError()
+        if failing == "every text" or texts == ["a red car"]:
             raise RuntimeError("Exception from src/inference: the request failed")
         return real(self, texts)
 
-    monkeypatch.setattr(openvino_text.TextTower, "embed_texts", fails_once)
     with caplog.at_level(logging.INFO, logger="sqlindexer"):
-        got, then = embed_query(str(model), "a red car")
-        assert "the kept text tower failed" in caplog.text and not folder.exists()
+        with monkeypatch.context() as m:
+            m.setattr(openvino_text.TextTower, "embed_texts", fails)
+            got, then = embed_query(str(model), "a red car")
+        assert "the kept text tower failed" in caplog.text
+        assert np.array_equal(got, torch_text.embed_texts(["a red car"])[0])  # torch's own vector
+        if failing != "every text":
+            assert then is None and (folder / "text.json").is_file()
+            return
+        assert not folder.exists() and not list(cache.glob("text/*.discarded.*"))
         then()
     assert "converting the text tower" in caplog.text
-    assert np.array_equal(got, torch_text.embed_texts(["a red car"])[0])  # torch's own vector
     assert (folder / "text.json").is_file() and not folder.with_name(folder.name + ".not-kept").exists()
     assert float(openvino_text.TextTower.find(str(model)).embed_texts(["a red car"])[0] @ got) >= 0.9999
+
+
+@needs_openvino
+def test_what_a_removal_cut_short_left_under_the_name_is_replaced(model, cache):
+    _, folder = _kept(model)
+    (folder / "text.json").unlink()  # as a removal killed half-way leaves it
+    assert openvino_text.TextTower.find(str(model)) is None
+    assert _kept(model)[1] == folder and openvino_text.TextTower.find(str(model)) is not None
 
 
 @needs_openvino
