@@ -125,8 +125,13 @@ def _answer(db_path: str, as_json: bool | None, html_path: str | None, open_page
     if page:
         _report_page(page, open_page)
     if results.then is not None:  # after the answer: it takes seconds
-        click.echo("keeping the text tower for OpenVINO, once: later searches skip torch", err=True)
-        results.then()
+        try:
+            if results.then():
+                click.echo("kept the text tower for OpenVINO: later searches skip torch", err=True)
+        except KeyboardInterrupt:
+            click.echo("interrupted while keeping the text tower for OpenVINO (nothing kept); the hits above "
+                       "are complete", err=True)
+            raise SystemExit(130) from None
 
 
 def _echo_hits(results: Any, as_json: bool | None) -> None:

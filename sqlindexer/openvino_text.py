@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,12 +144,9 @@ class TextTower:
         """Remove the kept folder (it is broken): the next search keeps it anew from torch.
         Moved aside first, so that a removal cut short leaves no folder under its name."""
         self._compiled = None  # its files may not be removed while OpenVINO holds them open
-        aside = self.folder.with_name(f"{self.folder.name}.discarded.{os.getpid()}")
-        try:
-            self.folder.rename(aside)
-        except OSError:
-            aside = self.folder
-        shutil.rmtree(aside, ignore_errors=True)
+        aside = _move_aside(self.folder)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         np = self._np
@@ -161,14 +159,18 @@ class TextTower:
 
 
 def would_keep(name: str, *, cache: Path | None = None) -> bool:
-    """Whether keep() would try: OpenVINO installed, nothing kept or refused for name yet,
-    and not two keeps killed within the last hour (a machine that cannot hold the
-    conversion would otherwise pay it, and be killed, at every search)."""
+    """Whether keep() would try: OpenVINO installed, a cache folder that can be written,
+    nothing kept or refused for name yet, and not two keeps killed within the last hour
+    (a machine that cannot hold the conversion would otherwise pay it, and be killed, at
+    every search)."""
     if not ov.installed():
         return False
     try:
         folder = folder_for(name, cache)
         if folder is None or (folder / _META).is_file() or _refusal(folder).is_file():
+            return False
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder.parent, os.W_OK):
             return False
         return _unfinished(folder) < _MOST_UNFINISHED
     except OSError:
@@ -181,10 +183,26 @@ def _unfinished(folder: Path) -> int:
     now, n = time.time(), 0
     for tmp in folder.parent.glob(f".{folder.name}.*"):
         try:
-            n += now - tmp.stat().st_mtime <= _ABANDONED_AFTER
+            n += not tmp.name.startswith(_aside_prefix(folder)) and now - tmp.stat().st_mtime <= _ABANDONED_AFTER
         except OSError:
             pass
     return n
+
+
+def _aside_prefix(folder: Path) -> str:
+    return f".{folder.name}.removing-"
+
+
+def _move_aside(folder: Path) -> Path | None:
+    """Rename folder to a name of its own, to be removed there: a removal cut short then
+    leaves nothing under folder's name (what it leaves, _remove_abandoned removes). None
+    where folder is not there."""
+    aside = folder.with_name(_aside_prefix(folder) + uuid.uuid4().hex)
+    try:
+        folder.rename(aside)
+    except FileNotFoundError:
+        return None
+    return aside
 
 
 def _refusal(folder: Path) -> Path:
@@ -225,8 +243,15 @@ def keep(name: str, tokenizer: Any, model: Any, torch_vectors: Callable[[Sequenc
                 return folder
             # What a removal cut short left under the name (never a keep in progress:
             # those work in their own folder until this rename).
-            shutil.rmtree(folder)
-            tmp.rename(folder)
+            debris = _move_aside(folder)
+            try:
+                tmp.rename(folder)
+            except OSError:
+                if not (folder / _META).is_file():
+                    raise
+            finally:
+                if debris is not None:
+                    shutil.rmtree(debris, ignore_errors=True)
         return folder
     except (OSError, MemoryError) as e:  # the disk (full, read-only), memory: tried again next time
         log.info("openvino: cannot keep the text tower of %s (%s); text queries stay in torch", name, one_line(e))
@@ -247,11 +272,12 @@ def _refuse(path: Path, why: str) -> None:
 
 
 def _remove_abandoned(folder: Path) -> None:
-    """Remove what searches killed while keeping this folder left (as big as the tower)."""
+    """Remove what searches killed while keeping this folder, or removing it, left (each
+    as big as the tower)."""
     now = time.time()
     for tmp in folder.parent.glob(f".{folder.name}.*"):
         try:
-            if now - tmp.stat().st_mtime > _ABANDONED_AFTER:
+            if tmp.name.startswith(_aside_prefix(folder)) or now - tmp.stat().st_mtime > _ABANDONED_AFTER:
                 shutil.rmtree(tmp, ignore_errors=True)
         except OSError:
             pass
@@ -261,7 +287,8 @@ def _sync(folder: Path) -> None:
     """Make the files durable before the folder is renamed into place: after a power loss
     a folder with its text.json holds whole files."""
     # Windows syncs only a file opened for writing, and cannot open a folder at all.
-    opened = [(path, os.O_RDWR | getattr(os, "O_BINARY", 0)) for path in folder.iterdir()]
+    flags = os.O_RDWR | getattr(os, "O_BINARY", 0) if os.name == "nt" else os.O_RDONLY
+    opened = [(path, flags) for path in folder.iterdir() if path.is_file()]
     if os.name != "nt":
         opened.append((folder, os.O_RDONLY))
     for path, flags in opened:

@@ -157,8 +157,9 @@ class Results:
     query_seconds: float = 0.0
     approximate: bool = False  # the candidates came from the approximate index
     # What is left to do once the hits are shown (search: keeping the text tower for
-    # OpenVINO, text_query.embed_query); None where nothing is.
-    then: Callable[[], None] | None = None
+    # OpenVINO, text_query.embed_query), which says whether it was done; None where
+    # nothing is.
+    then: Callable[[], bool] | None = None
 
 
 def _image_embedder(model: str, embedder_factory: Callable[..., Embedder] | None) -> Embedder:

@@ -34,11 +34,12 @@ def query_text(text: str) -> str:
     return text.lower()
 
 
-def embed_query(model_name: str, text: str) -> tuple[np.ndarray, Callable[[], None] | None]:
+def embed_query(model_name: str, text: str) -> tuple[np.ndarray, Callable[[], bool] | None]:
     """The (dim,) float32 vector of text, L2-normalised, comparable with the image vectors by
     cosine (Siglip2Model.get_text_features); and what is left to do once the answer is
     shown: keeping the tower for OpenVINO after a search through torch (it takes seconds
-    and twice the memory, so it waits until the hits are out). None where nothing is left."""
+    and twice the memory, so it waits until the hits are out), which says whether it
+    kept it. None where nothing is left."""
     from . import openvino_text
 
     kept = openvino_text.TextTower.find(model_name)
@@ -97,9 +98,10 @@ class TorchText:
             features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return features.cpu().numpy().astype("<f4", copy=False)
 
-    def keep_for_openvino(self) -> None:
-        """Keep the tower for OpenVINO, for the next search (openvino_text.keep)."""
+    def keep_for_openvino(self) -> bool:
+        """Keep the tower for OpenVINO, for the next search (openvino_text.keep); whether it
+        is kept."""
         from . import openvino_text
 
         self.load()
-        openvino_text.keep(self.model_name, self._tokenizer, self._model, self.embed_texts)
+        return openvino_text.keep(self.model_name, self._tokenizer, self._model, self.embed_texts) is not None

@@ -157,8 +157,8 @@ def test_a_kept_tower_that_fails_is_answered_by_torch(model, cache, monkeypatch,
         if failing != "every text":
             assert then is None and (folder / "text.json").is_file()
             return
-        assert not folder.exists() and not list(cache.glob("text/*.discarded.*"))
-        then()
+        assert not folder.exists() and [p.name for p in (cache / "text").iterdir()] == []
+        assert then()
     assert "converting the text tower" in caplog.text
     assert (folder / "text.json").is_file() and not folder.with_name(folder.name + ".not-kept").exists()
     assert float(openvino_text.TextTower.find(str(model)).embed_texts(["a red car"])[0] @ got) >= 0.9999
@@ -167,9 +167,14 @@ def test_a_kept_tower_that_fails_is_answered_by_torch(model, cache, monkeypatch,
 @needs_openvino
 def test_what_a_removal_cut_short_left_under_the_name_is_replaced(model, cache):
     _, folder = _kept(model)
-    (folder / "text.json").unlink()  # as a removal killed half-way leaves it
+    (folder / "text.json").unlink()  # as a removal killed half-way left it, before removals went aside
     assert openvino_text.TextTower.find(str(model)) is None
+    # What a removal killed half-way leaves now: it is not a keep killed, and goes at the next keep.
+    aside = folder.with_name(f".{folder.name}.removing-0123")
+    (aside / "partial").mkdir(parents=True)
+    assert openvino_text.would_keep(str(model))
     assert _kept(model)[1] == folder and openvino_text.TextTower.find(str(model)) is not None
+    assert [p.name for p in (cache / "text").iterdir()] == [folder.name]
 
 
 @needs_openvino
@@ -196,8 +201,33 @@ def test_a_cache_that_cannot_be_written_leaves_search_to_torch(tmp_path, tiny_mo
     run_cli(runner, ["-i", photos, "-o", tmp_path / "index.jsonl", "--model-name", tiny_model, "--backend", "torch"])
     (tmp_path / "a-file").write_text("where the cache folder would be\n")
     monkeypatch.setenv(ov_vision.CACHE_ENV, str(tmp_path / "a-file"))
+    assert not openvino_text.would_keep(str(tiny_model))  # no conversion to pay for
     done = run_cli(runner, ["search", "a red car", "--db", tmp_path / "index.sqlite", "--json"])
     assert len(done.stdout.splitlines()) == 3
+    assert "kept" not in done.stderr, done.stderr
+
+
+@needs_openvino
+def test_ctrl_c_while_keeping_leaves_the_hits_and_nothing_half_kept(tmp_path, tiny_model, monkeypatch):
+    from click.testing import CliRunner
+    from conftest import run_cli
+
+    photos = tmp_path / "photos"
+    for i in range(3):
+        make_photo(photos / f"p{i}.jpg", seed=70 + i)
+    cache = tmp_path / "openvino-cache"
+    monkeypatch.setenv(ov_vision.CACHE_ENV, str(cache))
+    runner = CliRunner()
+    run_cli(runner, ["-i", photos, "-o", tmp_path / "index.jsonl", "--model-name", tiny_model, "--backend", "torch"])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ov_vision, "save_ir", interrupted)  # in the middle of the keep
+    done = run_cli(runner, ["search", "a red car", "--db", tmp_path / "index.sqlite", "--json"], ok=False)
+    assert done.exit_code == 130 and len(done.stdout.splitlines()) == 3
+    assert done.stderr.splitlines()[-1].startswith("interrupted while keeping the text tower"), done.stderr
+    assert [p.name for p in (cache / "text").iterdir()] == []
 
 
 def test_rows_are_read_alone_in_each_dtype_a_checkpoint_may_hold(tmp_path):
@@ -243,12 +273,12 @@ def test_a_second_search_imports_neither_torch_nor_transformers_and_ranks_the_sa
     assert list((cache / "text").glob("*/text.json"))
     # Kept after the answer is out: the hits, then the summary, then the line saying so.
     said = first.stderr.splitlines()
-    assert said[-1].startswith("keeping the text tower") and said[-2].startswith("8 of 8 images"), said
+    assert said[-1].startswith("kept the text tower") and said[-2].startswith("8 of 8 images"), said
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     second = subprocess.run([sys.executable, "-c", PROBE.format(args=search)], env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr
     assert "[]" in second.stderr.splitlines(), second.stderr
-    assert "keeping" not in second.stderr, second.stderr
+    assert "kept the text tower" not in second.stderr, second.stderr
     hits = [[json.loads(line) for line in out.splitlines()] for out in (first.stdout, second.stdout)]
     assert [h["path"] for h in hits[0]] == [h["path"] for h in hits[1]] and len(hits[0]) == 8
     assert max(abs(a["score"] - b["score"]) for a, b in zip(*hits)) <= 1e-4
