@@ -24,16 +24,12 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
-import tempfile
-import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import model_files, process_memory
+from . import kept_folder, model_files, process_memory
 from . import openvino_vision as ov
 from .errors import one_line
 from .text_query import TEXT_LENGTH, query_text
@@ -62,9 +58,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 # Bumped when what is kept changes, so that an older folder is not used.
 _FORMAT = 1
 _META = "text.json"  # written last: a folder without it was never finished
-# A folder being kept that is older than this was left by a search that was killed.
-_ABANDONED_AFTER = 3600
-# Folders left unfinished (younger than that) after which no search tries again until they age.
+# Keeps left unfinished (kept_folder.unfinished) after which no search tries again until
+# they age.
 _MOST_UNFINISHED = 2
 
 
@@ -126,7 +121,7 @@ class TextTower:
             return cls(folder, meta, name, cache=cache)
         except Exception as e:  # noqa: BLE001 - a damaged folder, a changed file, OpenVINO refusing
             log.info("openvino: cannot use the text tower kept in %s (%s); using torch", folder, one_line(e))
-            shutil.rmtree(folder, ignore_errors=True)
+            kept_folder.remove(folder)
             return None
 
     def broken(self) -> bool:
@@ -142,11 +137,9 @@ class TextTower:
 
     def discard(self) -> None:
         """Remove the kept folder (it is broken): the next search keeps it anew from torch.
-        Moved aside first, so that a removal cut short leaves no folder under its name."""
+        (kept_folder.remove: moved aside first.)"""
         self._compiled = None  # its files may not be removed while OpenVINO holds them open
-        aside = _move_aside(self.folder)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+        kept_folder.remove(self.folder)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         np = self._np
@@ -167,46 +160,21 @@ def would_keep(name: str, *, cache: Path | None = None) -> bool:
         return False
     try:
         folder = folder_for(name, cache)
-        if folder is None or (folder / _META).is_file() or _refusal(folder).is_file():
-            return False
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder.parent, os.W_OK):
-            return False
-        return _unfinished(folder) < _MOST_UNFINISHED
+        return folder is not None and not (folder / _META).is_file() and _may_keep(name, folder)
     except OSError:
         return False
 
 
-def _unfinished(folder: Path) -> int:
-    """How many keeps of folder were left unfinished within the last _ABANDONED_AFTER
-    seconds (or are running now)."""
-    now, n = time.time(), 0
-    for tmp in folder.parent.glob(f".{folder.name}.*"):
-        try:
-            n += not tmp.name.startswith(_aside_prefix(folder)) and now - tmp.stat().st_mtime <= _ABANDONED_AFTER
-        except OSError:
-            pass
-    return n
-
-
-def _aside_prefix(folder: Path) -> str:
-    return f".{folder.name}.removing-"
-
-
-def _move_aside(folder: Path) -> Path | None:
-    """Rename folder to a name of its own, to be removed there: a removal cut short then
-    leaves nothing under folder's name (what it leaves, _remove_abandoned removes). None
-    where folder is not there."""
-    aside = folder.with_name(_aside_prefix(folder) + uuid.uuid4().hex)
-    try:
-        folder.rename(aside)
-    except FileNotFoundError:
-        return None
-    return aside
-
-
-def _refusal(folder: Path) -> Path:
-    return folder.with_name(folder.name + ".not-kept")
+def _may_keep(name: str, folder: Path) -> bool:
+    """Whether folder (not kept yet) is to be kept now (would_keep)."""
+    why = kept_folder.refusal(folder)
+    if why is not None:
+        log.debug("openvino: text queries stay in torch for %s (%s)", name, why)
+        return False
+    if not kept_folder.writable_parent(folder):
+        log.info("openvino: cannot keep the text tower of %s (%s cannot be written)", name, folder.parent)
+        return False
+    return kept_folder.unfinished(folder) < _MOST_UNFINISHED
 
 
 def keep(name: str, tokenizer: Any, model: Any, torch_vectors: Callable[[Sequence[str]], np.ndarray], *,
@@ -222,81 +190,25 @@ def keep(name: str, tokenizer: Any, model: Any, torch_vectors: Callable[[Sequenc
         folder = folder_for(name, cache)
         if folder is None or (folder / _META).is_file():
             return folder
-        refused = _refusal(folder)
-        if refused.is_file():
-            why = refused.read_text(encoding="utf-8", errors="replace").strip()
-            log.debug("openvino: text queries stay in torch for %s (%s)", name, why)
+        if not _may_keep(name, folder):
             return None
-        _remove_abandoned(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        tmp = kept_folder.start(folder)
     except OSError as e:  # a cache folder that cannot be read or written
         log.info("openvino: cannot keep the text tower of %s (%s)", name, one_line(e))
         return None
     try:
         _keep(name, tokenizer, model, torch_vectors, tmp, cache)
-        _sync(tmp)
-        try:
-            tmp.rename(folder)
-        except OSError:
-            if (folder / _META).is_file():  # another search kept it first
-                return folder
-            # What a removal cut short left under the name (never a keep in progress:
-            # those work in their own folder until this rename).
-            debris = _move_aside(folder)
-            try:
-                tmp.rename(folder)
-            except OSError:
-                if not (folder / _META).is_file():
-                    raise
-            finally:
-                if debris is not None:
-                    shutil.rmtree(debris, ignore_errors=True)
+        kept_folder.install(tmp, folder, marker=_META)
         return folder
     except (OSError, MemoryError) as e:  # the disk (full, read-only), memory: tried again next time
         log.info("openvino: cannot keep the text tower of %s (%s); text queries stay in torch", name, one_line(e))
     except Exception as e:  # noqa: BLE001 - tokens or vectors not torch's, tracing and conversion errors
         why = str(e) if isinstance(e, _NotKept) else one_line(e)
         log.info("openvino: text queries stay in torch for %s (%s)", name, why)
-        _refuse(refused, why)
+        kept_folder.refuse(folder, why)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return None
-
-
-def _refuse(path: Path, why: str) -> None:
-    try:
-        path.write_text(why + "\n", encoding="utf-8", errors="replace")
-    except OSError:
-        pass  # tried again next time
-
-
-def _remove_abandoned(folder: Path) -> None:
-    """Remove what searches killed while keeping this folder, or removing it, left (each
-    as big as the tower)."""
-    now = time.time()
-    for tmp in folder.parent.glob(f".{folder.name}.*"):
-        try:
-            if tmp.name.startswith(_aside_prefix(folder)) or now - tmp.stat().st_mtime > _ABANDONED_AFTER:
-                shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def _sync(folder: Path) -> None:
-    """Make the files durable before the folder is renamed into place: after a power loss
-    a folder with its text.json holds whole files."""
-    # Windows syncs only a file opened for writing, and cannot open a folder at all.
-    flags = os.O_RDWR | getattr(os, "O_BINARY", 0) if os.name == "nt" else os.O_RDONLY
-    opened = [(path, flags) for path in folder.iterdir() if path.is_file()]
-    if os.name != "nt":
-        opened.append((folder, os.O_RDONLY))
-    for path, flags in opened:
-        fd = os.open(path, flags)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class _NotKept(Exception):
