@@ -170,7 +170,7 @@ class Embedder:
         found = self._geometry_from_files()
         if found is None:
             return False
-        config, model_type, spec, dim = found.config, found.model_type, found.spec, found.dim
+        config, model_type, spec, dim = found
         xml = ov_vision.cached_ir(config, dtype=self.requested_dtype, source=weights_identity(self.model_name),
                                   max_patches=spec.max_patches)
         if xml is None:

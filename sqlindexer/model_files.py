@@ -171,9 +171,7 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     its pages would stay in the process's memory)."""
     import numpy as np
 
-    if info.dtype not in _DTYPES:
-        raise ValueError(f"{info.file}: tensors of dtype {info.dtype} are not read here")
-    width = _DTYPES[info.dtype][1]
+    width = _width(info)
     count = int(np.prod(info.shape, dtype=np.int64))
     if info.end - info.start != count * width:
         raise ValueError(f"{info.file}: a tensor's size does not match its shape {info.shape}")
@@ -188,11 +186,9 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
 def read_rows(info: TensorInfo, rows: Sequence[int]) -> np.ndarray:
     """Rows of a 2-D tensor as float32, (len(rows), width): each read from its own bytes
     alone, so a text's few tokens are looked up without reading a vocabulary's table."""
-    if info.dtype not in _DTYPES:
-        raise ValueError(f"{info.file}: tensors of dtype {info.dtype} are not read here")
+    width = _width(info)
     if len(info.shape) != 2:
         raise ValueError(f"{info.file}: a table of rows must be 2-D, not of shape {info.shape}")
-    width = _DTYPES[info.dtype][1]
     count, columns = info.shape
     step = columns * width
     if info.end - info.start != count * step:
@@ -208,6 +204,13 @@ def read_rows(info: TensorInfo, rows: Sequence[int]) -> np.ndarray:
                 raise ValueError(f"{info.file} ends inside a tensor")
             parts.append(data)
     return _float32(b"".join(parts), info.dtype).reshape(len(parts), columns)
+
+
+def _width(info: TensorInfo) -> int:
+    """Bytes per value of the tensor's dtype; ValueError for a dtype not read here."""
+    if info.dtype not in _DTYPES:
+        raise ValueError(f"{info.file}: tensors of dtype {info.dtype} are not read here")
+    return _DTYPES[info.dtype][1]
 
 
 def _float32(data: bytes, dtype: str) -> np.ndarray:
