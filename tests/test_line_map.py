@@ -304,3 +304,19 @@ def test_a_file_replaced_after_its_map_was_read_is_not_copied_by_it(tmp_path):
     with pytest.raises(ValueError, match="not the file its line map describes"):
         write_index([line_map.Block(0, 3)], tmp_path / "out.jsonl", "jsonl", previous=previous, lines=old,
                     load=lambda path: None)
+
+
+@pytest.mark.parametrize("ids, refused", [([3, 1, 2], False), ([2, 1, 2], True), ([0, 1, 2], True),
+                                          ([-5, 1, 2], True)])
+def test_a_map_with_ids_no_export_writes_is_refused(tmp_path, ids, refused):
+    # Row ids are positive and each has one line: a map that repeats an id or holds one
+    # below 1 was not written by an export, whatever its header says.
+    out = tmp_path / "index.jsonl"
+    out.write_bytes(b"a\nbb\nccc\n")
+    ident = line_map.identity("db", out, out.stat())
+    where = tmp_path / "map"
+    line_map.write(where, ident, line_map.LineMap(np.array(ids, dtype=np.int64), np.array([2, 5, 9], dtype=np.int64)))
+    got = line_map.read(where, ident)
+    assert (got is None) == refused
+    if not refused:
+        assert got.ids.tolist() == ids and got.ends.tolist() == [2, 5, 9]
