@@ -75,15 +75,24 @@ def reuse_known(conn: sqlite3.Connection, run: Run, *, progress: Progress = no_p
         return done
     threads = max(1, threads)
     with ThreadPoolExecutor(threads) as pool:
-        hash_all = functools.partial(_hashed, pool, threads)
-        _fingerprint_old_rows(conn, run, {w.size for w in candidates}, hash_all, done)
+        hashing = functools.partial(_hashing, pool, threads)
+        _fingerprint_old_rows(conn, run, {w.size for w in candidates}, hashing, done)
+        batches = [candidates[start : start + BATCH] for start in range(0, len(candidates), BATCH)]
         with progress("hashing", len(candidates)) as tick:
-            for start in range(0, len(candidates), BATCH):
-                batch = candidates[start : start + BATCH]
-                digests = hash_all(batch, lambda w: (w.path, w.size, w.mtime_ns))
+            # The threads read and hash the next batch while this one is matched and
+            # committed: SQLite, like reading, releases the GIL.
+            ahead = hashing(batches[0], _where)
+            for k, batch in enumerate(batches):
+                digests = ahead()
+                if k + 1 < len(batches):
+                    ahead = hashing(batches[k + 1], _where)
                 _adopt_by_content(conn, run, batch, digests, done)
                 tick(len(batch))
     return done
+
+
+def _where(w: content.Waiting) -> tuple[str, int, int]:
+    return w.path, w.size, w.mtime_ns
 
 
 def _renamed(conn: sqlite3.Connection, run: Run, waiting: Sequence[content.Waiting],
@@ -104,7 +113,7 @@ def _renamed(conn: sqlite3.Connection, run: Run, waiting: Sequence[content.Waiti
 
 
 def _fingerprint_old_rows(conn: sqlite3.Connection, run: Run, sizes: set[int],
-                          hash_all: Callable[..., list[bytes | None]], done: Reused) -> None:
+                          hashing: Callable[..., Callable[[], list[bytes | None]]], done: Reused) -> None:
     """Rows with a vector but no fingerprint (made before fingerprints), of a size some
     pending file has: read their files now, so a copy of them can match."""
     old = content.unfingerprinted(conn, run.model, sizes)
@@ -112,7 +121,7 @@ def _fingerprint_old_rows(conn: sqlite3.Connection, run: Run, sizes: set[int],
         log.info("fingerprinting %d indexed files that have none yet", len(old))
     for start in range(0, len(old), BATCH):
         batch = old[start : start + BATCH]
-        digests = hash_all(batch, lambda row: (row[1], row[2], row[3]))
+        digests = hashing(batch, lambda row: (row[1], row[2], row[3]))()
         found = [(d, row[0], row[2], row[3]) for row, d in zip(batch, digests) if d is not None]
         content.set_fingerprints(conn, found, run)
         done.hashed_bytes += sum(row[2] for row in found)
@@ -136,8 +145,9 @@ def _adopt_by_content(conn: sqlite3.Connection, run: Run, batch: Sequence[conten
     done.hashed_bytes += hashed
 
 
-def _hashed(pool: ThreadPoolExecutor, parts: int, items: Sequence[T],
-            where: Callable[[T], tuple[str, int, int]]) -> list[bytes | None]:
+def _hashing(pool: ThreadPoolExecutor, parts: int, items: Sequence[T],
+             where: Callable[[T], tuple[str, int, int]]) -> Callable[[], list[bytes | None]]:
+    """Start hashing items on the pool; returns what waits for their digests, in order."""
     def some(part: Sequence[T]) -> list[bytes | None]:
         return [fingerprint.hash_file(path, size=size, mtime_ns=mtime_ns)
                 for path, size, mtime_ns in map(where, part)]
@@ -145,4 +155,5 @@ def _hashed(pool: ThreadPoolExecutor, parts: int, items: Sequence[T],
     # One task per thread, each a slice of the batch: a task per file costs more than
     # hashing a small file.
     step = -(-len(items) // parts) or 1
-    return [d for part in pool.map(some, [items[i : i + step] for i in range(0, len(items), step)]) for d in part]
+    futures = [pool.submit(some, items[i : i + step]) for i in range(0, len(items), step)]
+    return lambda: [d for future in futures for d in future.result()]
