@@ -79,10 +79,15 @@ def move_renamed(conn: sqlite3.Connection, run: Run, arrivals: Sequence[tuple]) 
             if src is None:
                 new.append((path, size, mtime_ns, ctime_ns, dev, ino, run_id))
             else:
-                moves.append((src, path, ctime_ns))
+                moves.append((path, ctime_ns, run.build, run.id, src))
         if moves or new:
             stamp = own_stamp(conn, vectors=bool(moves))
-            _move_rows(conn, moves, run, stamp)
+            # A statement per row, not one UPDATE joined with a temporary table: such a
+            # statement journals every page it changes (temp_store = MEMORY: in memory),
+            # tens of MB for rows scattered through the table, for no time to speak of.
+            conn.executemany("UPDATE files SET path = ?, ctime_ns = ?, build = ?, changed_run = ?, stamp = ? "
+                             "WHERE id = ?", [(*m[:-1], stamp, m[-1]) for m in moves])
+            conn.executemany("DELETE FROM temp.missing WHERE id = ?", [(m[-1],) for m in moves])
             conn.executemany(
                 "INSERT INTO files (path, size, mtime_ns, ctime_ns, dev, ino, status, changed_run, stamp) "
                 "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
@@ -91,24 +96,6 @@ def move_renamed(conn: sqlite3.Connection, run: Run, arrivals: Sequence[tuple]) 
         n = len(moves)
         add_counts(conn, run.id, new=len(arrivals), deleted=n, reused=n, renamed=n)
     return len(new)
-
-
-def _move_rows(conn: sqlite3.Connection, moves: Sequence[tuple[int, str, int]], run: Run, stamp: int) -> None:
-    """Give each row (id, new path, ctime_ns) its new path, and take it out of temp.missing."""
-    if not moves:
-        return
-    # Set-based, through temp.moving: one UPDATE joins it by id, cheaper than a statement
-    # per row.
-    conn.execute("CREATE TEMP TABLE IF NOT EXISTS moving (id INTEGER PRIMARY KEY, path TEXT NOT NULL, "
-                 "ctime_ns INTEGER NOT NULL)")
-    conn.execute("DELETE FROM temp.moving")
-    conn.executemany("INSERT INTO temp.moving (id, path, ctime_ns) VALUES (?, ?, ?)", moves)
-    # As in adopt: the IN keeps the planner starting from temp.moving, not from files.
-    conn.execute("UPDATE files SET path = m.path, ctime_ns = m.ctime_ns, build = ?, changed_run = ?, stamp = ? "
-                 "FROM temp.moving AS m WHERE files.id IN (SELECT id FROM temp.moving) AND files.id = m.id",
-                 (run.build, run.id, stamp))
-    conn.execute("DELETE FROM temp.missing WHERE id IN (SELECT id FROM temp.moving)")
-    conn.execute("DELETE FROM temp.moving")
 
 
 def own_stamp(conn: sqlite3.Connection, *, vectors: bool) -> int:
