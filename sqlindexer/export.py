@@ -154,12 +154,9 @@ def _write(conn: sqlite3.Connection, out: Path, fmt: str, model: str, total: int
 def _by_line_map(conn: sqlite3.Connection, model: str, since: int, old_lines: Any) -> tuple[Any, Iterator[Any]]:
     """The ids of the export's rows in line order, and what to write: blocks of the last
     export's lines (found by the ids in its line map) and the rows changed since."""
-    import numpy as np
-
     from . import line_map
 
-    order = np.array(records.export_order(conn, model, since), dtype=np.int64).reshape(-1, 2)
-    ids, changed = order[:, 0].copy(), order[:, 1].astype(bool)
+    ids, changed = records.export_order(conn, model, since)
 
     def entries() -> Iterator[Any]:
         fresh = records.iter_changed_rows(conn, model, since)
@@ -182,9 +179,7 @@ def _new_map(conn: sqlite3.Connection, model: str, lengths: Any) -> Any:
     (read again: the copy by path knows its lines by path only)."""
     if lengths is None:
         return None
-    import numpy as np
-
-    return lengths.line_map(np.array([row_id for row_id, _ in records.export_order(conn, model, 0)], dtype=np.int64))
+    return lengths.line_map(records.export_order(conn, model, 0)[0])
 
 
 def _time_zone() -> tuple[Any, ...]:

@@ -60,14 +60,24 @@ def count_changed_export_rows(conn: sqlite3.Connection, model: str, since: int) 
     ).fetchone()[0]
 
 
-def export_order(conn: sqlite3.Connection, model: str, since: int) -> list[tuple[int, int]]:
-    """(id, 1 if changed after the stamp `since` else 0) of each of the export's rows, in
-    path order: the order of its lines."""
-    cur = conn.cursor()
-    cur.row_factory = None
-    # The unary + keep the planner on files_scan, as in iter_export_changes.
-    return cur.execute("SELECT id, stamp > ? FROM files WHERE +status = 'ok' AND +model = ? ORDER BY path",
-                       (since, model)).fetchall()
+def export_order(conn: sqlite3.Connection, model: str, since: int) -> tuple[Any, Any]:
+    """The export's rows in path order (the order of its lines) as two numpy arrays: their
+    ids (int64) and whether each changed after the stamp `since` (bool)."""
+    import numpy as np
+
+    # Strings joined by SQLite and parsed by numpy, as in vector_ids: several times cheaper
+    # than a tuple per row. The subquery walks files_scan, whose order is the path order
+    # (the unary + keep the planner on it), and runs as a co-routine that hands its rows to
+    # both group_concats in that order (SQLite does not flatten a subquery with an ORDER BY
+    # into an aggregate).
+    ids, flags = conn.execute(
+        "SELECT group_concat(id), group_concat(changed) FROM (SELECT id, stamp > ? AS changed FROM files "
+        "WHERE +status = 'ok' AND +model = ? ORDER BY path)",
+        (since, model),
+    ).fetchone()
+    if ids is None:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=bool)
+    return np.fromstring(ids, dtype=np.int64, sep=","), np.fromstring(flags, dtype=np.int8, sep=",").astype(bool)
 
 
 def iter_changed_rows(conn: sqlite3.Connection, model: str, since: int) -> Iterator[ExportRow]:
