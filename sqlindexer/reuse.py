@@ -34,8 +34,13 @@ from .runs import Run
 
 log = logging.getLogger(__name__)
 
-# Files hashed, matched and committed at a time: a stopped run loses at most one batch.
+# Files hashed at a time (the threads read the next batch while one is matched).
 BATCH = 256
+# Hashed files matched and committed at a time, at most, or fewer whose bytes reach
+# ADOPT_BYTES: a stopped run loses at most that much reading. Each commit of a few hundred
+# adoptions dirties index pages all over files_content and checkpoints the WAL often.
+ADOPT_FILES = 2048
+ADOPT_BYTES = 256 << 20
 # Renamed files matched and committed at a time: nothing is read for them, so a batch is
 # one short set-based transaction, and a larger one saves commits.
 RENAME_BATCH = 4096
@@ -82,11 +87,16 @@ def reuse_known(conn: sqlite3.Connection, run: Run, *, progress: Progress = no_p
             # The threads read and hash the next batch while this one is matched and
             # committed: SQLite, like reading, releases the GIL.
             ahead = hashing(batches[0], _where)
+            held: list[content.Waiting] = []
+            digests: list[bytes | None] = []
             for k, batch in enumerate(batches):
-                digests = ahead()
+                held += batch
+                digests += ahead()
                 if k + 1 < len(batches):
                     ahead = hashing(batches[k + 1], _where)
-                _adopt_by_content(conn, run, batch, digests, done)
+                if k + 1 == len(batches) or len(held) >= ADOPT_FILES or sum(w.size for w in held) >= ADOPT_BYTES:
+                    _adopt_by_content(conn, run, held, digests, done)
+                    held, digests = [], []
                 tick(len(batch))
     return done
 

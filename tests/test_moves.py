@@ -183,6 +183,34 @@ def test_folder_copied_takes_the_vectors_by_fingerprint(runner, tmp_path, lib, t
         assert after[str(lib / "photos" / f"p{i}.jpg")] == before[str(lib / "photos" / f"p{i}.jpg")]
 
 
+@pytest.mark.parametrize("files, bytes_, commits", [(3, 1 << 30, [4, 2]), (1000, 1, [2, 2, 2])])
+def test_copies_are_hashed_in_batches_and_committed_in_larger_ones(runner, tmp_path, lib, tiny_model, monkeypatch,
+                                                                   files, bytes_, commits):
+    # Batches of 2 are hashed; the matches are committed once ADOPT_FILES files or
+    # ADOPT_BYTES bytes are held, and at the end.
+    from sqlindexer import content, reuse
+
+    monkeypatch.setattr(reuse, "BATCH", 2)
+    monkeypatch.setattr(reuse, "ADOPT_FILES", files)
+    monkeypatch.setattr(reuse, "ADOPT_BYTES", bytes_)
+    sizes = []
+    adopt = content.adopt
+
+    def recorded(conn, adoptions, run, **kw):
+        sizes.append(len(adoptions))
+        return adopt(conn, adoptions, run, **kw)
+
+    monkeypatch.setattr(content, "adopt", recorded)
+    db, before = _first(runner, lib, tmp_path, tiny_model)
+    shutil.copytree(lib / "photos", lib / "backup")
+
+    _index(runner, lib, tmp_path, tiny_model)
+    assert sizes == commits
+    assert _counts(db, "new", "decoded", "embedded", "reused") == (N, 0, 0, N)
+    _same_vectors(_exported(tmp_path / "index.jsonl"), before,
+                  {str(lib / "backup" / f"p{i}.jpg"): str(lib / "photos" / f"p{i}.jpg") for i in range(N)})
+
+
 def test_tree_copied_to_a_new_root_reuses_everything(runner, tmp_path, lib, tiny_model):
     # A new disk: the library copied whole under another root, the old one gone; other
     # inodes, other mtimes, the same bytes.
