@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from . import cpu
+from . import cpu, kept_folder
 from .progress import Progress, no_progress
 from .vectors import VectorIndex, newer_than, remove_stale
 
@@ -229,10 +229,9 @@ def _save(tmp: Path, index: VectorIndex, made: AnnIndex) -> None:
     info = _info(index, made.nlist, (tmp / "index.faiss").stat().st_size, len(made.base_ids), len(made.removed),
                  len(made.extra_ids))
     (tmp / "info.json").write_text(json.dumps(info), encoding="utf-8")
-    for f in tmp.iterdir():  # whole before it is renamed into place, even after a power loss
-        if not (linked and f.name in _SHARED):  # (fsynced when they were written)
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+    # Whole before it is renamed into place, even after a power loss (the shared files,
+    # linked, were synced when they were written).
+    kept_folder.sync(tmp, skip=_SHARED if linked else ())
 
 
 def _link(base: Path, tmp: Path) -> bool:

@@ -1,5 +1,6 @@
 """A folder kept in a cache (openvino_text.py: a converted text tower) that is whole under
-its final name, even after a crash, a kill or a power loss.
+its final name, even after a crash, a kill or a power loss. sync() also serves the search
+caches (vectors.py, ann.py), which make and rename their folders themselves.
 
 It is made in a hidden folder of its own beside that name (`.<name>.<random>`), synced, and
 renamed into place; it is removed by moving it aside first (`.<name>.removing-<random>`).
@@ -14,6 +15,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 # A folder being made that is older than this was left by a process that was killed.
@@ -61,7 +63,7 @@ def install(tmp: Path, folder: Path, *, marker: str) -> None:
     """Sync tmp's files and rename tmp to folder. marker: the file, written last, that
     tells a whole folder; one already in place with it (another process was first) is
     left as it is."""
-    _sync(tmp)
+    sync(tmp)
     try:
         tmp.rename(folder)
     except OSError:
@@ -120,13 +122,15 @@ def _left_over(folder: Path) -> list[tuple[Path, bool]]:
     return found
 
 
-def _sync(folder: Path) -> None:
+def sync(folder: Path, *, skip: Iterable[str] = ()) -> None:
     """Make folder's files durable before it is renamed into place: after a power loss a
-    folder with its marker holds whole files."""
+    folder under its final name holds whole files. Files named in skip are left out (a
+    caller's files that were synced as they were written, or are links to such files)."""
     # Windows syncs only a file opened for writing, and cannot open a folder at all.
     windows = os.name == "nt"
+    skipped = set(skip)
     for path in folder.iterdir():
-        if path.is_file():
+        if path.name not in skipped and path.is_file():
             _fsync(path, os.O_RDWR | getattr(os, "O_BINARY", 0) if windows else os.O_RDONLY)
     if not windows:
         _fsync(folder, os.O_RDONLY)

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from . import db, records
+from . import db, kept_folder, records
 from .config import absolute, looks_like_path
 from .errors import SearchError
 from .progress import Progress, no_progress
@@ -266,10 +266,7 @@ def _write_info(tmp: Path, model: records.ModelVectors, version: tuple[str, int]
     info = {**_identity(model, version), "count": len(index), "cameras": index.cameras, "record_stamp": stamp,
             "store_rows": index.store_rows, "shared": index.slots is not None}
     (tmp / "info.json").write_text(json.dumps(info), encoding="utf-8")
-    for f in tmp.iterdir():
-        if f.name != "vectors.f32" or index.slots is None:
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+    kept_folder.sync(tmp, skip=("vectors.f32",) if index.slots is not None else ())
 
 
 def _previous(folder: Path, model: records.ModelVectors, version: tuple[str, int]) -> VectorIndex | None:

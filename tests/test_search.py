@@ -579,3 +579,27 @@ def test_vectors_of_one_model_with_two_lengths_are_refused(tmp_path):
                 vectors_mod.choose_model(conn, requested, where="db")
     finally:
         conn.close()
+
+
+def test_a_new_cache_folder_is_synced_whole_before_it_is_renamed_into_place(runner, tmp_path, tiny_model,
+                                                                            monkeypatch):
+    # Every file of the folder and the folder itself reach the disk before the rename:
+    # after a power loss a cache under its final name holds whole files.
+    photos, out, dbp = tmp_path / "photos", tmp_path / "index.jsonl", tmp_path / "index.sqlite"
+    for seed in range(3):
+        noise_photo(photos / f"p{seed}.jpg", seed)
+    index(runner, photos, out, tiny_model)
+    synced, fsync = set(), os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.add(os.fstat(fd).st_ino), fsync(fd))[1])
+    renamed_with, rename = [], os.rename
+
+    def recording_rename(src, dst):
+        if Path(dst).parent == dbp.parent and Path(src).is_dir():
+            renamed_with.append(set(synced))
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", recording_rename)
+    run_cli(runner, ["search", "a red car", "--db", dbp, "--top", 10])
+    [folder] = cache_folders(dbp)
+    want = {p.stat().st_ino for p in folder.iterdir()} | {folder.stat().st_ino}
+    assert renamed_with and want <= renamed_with[0], "the cache folder was renamed into place before it was synced"
