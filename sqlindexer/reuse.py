@@ -82,23 +82,33 @@ def reuse_known(conn: sqlite3.Connection, run: Run, *, progress: Progress = no_p
     with ThreadPoolExecutor(threads) as pool:
         hashing = functools.partial(_hashing, pool, threads)
         _fingerprint_old_rows(conn, run, {w.size for w in candidates}, hashing, done)
-        batches = [candidates[start : start + BATCH] for start in range(0, len(candidates), BATCH)]
         with progress("hashing", len(candidates)) as tick:
-            # The threads read and hash the next batch while this one is matched and
-            # committed: SQLite, like reading, releases the GIL.
-            ahead = hashing(batches[0], _where)
-            held: list[content.Waiting] = []
-            digests: list[bytes | None] = []
-            for k, batch in enumerate(batches):
-                held += batch
-                digests += ahead()
-                if k + 1 < len(batches):
-                    ahead = hashing(batches[k + 1], _where)
-                if k + 1 == len(batches) or len(held) >= ADOPT_FILES or sum(w.size for w in held) >= ADOPT_BYTES:
-                    _adopt_by_content(conn, run, held, digests, done)
-                    held, digests = [], []
-                tick(len(batch))
+            _by_content(conn, run, candidates, hashing, tick, done)
     return done
+
+
+def _by_content(conn: sqlite3.Connection, run: Run, candidates: Sequence[content.Waiting],
+                hashing: Callable[..., Callable[[], list[bytes | None]]], tick: Callable[[int], None],
+                done: Reused) -> None:
+    """Hash the candidates BATCH at a time and give those whose fingerprint is known its
+    vector, committed ADOPT_FILES (or ADOPT_BYTES) at a time."""
+    batches = [candidates[start : start + BATCH] for start in range(0, len(candidates), BATCH)]
+    # The threads read and hash the next batch while the files held so far are matched
+    # and committed: SQLite, like reading, releases the GIL.
+    ahead = hashing(batches[0], _where)
+    held: list[content.Waiting] = []
+    digests: list[bytes | None] = []
+    held_bytes = 0
+    for k, batch in enumerate(batches):
+        held += batch
+        held_bytes += sum(w.size for w in batch)
+        digests += ahead()
+        if k + 1 < len(batches):
+            ahead = hashing(batches[k + 1], _where)
+        if k + 1 == len(batches) or len(held) >= ADOPT_FILES or held_bytes >= ADOPT_BYTES:
+            _adopt_by_content(conn, run, held, digests, done)
+            held, digests, held_bytes = [], [], 0
+        tick(len(batch))
 
 
 def _where(w: content.Waiting) -> tuple[str, int, int]:
