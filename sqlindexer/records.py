@@ -69,15 +69,22 @@ def export_order(conn: sqlite3.Connection, model: str, since: int) -> tuple[Any,
     # than a tuple per row. The subquery walks files_scan, whose order is the path order
     # (the unary + keep the planner on it), and runs as a co-routine that hands its rows to
     # both group_concats in that order (SQLite does not flatten a subquery with an ORDER BY
-    # into an aggregate).
+    # into an aggregate). The documentation leaves group_concat's order open (3.44 added
+    # group_concat(... ORDER BY)): tests/test_line_map.py compares a map-based export with
+    # a full one byte for byte, which a change there would fail.
     ids, flags = conn.execute(
         "SELECT group_concat(id), group_concat(changed) FROM (SELECT id, stamp > ? AS changed FROM files "
         "WHERE +status = 'ok' AND +model = ? ORDER BY path)",
         (since, model),
     ).fetchone()
-    if ids is None:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=bool)
-    return np.fromstring(ids, dtype=np.int64, sep=","), np.fromstring(flags, dtype=np.int8, sep=",").astype(bool)
+    return _ints(ids, np.int64), _ints(flags, np.int8).astype(bool)
+
+
+def _ints(text: str | None, dtype: Any) -> Any:
+    """The numpy array of a group_concat of integers (NULL: of no rows)."""
+    import numpy as np
+
+    return np.fromstring(text, dtype=dtype, sep=",") if text else np.empty(0, dtype=dtype)
 
 
 def iter_changed_rows(conn: sqlite3.Connection, model: str, since: int) -> Iterator[ExportRow]:
@@ -283,7 +290,7 @@ def vector_ids(conn: sqlite3.Connection, model: str, dim: int) -> Any:
     text = conn.execute(
         "SELECT group_concat(id) FROM files WHERE status = 'ok' AND model = ? AND dim = ?", (model, dim)
     ).fetchone()[0]
-    ids = np.fromstring(text, dtype=np.int64, sep=",") if text else np.empty(0, dtype=np.int64)
+    ids = _ints(text, np.int64)
     ids.sort()  # (the scan's order is rowid order, but SQLite does not promise group_concat's)
     return ids
 
