@@ -370,16 +370,18 @@ def status(db_path: str, as_json: bool | None) -> None:
         click.echo("runs      none")
         return
     click.echo("runs")
-    # reused: files that took the vector of a row with the same content (moved, copied, touched).
+    # reused: files that took the vector of a row with the same content (moved, copied, touched);
+    # hashed: the bytes read to fingerprint files (on a first index, every file decoded).
     header = ["id", "mode", "status", "started (UTC)", "took", "scanned", "new", "modified", "deleted",
-              "reused", "embedded", "failed", "exported"]
+              "reused", "hashed", "embedded", "failed", "exported"]
     rows = []
     for run in info["runs"]:
         took = "-" if run["seconds"] is None else f"{run['seconds']:.0f} s"
         rows.append([str(run["id"]), run["mode"], run["status"], run["started_at"].replace("T", " ")[:19], took,
-                     *(str(run[k]) for k in ("scanned", "new", "modified", "deleted", "reused", "embedded",
-                                             "failed", "exported"))])
-    echo_table(header, rows, right=(0, *range(4, 13)), indent="  ")
+                     *(str(run[k]) for k in ("scanned", "new", "modified", "deleted", "reused")),
+                     byte_size(run["hashed_bytes"]),
+                     *(str(run[k]) for k in ("embedded", "failed", "exported"))])
+    echo_table(header, rows, right=(0, *range(4, len(header))), indent="  ")
 
 
 _FAILED_SHOWN = 10

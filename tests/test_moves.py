@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 from pathlib import Path
 
 import pytest
 from conftest import bump_mtime, make_photo, open_db, read_jsonl, run_cli, summary_line
+
+from sqlindexer.run import byte_size
 
 N = 6
 
@@ -467,7 +470,13 @@ def test_status_shows_reused_files(runner, tmp_path, lib, tiny_model):
     info = json.loads(run_cli(runner, ["status", "--db", db, "--json"]).stdout)
     assert [(r["reused"], r["renamed"], r["embedded"]) for r in info["runs"]] == [(N, N, 0), (0, 0, N + 1)]
     lines = run_cli(runner, ["status", "--db", db, "--table"]).stdout.splitlines()
-    header = next(line for line in lines if line.split()[:2] == ["id", "mode"]).split()
-    latest = lines[lines.index(next(line for line in lines if line.split()[:2] == ["id", "mode"])) + 1].split()
-    # "started (UTC)" is two words in the header and the date and time two in a row.
-    assert dict(zip(header, latest))["reused"] == str(N)
+    at = next(i for i, line in enumerate(lines) if line.split()[:2] == ["id", "mode"])
+    # Columns are two spaces apart or more; a cell ("started (UTC)", "0 s", "1.2 KiB") has one at most.
+    header, latest, first = (re.split(r"\s{2,}", line.strip()) for line in lines[at : at + 3])
+    assert len(header) == len(latest) == len(first) == 14, lines
+    assert dict(zip(header, latest)) | {"started (UTC)": "", "took": ""} == {
+        "id": "2", "mode": "reindex", "status": "completed", "started (UTC)": "", "took": "", "scanned": str(N + 1),
+        "new": str(N), "modified": "0", "deleted": str(N), "reused": str(N), "hashed": "0 bytes", "embedded": "0",
+        "failed": "0", "exported": str(N + 1)}
+    # The first index hashed every file it decoded.
+    assert dict(zip(header, first))["hashed"] == byte_size(sum(p.stat().st_size for p in lib.rglob("*.*")))
