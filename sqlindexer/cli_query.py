@@ -371,7 +371,7 @@ def status(db_path: str, as_json: bool | None) -> None:
         return
     click.echo("runs")
     # reused: files that took the vector of a row with the same content (moved, copied, touched);
-    # hashed: the bytes read to fingerprint files (on a first index, every file decoded).
+    # hashed: the bytes of the files the run fingerprinted (on a first index, every file decoded).
     header = ["id", "mode", "status", "started (UTC)", "took", "scanned", "new", "modified", "deleted",
               "reused", "hashed", "embedded", "failed", "exported"]
     rows = []

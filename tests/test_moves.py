@@ -468,7 +468,9 @@ def test_status_shows_reused_files(runner, tmp_path, lib, tiny_model):
     (lib / "photos").rename(lib / "moved")
     _index(runner, lib, tmp_path, tiny_model)
     info = json.loads(run_cli(runner, ["status", "--db", db, "--json"]).stdout)
-    assert [(r["reused"], r["renamed"], r["embedded"]) for r in info["runs"]] == [(N, N, 0), (0, 0, N + 1)]
+    total = sum(p.stat().st_size for p in lib.rglob("*.*"))
+    assert [(r["reused"], r["renamed"], r["embedded"], r["hashed_bytes"]) for r in info["runs"]] == \
+        [(N, N, 0, 0), (0, 0, N + 1, total)]
     lines = run_cli(runner, ["status", "--db", db, "--table"]).stdout.splitlines()
     at = next(i for i, line in enumerate(lines) if line.split()[:2] == ["id", "mode"])
     # Columns are two spaces apart or more; a cell ("started (UTC)", "0 s", "1.2 KiB") has one at most.
@@ -479,4 +481,4 @@ def test_status_shows_reused_files(runner, tmp_path, lib, tiny_model):
         "new": str(N), "modified": "0", "deleted": str(N), "reused": str(N), "hashed": "0 bytes", "embedded": "0",
         "failed": "0", "exported": str(N + 1)}
     # The first index hashed every file it decoded.
-    assert dict(zip(header, first))["hashed"] == byte_size(sum(p.stat().st_size for p in lib.rglob("*.*")))
+    assert dict(zip(header, first))["hashed"] == byte_size(total)
