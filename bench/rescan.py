@@ -173,13 +173,17 @@ def main() -> None:
         where = {p: p for p in moving}
         moves = 0
 
-        def moved_run():
-            nonlocal moves
-            if moves:
+        def put_back():
+            # Untimed: the files a moved round left elsewhere, and their rows, back at their first paths.
+            if any(where[p] != p for p in moving):
                 for p in moving:
                     os.rename(where[p], p)
                     where[p] = p
-                cli(*base)  # untimed: the rows are back at their first paths
+                cli(*base)
+
+        def moved_run():
+            nonlocal moves
+            put_back()
             moves += 1
             target = tree / f"moved-{moves}"
             target.mkdir()
@@ -213,11 +217,7 @@ def main() -> None:
         n_folder_files = sum(p.parent in in_folders for p in paths)
 
         def folders_run():
-            if any(where[p] != p for p in moving):
-                for p in moving:
-                    os.rename(where[p], p)
-                    where[p] = p
-                cli(*base)  # untimed: the rows are back at their first paths
+            put_back()
             target = tree / "moved-folders"
             target.mkdir()
             for d in folders:
